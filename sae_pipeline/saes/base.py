@@ -1,0 +1,164 @@
+"""The interface every SAE architecture implements, the SAELens file layout, and input normalisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+NORM_EPS = 1e-6
+
+
+class ForwardOutput(NamedTuple):
+    """What one training forward pass returns."""
+
+    x_hat: Tensor
+    """Reconstruction of the (normalised) input, [batch, d_in]."""
+    latents: Tensor
+    """Latent activations, [batch, d_sae]; zero where a latent does not fire."""
+    loss: Tensor
+    """Total training loss: reconstruction + sparsity + auxiliary."""
+    recon_loss: Tensor
+    """Squared error summed over d_in, averaged over the batch."""
+    sparsity_loss: Tensor
+    """Coefficient-weighted sparsity penalty (zero for TopK, whose sparsity is structural)."""
+    aux_loss: Tensor
+    """Coefficient-weighted auxiliary loss (AuxK for TopK; zero otherwise)."""
+
+
+def normalize_per_token(x: Tensor, eps: float = NORM_EPS) -> tuple[Tensor, Tensor]:
+    """Rescale each row to norm sqrt(d); returns (scaled, the factor applied per row).
+
+    The norm is clamped at `eps`, so a zero vector stays a finite zero vector instead of dividing by zero
+    (seed 003's bug). A NaN or Inf cannot be rescaled into anything meaningful, so it is an error, not a
+    silently propagated NaN: the message says how many rows are non-finite.
+    """
+    finite = torch.isfinite(x).all(dim=-1)
+    if not bool(finite.all()):
+        raise ValueError(f"normalize_per_token: {int((~finite).sum())} row(s) contain NaN or Inf; "
+                         "activations must be finite (the `activations` checks flag such shards)")
+    factor = math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+    return x * factor, factor
+
+
+def l1_penalty(latents: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
+    """L1 summed over latents, then averaged over the batch (never averaged over latents: seed 003's bug)."""
+    weighted = latents.abs() if decoder_norms is None else latents.abs() * decoder_norms
+    return weighted.sum(dim=-1).mean()
+
+
+class SparseAutoencoder(nn.Module):
+    """x -> z = f((x - b_dec) W_enc + b_enc) -> x_hat = z W_dec + b_dec, with f set by the architecture."""
+
+    architecture: ClassVar[str]
+    saelens_architecture: ClassVar[str]
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None):
+        super().__init__()
+        self.d_in, self.d_sae, self.normalize, self.k = d_in, d_sae, normalize, k
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @torch.no_grad()
+    def initialize(self, generator: torch.Generator, b_dec: Tensor | None = None) -> None:
+        """Unit-norm random decoder rows, encoder = decoder transposed, b_dec from a data sample."""
+        self.W_dec.copy_(torch.randn(self.d_sae, self.d_in, generator=generator))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        if b_dec is not None:
+            self.b_dec.copy_(b_dec)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations of (normalised) inputs."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor, sparsity_coeff: float | Tensor = 0.0, dead_mask: Tensor | None = None
+                ) -> ForwardOutput:
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_hat, latents) for raw activations, applying and undoing per-token normalisation if configured."""
+        if self.normalize == "per_token":
+            scaled, factor = normalize_per_token(x)
+            latents = self.encode(scaled)
+            return self.decode(latents) / factor, latents
+        latents = self.encode(x)
+        return self.decode(latents), latents
+
+    @staticmethod
+    def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
+        return (x_hat - x).pow(2).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=NORM_EPS))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder(self) -> None:
+        """Project out the gradient component along each (unit) decoder row, so the renorm does not fight Adam."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def fold_scaling_factor(self, factor: float) -> None:
+        """Make an SAE trained on `factor * x` take raw x: scale W_enc up, W_dec and b_dec down."""
+        self.W_enc.mul_(factor)
+        self.W_dec.div_(factor)
+        self.b_dec.div_(factor)
+        self.fold_threshold(factor)
+
+    def fold_threshold(self, factor: float) -> None:
+        """Architectures with a pre-activation threshold rescale it here (the latents are unchanged)."""
+
+    def extra_cfg(self) -> dict[str, Any]:
+        return {}
+
+    def saelens_cfg(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """cfg.json: everything needed to run the SAE from cfg.json + sae_weights.safetensors alone."""
+        return {
+            "architecture": self.saelens_architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "constant_norm_rescale" if self.normalize == "per_token" else "none",
+            "sae_pipeline_architecture": self.architecture,
+            **self.extra_cfg(),
+            "metadata": metadata,
+        }
+
+    def save(self, folder: Path, metadata: dict[str, Any]) -> None:
+        """Write cfg.json and sae_weights.safetensors (SAELens layout) into an existing folder."""
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_FILE))
+        (folder / CFG_FILE).write_text(json.dumps(self.saelens_cfg(metadata), indent=2, default=str))
+
+
+def read_cfg(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / CFG_FILE).read_text())
+
+
+def load_state(sae: SparseAutoencoder, folder: Path) -> SparseAutoencoder:
+    """Load weights with safetensors (no pickle); shapes are checked by load_state_dict(strict=True)."""
+    sae.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)), strict=True)
+    return sae

@@ -1,0 +1,194 @@
+"""The training loop: one SAE, one config, read top to bottom.
+
+Schedules (lr warmup + linear decay, sparsity-coefficient warmup), dead-latent tracking (AuxK for TopK),
+decoder-norm constraint, a metrics row every `log_every` steps (the only host synchronisation), and atomic
+checkpoints that a killed run resumes from exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from sae_pipeline.activations import ActivationStore, BatchSampler
+from sae_pipeline.config import SAEConfig
+from sae_pipeline.saes import SparseAutoencoder, build_sae
+from sae_pipeline.saes.base import normalize_per_token
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRIC_COLUMNS = ["step", "tokens", "loss", "mse", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint on disk belongs to another config; the message names the file."""
+
+
+@dataclass
+class TrainResult:
+    """A trained SAE (on CPU, taking raw activations) and how it got there."""
+
+    sae: SparseAutoencoder
+    metrics: pl.DataFrame
+    """One row per log interval: METRIC_COLUMNS, each averaged over the interval."""
+    train_tokens: int
+    wall_seconds: float
+    resumed_from_step: int
+    scaling_factor: float
+    """Dataset-wide input factor folded into the saved weights (1.0 when not used)."""
+
+
+def lr_lambda(cfg: SAEConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier on the base lr: linear warmup, constant, then linear decay to zero over the last fraction."""
+    decay_steps = int(total_steps * cfg.lr_decay_fraction)
+    decay_start = total_steps - decay_steps
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+        decay = 1.0 if step < decay_start or decay_steps == 0 else max(0.0, (total_steps - step) / decay_steps)
+        return warm * decay
+
+    return factor
+
+
+def sparsity_coefficient(cfg: SAEConfig, step: int) -> float:
+    """l1_alpha ramped linearly over `l1_warmup_steps` (0 for TopK)."""
+    if cfg.l1_alpha is None:
+        return 0.0
+    if cfg.l1_warmup_steps == 0:
+        return cfg.l1_alpha
+    return cfg.l1_alpha * min(1.0, (step + 1) / cfg.l1_warmup_steps)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def input_transform(cfg: SAEConfig, store: ActivationStore) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """How raw activations are scaled for training, and the dataset factor to fold afterwards."""
+    if cfg.normalize == "dataset":
+        factor = float(store.meta["norm_stats"]["scaling_factor"])
+        return (lambda x: x * factor), factor
+    if cfg.normalize == "per_token":
+        return (lambda x: normalize_per_token(x)[0]), 1.0
+    return (lambda x: x), 1.0
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # a truncated file is reported, never silently restarted over
+        raise CheckpointMismatchError(f"{path}: unreadable checkpoint ({error}); delete it to start over") from None
+    if state.get("config") != cfg.model_dump_json():
+        raise CheckpointMismatchError(f"{path}: checkpoint belongs to another config; delete it to start over")
+    return state
+
+
+def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", checkpoint_dir: Path | None = None,
+              log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train one SAE on the store's train shards; resume from `checkpoint_dir` if it holds a checkpoint."""
+    started = time.perf_counter()
+    cfg.validate_for_model(store.d_model)
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    transform, factor = input_transform(cfg, store)
+    total_steps = max(1, cfg.train_tokens // cfg.batch_size)
+    dead_window = min(cfg.dead_tokens, total_steps * cfg.batch_size)
+
+    sae = build_sae(cfg, store.d_model)
+    sample = transform(store.sample(8192, seed=cfg.seed))
+    sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=sample.mean(dim=0))
+    sae.to(dev)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    sampler = BatchSampler(store, cfg.batch_size, cfg.seed)
+    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)
+    rows: list[dict] = []
+    start_step = 0
+
+    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None
+    state = _load_checkpoint(checkpoint_path, cfg) if checkpoint_path else None
+    if state is not None:
+        sae.load_state_dict(state["sae"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        tokens_since_fired.copy_(state["tokens_since_fired"])
+        torch.set_rng_state(state["rng"])
+        rows, start_step = state["rows"], state["step"]
+
+    window = torch.zeros(5, device=dev)  # loss, recon, sparsity, aux, l0 summed since the last log row
+    window_steps = 0
+    if state is not None and "window" in state:  # a checkpoint between two log rows carries the partial sums
+        window.copy_(state["window"])
+        window_steps = int(state["window_steps"])
+    sae.train()
+    for step in range(start_step, total_steps):
+        x = transform(sampler.next_batch()).to(dev, non_blocking=True)
+        dead_mask = tokens_since_fired >= dead_window
+        out = sae(x, sparsity_coefficient(cfg, step), dead_mask)
+        out.loss.backward()
+        if sae.unit_norm_decoder:
+            sae.remove_gradient_parallel_to_decoder()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if sae.unit_norm_decoder:
+            sae.set_decoder_norm_to_unit()
+
+        with torch.no_grad():
+            fired = (out.latents > 0).any(dim=0)
+            tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            l0 = (out.latents > 0).sum(dim=-1).float().mean()
+            window += torch.stack([out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, l0]).detach()
+            window_steps += 1
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            means = (window / window_steps).tolist()
+            seen = done * cfg.batch_size
+            dead = (tokens_since_fired >= min(dead_window, seen)).float().mean().item()
+            row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / store.d_model,
+                   "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead,
+                   "lr": scheduler.get_last_lr()[0]}
+            rows.append(row)
+            if log:
+                log(row)
+            window.zero_()
+            window_steps = 0
+        if checkpoint_path and done % cfg.checkpoint_every == 0 and done < total_steps:
+            _save_checkpoint(checkpoint_path, {
+                "config": cfg.model_dump_json(), "step": done, "sae": sae.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(), "tokens_since_fired": tokens_since_fired.cpu(),
+                "rng": torch.get_rng_state(), "rows": rows,
+                "window": window.cpu(), "window_steps": window_steps,
+            })
+
+    sae = sae.cpu().eval()
+    if cfg.normalize == "dataset":
+        sae.fold_scaling_factor(factor)
+    metrics = pl.DataFrame(rows, schema={c: (pl.Int64 if c in ("step", "tokens") else pl.Float64)
+                                         for c in METRIC_COLUMNS})
+    return TrainResult(sae, metrics, total_steps * cfg.batch_size, time.perf_counter() - started,
+                       start_step, factor)

@@ -1,0 +1,1 @@
+"""Tests for sae_pipeline; layout mirrors the package."""

@@ -1,0 +1,272 @@
+"""Sweep analysis against a planted sweep with answers computed independently (numpy, plain Python)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from sae_pipeline.analysis import (
+    HYPERPARAMETERS,
+    METRICS,
+    balanced_scores,
+    build_sweep_report,
+    hyperparameter_effects,
+    last_window_mean,
+    pareto_front,
+)
+
+EXPANSIONS = (4, 8, 16)
+KS = (8, 16, 32, 64)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def planted_rows() -> list[dict[str, object]]:
+    """12 configs: fvu strictly decreasing in k, dead_fraction strictly increasing in expansion_factor.
+
+    Jitter keeps the per-k fvu bands and per-expansion dead bands disjoint, but makes the L0/FVU trade-off
+    irregular so the Pareto front is a proper subset.
+    """
+    rng = np.random.default_rng(7)
+    rows = []
+    for ef in EXPANSIONS:
+        for k in KS:
+            rows.append({
+                "key": f"ef{ef}_k{k}",
+                "architecture": "topk",
+                "expansion_factor": ef,
+                "k": k,
+                "batch_size": 4096,
+                "l0": k * (0.6 + 0.4 * rng.random()),
+                "fvu": (2.0 / k) * (1.0 + 0.5 * rng.random()),
+                "dead_fraction": 0.05 * ef + 0.001 * k + 0.01 * rng.random(),
+            })
+    return rows
+
+
+@pytest.fixture
+def planted() -> pl.DataFrame:
+    return pl.DataFrame(planted_rows())
+
+
+def brute_force_front(rows: list[dict[str, object]]) -> set[str]:
+    def dominates(a: dict[str, object], b: dict[str, object]) -> bool:
+        no_worse = a["l0"] <= b["l0"] and a["fvu"] <= b["fvu"]
+        return no_worse and (a["l0"] < b["l0"] or a["fvu"] < b["fvu"])
+
+    usable = [r for r in rows if math.isfinite(r["l0"]) and math.isfinite(r["fvu"])]
+    return {b["key"] for b in usable if not any(dominates(a, b) for a in usable if a is not b)}
+
+
+def expected_balanced(rows: list[dict[str, object]]) -> list[float]:
+    """The documented formula for distinct finite values: (rank - 1) / (n - 1) per metric, averaged."""
+    n = len(rows)
+    parts = []
+    for metric in ("dead_fraction", "fvu"):
+        order = sorted(range(n), key=lambda i: rows[i][metric])
+        rank = {i: position for position, i in enumerate(order)}
+        parts.append([rank[i] / (n - 1) for i in range(n)])
+    return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
+
+
+# --- last_window_mean ----------------------------------------------------------------------------------
+
+
+def test_last_window_mean_averages_the_second_half_not_the_last_step() -> None:
+    log = pl.DataFrame({"step": list(range(8)), "loss": [10.0, 8.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.0]})
+    assert last_window_mean(log, "loss") == pytest.approx((3.0 + 2.5 + 2.0 + 1.0) / 4)
+    assert last_window_mean(log, "loss") != log["loss"][-1]
+    assert last_window_mean(log, "loss", fraction=0.25) == pytest.approx(1.5)
+    assert last_window_mean(log, "loss", fraction=1.0) == pytest.approx(sum(log["loss"]) / 8)
+
+
+def test_last_window_mean_rounds_the_window_up_and_rejects_bad_input() -> None:
+    log = pl.DataFrame({"loss": [5.0, 4.0, 3.0, 2.0, 1.0]})
+    assert last_window_mean(log, "loss") == pytest.approx((3.0 + 2.0 + 1.0) / 3)
+    with pytest.raises(ValueError):
+        last_window_mean(log, "loss", fraction=0.0)
+    with pytest.raises(ValueError):
+        last_window_mean(log.head(0), "loss")
+
+
+# --- planted sweep -------------------------------------------------------------------------------------
+
+
+def test_effects_recover_planted_structure(planted: pl.DataFrame) -> None:
+    rows = planted_rows()
+    fvu = hyperparameter_effects(planted, "fvu")
+    dead = hyperparameter_effects(planted, "dead_fraction")
+    # architecture and batch_size are constant: omitted
+    assert set(fvu["hyperparameter"]) == {"expansion_factor", "k"}
+    assert set(dead["hyperparameter"]) == {"expansion_factor", "k"}
+
+    k_row = fvu.filter(pl.col("hyperparameter") == "k").row(0, named=True)
+    expected_r = np.corrcoef([r["k"] for r in rows], [r["fvu"] for r in rows])[0, 1]
+    assert k_row["correlation"] < 0
+    assert k_row["correlation"] == pytest.approx(expected_r, abs=1e-9)
+    assert (k_row["best_value"], k_row["worst_value"], k_row["n_values"]) == ("64", "8", 4)
+    assert k_row["best_mean"] == pytest.approx(np.mean([r["fvu"] for r in rows if r["k"] == 64]), abs=1e-12)
+    assert k_row["worst_mean"] == pytest.approx(np.mean([r["fvu"] for r in rows if r["k"] == 8]), abs=1e-12)
+
+    ef_row = dead.filter(pl.col("hyperparameter") == "expansion_factor").row(0, named=True)
+    expected_r = np.corrcoef([r["expansion_factor"] for r in rows], [r["dead_fraction"] for r in rows])[0, 1]
+    assert ef_row["correlation"] > 0
+    assert ef_row["correlation"] == pytest.approx(expected_r, abs=1e-9)
+    assert (ef_row["best_value"], ef_row["worst_value"], ef_row["n_values"]) == ("4", "16", 3)
+
+
+def test_pareto_front_matches_brute_force(planted: pl.DataFrame) -> None:
+    rows = planted_rows()
+    front = pareto_front(planted, "l0", "fvu")
+    expected = brute_force_front(rows)
+    assert set(front) == expected
+    assert 1 < len(front) < len(rows)  # the planted sweep has a non-trivial front
+    l0_by_key = {r["key"]: r["l0"] for r in rows}
+    assert [l0_by_key[k] for k in front] == sorted(l0_by_key[k] for k in front)
+
+
+def test_pareto_front_keeps_exact_duplicates_and_skips_non_finite() -> None:
+    frame = pl.DataFrame({
+        "key": ["a", "b", "c", "d", "e", "f"],
+        "l0": [1.0, 1.0, 2.0, 2.0, 0.5, None],
+        "fvu": [0.5, 0.5, 0.4, 0.45, float("nan"), 0.0],
+    })
+    rows = [r for r in frame.to_dicts() if r["l0"] is not None]
+    assert pareto_front(frame, "l0", "fvu") == ["a", "b", "c"]
+    assert set(pareto_front(frame, "l0", "fvu")) == brute_force_front(rows)
+
+
+def test_balanced_scores_follow_the_documented_formula(planted: pl.DataFrame) -> None:
+    rows = planted_rows()
+    expected = expected_balanced(rows)
+    assert balanced_scores(planted).to_list() == pytest.approx(expected, abs=1e-12)
+
+
+def test_report_on_planted_sweep(planted: pl.DataFrame, tmp_path: Path) -> None:
+    rows = planted_rows()
+    out = tmp_path / "analysis"
+    report = build_sweep_report(planted, out, sweep_name="planted", missing=["ef32_k8", "ef32_k16"])
+
+    expected_scores = expected_balanced(rows)
+    best = min(range(len(rows)), key=lambda i: (expected_scores[i], rows[i]["key"]))
+    assert report.best_balanced == rows[best]["key"]
+    assert report.n_configs == 12
+
+    assert sorted(p.name for p in out.iterdir()) == ["l0_vs_fvu.png", "metrics.parquet", "report.md"]
+    assert report.plot_path is not None and report.plot_path.read_bytes()[:8] == PNG_MAGIC
+    table = pl.read_parquet(report.table_path)
+    assert table.height == 12 and sorted(table["key"]) == sorted(r["key"] for r in rows)
+    assert {"key", *HYPERPARAMETERS, *METRICS, "balanced_score", "on_pareto_front"} <= set(table.columns)
+    assert set(table.filter(pl.col("on_pareto_front"))["key"]) == brute_force_front(rows)
+
+    text = report.report_path.read_text()
+    assert "# Sweep report: planted" in text
+    assert "Registered configurations: 14" in text and "Completed: 12" in text
+    assert "`ef32_k8`" in text and "`ef32_k16`" in text
+    assert "![L0 vs FVU](l0_vs_fvu.png)" in text
+    fvus = [r["fvu"] for r in rows]
+    summary = f"| fvu | 12 | {np.mean(fvus):.4g} | {np.median(fvus):.4g} | {np.std(fvus, ddof=1):.4g} |"
+    assert summary in text
+
+    top_fvu = [r["key"] for r in sorted(rows, key=lambda r: r["fvu"])][:10]
+    fvu_section = text.split("### Top 10: lowest FVU")[1].split("###")[0]
+    listed = [line.split("`")[1] for line in fvu_section.splitlines() if "| `" in line]
+    assert listed == top_fvu
+
+    effects_section = text.split("## Hyperparameter effects")[1].split("## Best configurations")[0]
+    assert "| k |" in effects_section and "architecture" not in effects_section
+    assert f"`{rows[best]['key']}`" in report.top_markdown
+    assert report.top_markdown.count("\n| ") == 5
+
+
+# --- edge cases ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runs", [pl.DataFrame(), pl.DataFrame({"key": []}, schema={"key": pl.String})])
+def test_zero_runs(runs: pl.DataFrame, tmp_path: Path) -> None:
+    report = build_sweep_report(runs, tmp_path / "out", sweep_name="empty", missing=["a", "b"])
+    assert (report.n_configs, report.best_balanced, report.plot_path) == (0, None, None)
+    assert not (tmp_path / "out" / "l0_vs_fvu.png").exists()
+    table = pl.read_parquet(report.table_path)
+    assert table.height == 0
+    assert {"key", *HYPERPARAMETERS, *METRICS, "balanced_score", "on_pareto_front"} <= set(table.columns)
+    text = report.report_path.read_text()
+    assert "No configuration has finished yet" in text
+    assert "Registered configurations: 2" in text and "`a`, `b`" in text
+
+
+def test_one_run(tmp_path: Path) -> None:
+    runs = pl.DataFrame({"key": ["only"], "k": [32], "l0": [30.0], "fvu": [0.2], "dead_fraction": [0.1]})
+    report = build_sweep_report(runs, tmp_path)
+    assert report.best_balanced == "only" and report.n_configs == 1
+    assert report.plot_path is not None and report.plot_path.read_bytes()[:8] == PNG_MAGIC
+    assert pareto_front(runs, "l0", "fvu") == ["only"]
+    assert hyperparameter_effects(runs, "fvu").height == 0
+    assert "Only one configuration has finished" in report.report_path.read_text()
+
+
+def test_non_finite_fvu_ranks_worst_without_crashing(planted: pl.DataFrame, tmp_path: Path) -> None:
+    broken = planted.with_columns(
+        pl.when(pl.col("key") == "ef4_k64").then(float("nan"))
+        .when(pl.col("key") == "ef8_k64").then(float("inf"))
+        .otherwise(pl.col("fvu")).alias("fvu")
+    )
+    assert not {"ef4_k64", "ef8_k64"} & set(pareto_front(broken, "l0", "fvu"))
+    scores = dict(zip(broken["key"], balanced_scores(broken), strict=True))
+    rows = broken.to_dicts()
+    dead_rank = {r["key"]: i / 11 for i, r in enumerate(sorted(rows, key=lambda r: r["dead_fraction"]))}
+    assert scores["ef4_k64"] == pytest.approx((dead_rank["ef4_k64"] + 1.0) / 2, abs=1e-12)
+    # the finite fvu values are ranked among themselves: 10 values, ranks scaled by 9
+    finite = sorted((r for r in rows if math.isfinite(r["fvu"])), key=lambda r: r["fvu"])
+    first = finite[0]["key"]
+    assert scores[first] == pytest.approx(dead_rank[first] / 2, abs=1e-12)
+
+    k_row = hyperparameter_effects(broken, "fvu").filter(pl.col("hyperparameter") == "k").row(0, named=True)
+    assert k_row["worst_value"] == "64" and math.isinf(k_row["worst_mean"])
+    finite_pairs = [(r["k"], r["fvu"]) for r in rows if math.isfinite(r["fvu"])]
+    expected_r = np.corrcoef(*zip(*finite_pairs, strict=True))[0, 1]
+    assert k_row["correlation"] == pytest.approx(expected_r, abs=1e-9)
+
+    report = build_sweep_report(broken, tmp_path)
+    text = report.report_path.read_text()
+    assert "Non-finite FVU (diverged; ranked worst): `ef4_k64`, `ef8_k64`" in text
+    fvu_section = text.split("### Top 10: lowest FVU")[1].split("###")[0]
+    assert "ef4_k64" not in fvu_section  # 10 finite values fill the top 10
+
+
+def test_null_metrics_are_left_out_not_treated_as_best(tmp_path: Path) -> None:
+    runs = pl.DataFrame({
+        "key": ["a", "b", "c"],
+        "k": [8, 16, 32],
+        "l0": [8.0, 16.0, None],
+        "fvu": [0.3, None, 0.1],
+        "dead_fraction": [0.2, 0.1, None],
+    })
+    scores = balanced_scores(runs).to_list()
+    # a: dead rank 1 of 2 -> 1, fvu rank 2 of 2 -> 1; b: dead 0, fvu null -> 1; c: dead null -> 1, fvu 0
+    assert scores == pytest.approx([1.0, 0.5, 0.5])
+    report = build_sweep_report(runs, tmp_path)
+    assert report.best_balanced == "b"  # tie with c broken by key
+    text = report.report_path.read_text()
+    fvu_section = text.split("### Top 10: lowest FVU")[1].split("###")[0]
+    assert "`b`" not in fvu_section and fvu_section.index("`c`") < fvu_section.index("`a`")
+
+
+def test_categorical_hyperparameter_has_no_correlation() -> None:
+    frame = pl.DataFrame({
+        "key": ["r1", "r2", "t1", "t2"],
+        "architecture": ["relu", "relu", "topk", "topk"],
+        "fvu": [0.4, 0.6, 0.1, 0.2],
+    })
+    row = hyperparameter_effects(frame, "fvu").row(0, named=True)
+    assert row["hyperparameter"] == "architecture" and row["correlation"] is None
+    assert (row["best_value"], row["worst_value"]) == ("topk", "relu")
+    assert (row["best_mean"], row["worst_mean"]) == pytest.approx((0.15, 0.5))
+
+
+def test_duplicate_keys_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        build_sweep_report(pl.DataFrame({"key": ["a", "a"], "fvu": [0.1, 0.2]}), tmp_path)

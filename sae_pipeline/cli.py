@@ -10,6 +10,9 @@ from pathlib import Path
 from sae_pipeline.config import ConfigError, SAEConfig, load_sweep
 from sae_pipeline.storage import Layout, default_root
 
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+"""Run config for in-process runs: step-level INFO on the console (the UI keeps every event)."""
+
 
 def _default_dagster_home() -> None:
     """Runs and partitions persist in `<storage root>/dagster_home` unless DAGSTER_HOME says otherwise."""
@@ -61,17 +64,17 @@ def run_sweep(path: str, refresh: bool) -> int:
     layout = Layout(default_root())
     if refresh or not (layout.activations_dir / "meta.json").exists():
         print("== prepare_activations: corpus + activations", flush=True)
-        if not defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance).success:
+        if not defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success:
             return 1
     failed = []
     for index, key in enumerate(keys, 1):
         print(f"== train_sweep [{index}/{len(keys)}] {key}", flush=True)
         result = defs.resolve_job_def("train_sweep").execute_in_process(
-            instance=instance, partition_key=key, raise_on_error=False)
+            instance=instance, partition_key=key, run_config=QUIET, raise_on_error=False)
         if not result.success:
             failed.append(key)
     print("== analyze_sweep", flush=True)
-    defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance)
+    defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET)
     _print_results(layout, keys, failed)
     return 1 if failed else 0
 

@@ -18,6 +18,7 @@ from sae_pipeline.defs.partitions import sae_configs  # noqa: E402
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, StorageResource  # noqa: E402
 from sae_pipeline.storage import Layout  # noqa: E402
 from sae_pipeline.sweeps import store_configs  # noqa: E402
+from sae_pipeline_tests.synthetic import torch_threads  # noqa: E402
 
 ALL_ASSETS = [corpus, activations, sae, features, feature_labels, sweep_analysis]
 TINY_RUN_CONFIG = {"ops": {"corpus": {"config": {"max_sequences": 160, "context_length": 48}},
@@ -65,3 +66,10 @@ def tiny_topk(**overrides) -> SAEConfig:
     fields = {"architecture": "topk", "expansion_factor": 2, "k": 8, "lr": 1e-3, "batch_size": 256,
               "train_tokens": 256 * 60, "log_every": 10, "dead_tokens": 256 * 20, **overrides}
     return SAEConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Unit tests on tiny tensors run faster (and stably on a loaded machine) with one intra-op thread."""
+    with torch_threads(1):
+        yield

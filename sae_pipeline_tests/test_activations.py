@@ -11,17 +11,9 @@ import torch
 
 from sae_pipeline.activations import ActivationStore, BatchSampler, StoreError, norm_statistics, split_sequences
 from sae_pipeline.config import ConfigError
+from sae_pipeline_tests.synthetic import write_store
 
-try:
-    from sae_pipeline_tests.synthetic import torch_threads, write_store
-except ImportError:  # pytest's rootdir-relative import when the test folder is not a package
-    from synthetic import torch_threads, write_store
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n, d=5, seed=0, offset=0.0):

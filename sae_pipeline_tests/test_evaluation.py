@@ -9,17 +9,9 @@ import torch
 from sae_pipeline.evaluation import DENSE_THRESHOLD, evaluate_sae
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.saes.topk import TopKSAE
+from sae_pipeline_tests.synthetic import write_store
 
-try:
-    from sae_pipeline_tests.synthetic import torch_threads, write_store
-except ImportError:  # pytest's rootdir-relative import when the test folder is not a package
-    from synthetic import torch_threads, write_store
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D_IN, D_SAE, N_EVAL = 6, 40, 157
 

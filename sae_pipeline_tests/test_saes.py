@@ -15,16 +15,7 @@ from sae_pipeline.saes.base import l1_penalty, normalize_per_token
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.saes.topk import TopKSAE, topk_latents
 
-try:
-    from sae_pipeline_tests.synthetic import torch_threads
-except ImportError:  # pytest's rootdir-relative import when the test folder is not a package
-    from synthetic import torch_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_sae(cls, d_in=6, d_sae=20, seed=0, normalize="none", **kwargs):

@@ -19,19 +19,12 @@ from sae_pipeline.training import (
     sparsity_coefficient,
     train_sae,
 )
-
-try:
-    from sae_pipeline_tests.synthetic import planted_sparse_data, recovery_score, torch_threads, write_store
-except ImportError:  # pytest's rootdir-relative import when the test folder is not a package
-    from synthetic import planted_sparse_data, recovery_score, torch_threads, write_store
+from sae_pipeline_tests.synthetic import planted_sparse_data, recovery_score, write_store
 
 D, N_DIRS, K_ACTIVE = 32, 64, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ reads them, so no IO manager ever loads every partition into memory.
 """
 
 import shutil
-from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -16,6 +15,7 @@ from sae_pipeline.activations import ActivationStore, check_layer, extract_activ
 from sae_pipeline.analysis import build_sweep_report, last_window_mean
 from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, StorageResource
 from sae_pipeline.evaluation import evaluate_sae
@@ -54,18 +54,6 @@ class ActivationsConfig(dg.Config):
     seed: int = Field(0, description="Seed of the train/eval split")
 
 
-def check_result(outcome: quality.CheckOutcome) -> dg.AssetCheckResult:
-    """A core check outcome as a Dagster check result; metadata carries the measurement and threshold."""
-    metadata: dict[str, Any] = {"verdict": "passed" if outcome.passed else "failed", **outcome.metadata}
-    return dg.AssetCheckResult(check_name=outcome.name, passed=outcome.passed,
-                               severity=dg.AssetCheckSeverity[outcome.severity],
-                               description=outcome.description, metadata=metadata)
-
-
-def _spec(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
-
-
 @dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
 def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: StorageResource,
            model: ModelResource) -> dg.MaterializeResult:
@@ -84,7 +72,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
 
 
 @dg.asset(deps=[corpus], group_name="data", kinds={"pytorch", "safetensors"},
-          check_specs=[_spec("activations_finite", "activations", "All activations finite, norms not degenerate")],
+          check_specs=ACTIVATIONS_CHECKS,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
                 model: ModelResource) -> dg.MaterializeResult:
@@ -103,13 +91,6 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                   "layer": spec.layer, "norm_stats": meta["norm_stats"]},
         check_results=[check_result(quality.activations_finite(meta))],
     )
-
-
-SAE_CHECKS = [
-    _spec("sae_finite_weights", "sae", "No NaN/Inf in the saved weights"),
-    _spec("sae_not_collapsed", "sae", "Live latents / L0 do not fall and stay far below their running peak"),
-    _spec("sae_dead_fraction", "sae", "Latents never firing on held-out tokens: ERROR > 90 %, WARN > 10 %"),
-]
 
 
 @dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},
@@ -151,8 +132,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet"},
-          check_specs=[_spec("features_not_near_zero", "features",
-                             "Most latents must reach max activation >= 1e-6 to be labelled")],
+          check_specs=FEATURES_CHECKS,
           description="Per-latent statistics and top activating contexts on held-out tokens.")
 def features(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
              model: ModelResource) -> dg.MaterializeResult:

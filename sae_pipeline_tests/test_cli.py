@@ -1,0 +1,58 @@
+"""`sae-pipeline register-sweep`: keys printed, partitions registered, invalid specs rejected by field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from sae_pipeline import cli
+from sae_pipeline.config import load_sweep
+from sae_pipeline.storage import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SAE_PIPELINE_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return tmp_path
+
+
+def test_register_prints_keys_and_adds_partitions(home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["register-sweep", str(REPO / "data/sweeps/default.yaml")]) == 0
+    keys = capsys.readouterr().out.split()
+    expected = [c.partition_key() for c in load_sweep(REPO / "data/sweeps/default.yaml").expand()]
+    assert keys == expected and len(keys) >= 4
+    with dg.DagsterInstance.from_config(str(home / "home")) as instance:
+        assert set(instance.get_dynamic_partitions("sae_configs")) == set(keys)
+    stored = sorted(p.stem for p in Layout(home / "data").configs_dir.glob("*.json"))
+    assert stored == sorted(keys)
+
+
+def test_dry_run_registers_nothing(home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["register-sweep", "--dry-run", str(REPO / "data/sweeps/ci.yaml")]) == 0
+    assert capsys.readouterr().out.strip()
+    assert not (home / "data").exists()
+    with dg.DagsterInstance.from_config(str(home / "home")) as instance:
+        assert instance.get_dynamic_partitions("sae_configs") == []
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("name: x\nbase: {architecture: topk}\n", "k"),
+    ("name: x\nbase: {architecture: topk, k: 8, lr: -1}\n", "lr"),
+    ("name: x\nbase: {architecture: relu, l1_alpha: 1.0, lerning_rate: 0.1}\n", "lerning_rate"),
+    ("name: x\nbase: {architecture: topk, k: 5000}\n", "k"),  # k >= d_sae = 4 * 384
+    ("name: x\ngrid: {k: []}\nbase: {architecture: topk}\n", "grid.k"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_invalid_spec_exits_nonzero_naming_field(home: Path, capsys: pytest.CaptureFixture, text: str,
+                                                 field: str) -> None:
+    spec = home / "bad.yaml"
+    spec.write_text(text)
+    assert cli.main(["register-sweep", str(spec)]) == 2
+    assert field in capsys.readouterr().err
+    assert not (home / "data").exists()

@@ -64,7 +64,8 @@ def run_sweep(path: str, refresh: bool) -> int:
     layout = Layout(default_root())
     if refresh or not (layout.activations_dir / "meta.json").exists():
         print("== prepare_activations: corpus + activations", flush=True)
-        if not defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success:
+        prepare = defs.resolve_job_def("prepare_activations")
+        if not prepare.execute_in_process(instance=instance, run_config=QUIET).success:
             return 1
     failed = []
     for index, key in enumerate(keys, 1):

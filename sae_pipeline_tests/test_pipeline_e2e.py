@@ -95,7 +95,7 @@ def test_healthy_partition_end_to_end(pipeline: Pipeline) -> None:
 
 
 def test_collapsed_sae_fails_collapse_check_and_gets_no_labels(pipeline: Pipeline) -> None:
-    collapsed = SAEConfig(architecture="relu", expansion_factor=2, l1_alpha=1e4, lr=1e-3, batch_size=256,
+    collapsed = SAEConfig(architecture="relu", expansion_factor=2, l1_alpha=100.0, lr=0.05, batch_size=256,
                           train_tokens=256 * 60, log_every=10, dead_tokens=256 * 20)
     key = pipeline.register(collapsed)
     result = pipeline.materialize([sae, features, feature_labels], partition_key=key)

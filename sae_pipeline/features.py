@@ -7,12 +7,28 @@ the full [n_tokens, d_sae] latent matrix is never materialised.
 A latent whose max activation is below LIVE_THRESHOLD is not live: it either never fires ("dead") or fires
 only with numerically meaningless values such as 1e-16 ("near-zero", the symptom of a collapsed SAE in
 seed 003). Neither kind may be labelled, because its "top examples" are noise.
+
+`extract_features` adds what a feature dashboard (SAEDashboard, Neuronpedia) and delphi-style scoring need,
+still with memory flat in n_tokens, in three streamed passes over the eval split:
+1. statistics, the running top-N and a log10 activation histogram per latent (fixed bins, HIST_LOG10_EDGES);
+2. quantile-sampled examples: (0, max] cut into `n_bands` equal-width bands (as SAEDashboard does), up to
+   `per_band` examples drawn uniformly per band by a hash of (eval row, latent), the top-N excluded so they stay
+   held out for scoring; plus `n_random` non-activating examples (the latent is 0 on the centre token);
+3. the per-token activation values of the latent over each kept example's context window: only the
+   (sequence, position, latent) triples inside those windows are looked up, so this pass holds
+   O(d_sae x examples x window) values, never O(n_tokens).
+
+Tables (plain parquet, `polars.read_parquet` reads them):
+- latents (`features.parquet`, FEATURE_SCHEMA): one row per latent;
+- examples (`examples.parquet`, EXAMPLE_SCHEMA): one row per kept example, keyed by latent_id, with kind
+  `top` | `quantile` | `random`, the window's tokens and the latent's activation on each of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import polars as pl
 import torch
@@ -36,7 +52,31 @@ FEATURE_SCHEMA: dict[str, pl.DataType] = {
     "top_contexts": pl.List(pl.String()),  # decoded text around the example, firing token as [[token]]
     "top_seq_ids": pl.List(pl.Int64()),  # corpus seq_id per example
     "top_positions": pl.List(pl.Int64()),  # index into that sequence's input_ids per example
+    "hist_counts": pl.List(pl.Int64()),  # eval tokens per log10(activation) bin, HIST_LOG10_EDGES; firing only
+    "vocab_kind": pl.String(),  # "logit_effect", "nearest_embedding" or "none" (VOCAB_KINDS)
+    "top_vocab_tokens": pl.List(pl.String()),  # largest logit effect / most similar embedding first
+    "top_vocab_values": pl.List(pl.Float64()),  # logit effect (decoder row . W_U column) or cosine similarity
+    "bottom_vocab_tokens": pl.List(pl.String()),  # most negative logit effect / least similar embedding first
+    "bottom_vocab_values": pl.List(pl.Float64()),
 }
+
+EXAMPLE_SCHEMA: dict[str, pl.DataType] = {
+    "latent_id": pl.Int64(),
+    "kind": pl.String(),  # "top" (used for labelling), "quantile" (held out) or "random" (latent 0 at centre)
+    "band": pl.Int64(),  # quantile band, 0 = lowest (0, max/n_bands]; -1 for top and random examples
+    "rank": pl.Int64(),  # order within (latent, kind, band): descending activation (top, quantile), draw order
+    "seq_id": pl.Int64(),  # corpus seq_id
+    "position": pl.Int64(),  # centre token's index into that sequence's input_ids
+    "activation": pl.Float64(),  # the latent's activation on the centre token
+    "tokens": pl.List(pl.String()),  # the window's raw token strings (convert_ids_to_tokens), specials included
+    "token_activations": pl.List(pl.Float64()),  # the latent on each window token (0 where not stored: specials)
+    "center": pl.Int64(),  # index of the centre token inside `tokens`
+}
+
+HIST_LOG10_EDGES: list[float] = [-6.0 + 0.25 * i for i in range(41)]
+"""Bin edges of `hist_counts` in log10(activation): 40 bins from 1e-6 to 1e4; values outside go to the end bins."""
+
+VOCAB_KINDS = ("logit_effect", "nearest_embedding", "none")
 
 
 def _chunk_top(latents: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -59,6 +99,13 @@ def _chunk_top(latents: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, rows.gather(1, by_value)
 
 
+def log10_bins(values: Tensor) -> Tensor:
+    """Bin index in HIST_LOG10_EDGES of positive values; values outside the edges go to the first/last bin."""
+    low, width = HIST_LOG10_EDGES[0], HIST_LOG10_EDGES[1] - HIST_LOG10_EDGES[0]
+    bins = ((values.double().log10() - low) / width).floor()
+    return bins.clamp(0, len(HIST_LOG10_EDGES) - 2).to(torch.int64)
+
+
 @dataclass
 class _RunningStats:
     """Per-latent accumulators and the running top-N, all on the SAE's device."""
@@ -68,13 +115,15 @@ class _RunningStats:
     peak: Tensor  # [d_sae] float64, max activation (>= 0)
     top_values: Tensor  # [d_sae, <= top_n] float32, canonical order (see _chunk_top)
     top_locations: Tensor  # [d_sae, <= top_n, 2] int64, (seq_id, position)
+    hist: Tensor  # [d_sae, len(HIST_LOG10_EDGES) - 1] int64, firing tokens per log10 bin
     n_tokens: int = 0
 
     @classmethod
     def empty(cls, d_sae: int, device: torch.device) -> _RunningStats:
         zeros = torch.zeros(d_sae, dtype=torch.float64, device=device)
         return cls(zeros, zeros.clone(), zeros.clone(), torch.empty(d_sae, 0, device=device),
-                   torch.empty(d_sae, 0, 2, dtype=torch.int64, device=device))
+                   torch.empty(d_sae, 0, 2, dtype=torch.int64, device=device),
+                   torch.zeros(d_sae, len(HIST_LOG10_EDGES) - 1, dtype=torch.int64, device=device))
 
     def update(self, latents: Tensor, locations: Tensor, top_n: int) -> None:
         """Fold one chunk in: the top-N over (kept [d_sae, N], the chunk's values transposed).
@@ -88,6 +137,9 @@ class _RunningStats:
         self.total += torch.where(firing, latents, 0).sum(dim=0, dtype=torch.float64)
         self.peak = torch.maximum(self.peak, latents.amax(dim=0).double())
         self.n_tokens += len(latents)
+        token_rows, latent_ids = firing.nonzero(as_tuple=True)
+        self.hist.view(-1).index_add_(0, latent_ids * self.hist.shape[1] + log10_bins(latents[token_rows, latent_ids]),
+                                      torch.ones_like(latent_ids))
         chunk_values, rows = _chunk_top(latents, min(top_n, len(latents)))
         values = torch.cat([self.top_values, chunk_values], dim=1)
         candidates = torch.cat([self.top_locations, locations.to(torch.int64)[rows]], dim=1)
@@ -143,35 +195,298 @@ class _ContextBuilder:
         return self.cache[key]
 
 
-def compute_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.DataFrame, tokenizer,
-                     top_n: int = 20, window: int = 16, device: str | torch.device = "cpu",
-                     chunk: int = 4096) -> pl.DataFrame:
-    """One row per latent (FEATURE_SCHEMA) from one streamed pass over the eval split.
+def _hash_priority(rows: Tensor, d_sae: int, seed: int) -> Tensor:
+    """A uniform-looking priority in [0, 1) per (global eval row, latent), [len(rows), d_sae] float64.
 
-    Top examples with equal activations are listed in eval-token order, whatever the chunk size.
+    A fixed integer hash, not a random generator, so the examples drawn do not depend on the chunk size.
     """
-    if top_n < 1 or window < 0 or chunk < 1:
-        raise ValueError(f"top_n={top_n} must be >= 1, window={window} >= 0, chunk={chunk} >= 1")
+    x = rows.to(torch.int64).unsqueeze(1) * 1_000_003 + torch.arange(d_sae, device=rows.device) * 7_919 + seed
+    for _ in range(2):
+        x = ((x ^ (x >> 13)) & 0xFFFFFFFF) * 0x5BD1E995 & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+    return x.double() / 2.0**32
+
+
+@dataclass
+class _BandSampler:
+    """Per latent and group (n_bands quantile bands, then one `random` group), the k draws of highest priority."""
+
+    priority: Tensor  # [d_sae, groups, k] float64, -inf where empty
+    values: Tensor  # [d_sae, groups, k] float32
+    locations: Tensor  # [d_sae, groups, k, 2] int64
+
+    @classmethod
+    def empty(cls, d_sae: int, groups: int, k: int, device: torch.device) -> _BandSampler:
+        return cls(torch.full((d_sae, groups, k), -torch.inf, dtype=torch.float64, device=device),
+                   torch.zeros(d_sae, groups, k, device=device),
+                   torch.zeros(d_sae, groups, k, 2, dtype=torch.int64, device=device))
+
+    def update(self, group: int, eligible: Tensor, priority: Tensor, latents: Tensor, locations: Tensor) -> None:
+        k = self.priority.shape[2]
+        masked = torch.where(eligible, priority, -torch.inf)
+        chunk_priority, rows = masked.topk(min(k, len(masked)), dim=0)  # [k', d_sae]
+        chunk_values = latents.gather(0, rows).t()
+        merged = torch.cat([self.priority[:, group], chunk_priority.t()], dim=1)
+        values = torch.cat([self.values[:, group], chunk_values], dim=1)
+        locs = torch.cat([self.locations[:, group], locations.to(torch.int64)[rows.t()]], dim=1)
+        merged, order = merged.sort(dim=1, descending=True, stable=True)
+        order = order[:, :k]
+        self.priority[:, group] = merged[:, :k]
+        self.values[:, group] = values.gather(1, order)
+        self.locations[:, group] = locs.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+
+
+@torch.no_grad()
+def _sample_examples(sae: SparseAutoencoder, store: ActivationStore, stats: _RunningStats, n_bands: int,
+                     per_band: int, n_random: int, device: torch.device, chunk: int, seed: int) -> _BandSampler:
+    """Pass 2: quantile-band and non-activating draws; firing tokens at or above the latent's smallest top-N
+    value are excluded (they are the labelling examples; these are held out for scoring)."""
+    d_sae = sae.d_sae
+    k = max(per_band, n_random, 1)
+    sampler = _BandSampler.empty(d_sae, n_bands + 1, k, device)
+    if not per_band and not n_random:
+        return sampler
+    peak = stats.peak.float()
+    kept = stats.top_values
+    top_floor = torch.where(kept > 0, kept, torch.inf).amin(dim=1) if kept.shape[1] else torch.full_like(peak,
+                                                                                                         torch.inf)
+    offset = 0
+    for acts, locations in store.iter_split("eval", chunk, with_locations=True):
+        _, latents = sae.reconstruct(acts.to(device))
+        latents, locations = latents.float(), locations.to(device)
+        priority = _hash_priority(torch.arange(offset, offset + len(latents), device=device), d_sae, seed)
+        offset += len(latents)
+        firing = (latents > 0) & (latents < top_floor)
+        band = (latents / peak.clamp(min=1e-30) * n_bands).floor().clamp(0, n_bands - 1).to(torch.int64)
+        if per_band:
+            for b in range(n_bands):
+                sampler.update(b, firing & (band == b), priority, latents, locations)
+        if n_random:
+            sampler.update(n_bands, latents <= 0, priority, latents, locations)
+    return sampler
+
+
+class _Windows:
+    """Token windows of (seq_id, position) centres, from the corpus (only sequences holding an example)."""
+
+    def __init__(self, corpus: pl.DataFrame, seq_ids: set[int], tokenizer, window: int):
+        rows = corpus.filter(pl.col("seq_id").is_in(sorted(seq_ids))).select("seq_id", "input_ids")
+        self.ids = dict(zip(rows["seq_id"].to_list(), rows["input_ids"].to_list(), strict=True))
+        self.tokenizer, self.window = tokenizer, window
+        self.cache: dict[int, list[str]] = {}
+
+    def span(self, seq_id: int, position: int) -> tuple[int, int]:
+        ids = self.ids.get(seq_id)
+        if ids is None or not 0 <= position < len(ids):
+            raise ValueError(f"activation location (seq_id={seq_id}, position={position}) is not in the "
+                             "corpus; the corpus and the activation store are out of sync")
+        return max(0, position - self.window), min(len(ids), position + self.window + 1)
+
+    def tokens(self, seq_id: int, start: int, stop: int) -> list[str]:
+        if seq_id not in self.cache:
+            self.cache[seq_id] = self.tokenizer.convert_ids_to_tokens(self.ids[seq_id])
+        return self.cache[seq_id][start:stop]
+
+
+@torch.no_grad()
+def _window_activations(sae: SparseAutoencoder, store: ActivationStore, spans: list[tuple[int, int, int, int]],
+                        device: torch.device, chunk: int) -> list[list[float]]:
+    """Pass 3: the latent's activation on every token of each (latent, seq_id, start, stop) window.
+
+    Every window token becomes one entry keyed by (seq_id, position); each chunk looks its rows up in the
+    sorted keys, so the work and memory are proportional to the entries, not to n_tokens.
+    """
+    if not spans:
+        return []
+    max_pos = max(stop for _, _, _, stop in spans) + 1
+    lengths = torch.tensor([stop - start for _, _, start, stop in spans])
+    example = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+    starts = torch.tensor([start for _, _, start, _ in spans])
+    offsets = torch.arange(len(example)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    seqs = torch.tensor([seq for _, seq, _, _ in spans])
+    keys = seqs[example] * max_pos + starts[example] + offsets
+    keys, order = keys.sort()
+    example, offsets = example[order].to(device), offsets[order].to(device)
+    keys = keys.to(device)
+    latent_of = torch.tensor([latent for latent, _, _, _ in spans], device=device)
+    out = torch.zeros(len(spans), int(lengths.max()), device=device)
+    for acts, locations in store.iter_split("eval", chunk, with_locations=True):
+        locations = locations.to(device).to(torch.int64)
+        row_keys = locations[:, 0] * max_pos + locations[:, 1]
+        left = torch.searchsorted(keys, row_keys)
+        counts = torch.searchsorted(keys, row_keys, right=True) - left
+        if not int(counts.sum()):
+            continue
+        rows = torch.repeat_interleave(torch.arange(len(row_keys), device=device), counts)
+        entries = torch.repeat_interleave(left, counts) + torch.arange(len(rows), device=device) - \
+            torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        needed = rows.unique()
+        _, latents = sae.reconstruct(acts.to(device)[needed])
+        position_in_needed = torch.searchsorted(needed, rows)
+        ex = example[entries]
+        out[ex, offsets[entries]] = latents.float()[position_in_needed, latent_of[ex]]
+    return [row[: int(n)] for row, n in zip(out.cpu().double().tolist(), lengths.tolist(), strict=True)]
+
+
+def load_vocab_matrix(model: str, trust_remote_code: bool = False) -> tuple[str, Tensor]:
+    """("logit_effect", W_U [vocab, d]) for a causal LM, else ("nearest_embedding", input embeddings [vocab, d]).
+
+    A causal LM is a config whose `architectures` name a `...ForCausalLM` / `...LMHeadModel` class (GPT-2,
+    Llama, ...); its output embeddings are the unembedding W_U. Encoders (the default MiniLM) have no
+    unembedding over the vocabulary, so their decoder directions are compared with the input embeddings.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from sae_pipeline.activations import resolve_model_path
+
+    path = resolve_model_path(model)
+    local = Path(path).exists()
+    config = AutoConfig.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
+    architectures = getattr(config, "architectures", None) or []
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
+        return "logit_effect", lm.get_output_embeddings().weight.detach().float()
+    encoder = AutoModel.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
+    return "nearest_embedding", encoder.get_input_embeddings().weight.detach().float()
+
+
+def excluded_vocab_ids(tokenizer) -> list[int]:
+    """Special tokens and WordPiece's untrained `[unusedN]` slots: never shown as a latent's vocabulary."""
+    vocab = tokenizer.get_vocab()
+    unused = [i for token, i in vocab.items() if token.startswith("[unused") and token.endswith("]")]
+    return sorted(set(tokenizer.all_special_ids) | set(unused))
+
+
+@torch.no_grad()
+def vocab_projection(decoder: Tensor, matrix: Tensor, kind: str, tokenizer, k: int = 10,
+                     exclude_ids: list[int] | None = None, block: int = 1024) -> dict[str, list]:
+    """Top and bottom k vocabulary entries per decoder row (SAEDashboard's logit tables / nearest tokens).
+
+    kind `logit_effect`: decoder row . W_U row per token (the direct effect on the logits, no final norm);
+    kind `nearest_embedding`: cosine similarity of the decoder row with each token's input embedding.
+    Computed `block` latents at a time, so memory stays [block, vocab].
+    """
+    if kind not in ("logit_effect", "nearest_embedding"):
+        raise ValueError(f"kind: {kind!r}; allowed logit_effect, nearest_embedding")
+    matrix = matrix.to(decoder.device, torch.float32)
+    if kind == "nearest_embedding":
+        matrix = matrix / matrix.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    k = min(k, len(matrix))
+    out: dict[str, list] = {"top_vocab_tokens": [], "top_vocab_values": [], "bottom_vocab_tokens": [],
+                            "bottom_vocab_values": []}
+    for start in range(0, len(decoder), block):
+        rows = decoder[start:start + block].float()
+        if kind == "nearest_embedding":
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        scores = rows @ matrix.t()
+        if exclude_ids:
+            scores[:, exclude_ids] = torch.nan
+        top = scores.nan_to_num(-torch.inf).topk(k, dim=1)
+        bottom = scores.nan_to_num(torch.inf).topk(k, dim=1, largest=False)
+        for name, result in (("top", top), ("bottom", bottom)):
+            out[f"{name}_vocab_values"] += result.values.double().cpu().tolist()
+            out[f"{name}_vocab_tokens"] += [tokenizer.convert_ids_to_tokens(ids) for ids in result.indices.tolist()]
+    return out
+
+
+class FeatureTables(NamedTuple):
+    """What `extract_features` returns."""
+
+    latents: pl.DataFrame
+    """One row per latent, FEATURE_SCHEMA."""
+    examples: pl.DataFrame
+    """One row per kept example, EXAMPLE_SCHEMA, sorted by latent_id, kind, band, rank."""
+
+
+def _example_rows(latent: int, kind: str, band: int, pairs: list[tuple[float, list[int]]]) -> list[dict]:
+    return [{"latent_id": latent, "kind": kind, "band": band, "rank": rank, "seq_id": loc[0], "position": loc[1],
+             "activation": value} for rank, (value, loc) in enumerate(pairs)]
+
+
+def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.DataFrame, tokenizer,
+                     top_n: int = 20, window: int = 16, n_bands: int = 5, per_band: int = 5, n_random: int = 10,
+                     vocab: tuple[str, Tensor] | None = None, vocab_k: int = 10,
+                     device: str | torch.device = "cpu", chunk: int = 4096, seed: int = 0) -> FeatureTables:
+    """Latents and examples tables from three streamed passes over the eval split (see the module docstring).
+
+    `window` tokens on each side of the centre make a context (16: a 33-token window); top_contexts keep the
+    decoded-text form. `vocab` is (kind, matrix) from `load_vocab_matrix`; None leaves the vocabulary
+    columns empty with vocab_kind "none".
+    """
+    if top_n < 1 or window < 0 or chunk < 1 or n_bands < 1 or per_band < 0 or n_random < 0:
+        raise ValueError(f"top_n={top_n} must be >= 1, window={window} >= 0, chunk={chunk} >= 1, "
+                         f"n_bands={n_bands} >= 1, per_band={per_band} >= 0, n_random={n_random} >= 0")
     device = torch.device(device)
-    stats = _stream_latents(sae.to(device).eval(), store, top_n, device, chunk)
+    sae = sae.to(device).eval()
+    stats = _stream_latents(sae, store, top_n, device, chunk)
+    sampler = _sample_examples(sae, store, stats, n_bands, per_band, n_random, device, chunk, seed)
     values = stats.top_values.double().cpu().tolist()
     locations = stats.top_locations.cpu().tolist()
-    examples = [[loc for value, loc in zip(row_values, row_locations, strict=True) if value > 0]
-                for row_values, row_locations in zip(values, locations, strict=True)]
-    contexts = _ContextBuilder(corpus, {seq for row in examples for seq, _ in row}, tokenizer, window)
+    top_examples = [[(value, loc) for value, loc in zip(row_values, row_locations, strict=True) if value > 0]
+                    for row_values, row_locations in zip(values, locations, strict=True)]
+    rows: list[dict] = []
+    sampled_ok = (sampler.priority > -torch.inf).cpu()
+    sampled_values = sampler.values.double().cpu().tolist()
+    sampled_locations = sampler.locations.cpu().tolist()
+    for latent in range(sae.d_sae):
+        rows += _example_rows(latent, "top", -1, top_examples[latent])
+        for group in range(n_bands + 1):
+            limit = per_band if group < n_bands else n_random
+            kept = [(sampled_values[latent][group][i], sampled_locations[latent][group][i])
+                    for i in range(limit) if sampled_ok[latent, group, i]]
+            if group < n_bands:
+                rows += _example_rows(latent, "quantile", group, sorted(kept, key=lambda item: -item[0]))
+            else:
+                rows += _example_rows(latent, "random", -1, kept)
+    seq_ids = {row["seq_id"] for row in rows}
+    contexts = _ContextBuilder(corpus, {seq for row in top_examples for _, (seq, _) in row}, tokenizer, window)
+    windows = _Windows(corpus, seq_ids, tokenizer, window)
+    spans = []
+    for row in rows:
+        start, stop = windows.span(row["seq_id"], row["position"])
+        spans.append((row["latent_id"], row["seq_id"], start, stop))
+        row["tokens"] = windows.tokens(row["seq_id"], start, stop)
+        row["center"] = row["position"] - start
+    for row, token_values in zip(rows, _window_activations(sae, store, spans, device, chunk), strict=True):
+        row["token_activations"] = token_values
+    examples = pl.DataFrame(rows, schema=EXAMPLE_SCHEMA) if rows else pl.DataFrame(schema=EXAMPLE_SCHEMA)
+    examples = examples.select(list(EXAMPLE_SCHEMA))
+    if vocab is not None:
+        projected = vocab_projection(sae.W_dec.detach(), vocab[1], vocab[0], tokenizer, vocab_k,
+                                     excluded_vocab_ids(tokenizer))
+        kind = vocab[0]
+    else:
+        projected = {name: [[] for _ in range(sae.d_sae)] for name in
+                     ("top_vocab_tokens", "top_vocab_values", "bottom_vocab_tokens", "bottom_vocab_values")}
+        kind = "none"
     count = stats.count.cpu()
-    return pl.DataFrame({
+    latents = pl.DataFrame({
         "latent_id": range(sae.d_sae),
         "frequency": (count / stats.n_tokens).tolist(),
         "mean_activation": torch.where(count > 0, stats.total.cpu() / count.clamp(min=1), 0.0).tolist(),
         "max_activation": stats.peak.cpu().tolist(),
         "is_live": (stats.peak.cpu() >= LIVE_THRESHOLD).tolist(),
-        "top_activations": [[v for v in row if v > 0] for row in values],
-        "top_tokens": [[contexts.token(seq, pos) for seq, pos in row] for row in examples],
-        "top_contexts": [[contexts.context(seq, pos) for seq, pos in row] for row in examples],
-        "top_seq_ids": [[seq for seq, _ in row] for row in examples],
-        "top_positions": [[pos for _, pos in row] for row in examples],
+        "top_activations": [[v for v, _ in row] for row in top_examples],
+        "top_tokens": [[contexts.token(seq, pos) for _, (seq, pos) in row] for row in top_examples],
+        "top_contexts": [[contexts.context(seq, pos) for _, (seq, pos) in row] for row in top_examples],
+        "top_seq_ids": [[seq for _, (seq, _) in row] for row in top_examples],
+        "top_positions": [[pos for _, (_, pos) in row] for row in top_examples],
+        "hist_counts": stats.hist.cpu().tolist(),
+        "vocab_kind": [kind] * sae.d_sae,
+        **projected,
     }, schema=FEATURE_SCHEMA)
+    return FeatureTables(latents, examples)
+
+
+def compute_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.DataFrame, tokenizer,
+                     top_n: int = 20, window: int = 16, device: str | torch.device = "cpu",
+                     chunk: int = 4096) -> pl.DataFrame:
+    """The latents table alone (FEATURE_SCHEMA, no quantile examples, no vocabulary projection).
+
+    Top examples with equal activations are listed in eval-token order, whatever the chunk size.
+    """
+    return extract_features(sae, store, corpus, tokenizer, top_n=top_n, window=window, per_band=0, n_random=0,
+                            device=device, chunk=chunk).latents
 
 
 def features_summary(features: pl.DataFrame) -> dict:
@@ -200,3 +515,7 @@ def top_features_markdown(features: pl.DataFrame, n: int = 10) -> str:
 
 def write_features(features: pl.DataFrame, path: Path) -> None:
     write_parquet_atomic(features, path)
+
+
+def write_examples(examples: pl.DataFrame, path: Path) -> None:
+    write_parquet_atomic(examples, path)

@@ -1,24 +1,99 @@
-"""Pure quality checks: each reads data and returns an outcome with what it measured and the threshold.
+"""Pure quality checks: each reads data and returns an outcome with what it measured, the threshold and the verdict.
 
-The Dagster layer turns outcomes into asset-check results; the verdict file written beside each partition's
-outputs lets `feature_labels` refuse a partition whose blocking checks failed, also in a later run.
+The Dagster layer (`sae_pipeline.defs.checks`) turns outcomes into asset-check results; the verdict file written
+beside each partition's outputs (`quality.json`) lets downstream assets refuse a partition whose blocking checks
+failed, also when they are launched in a later run. Thresholds live in `QualityThresholds`; the defaults come
+from the seeds (003: L0 3-7 % for a 5 % target, dead latents < 10 %, max activation > 1e-6; 000: collapse to
+"1.2 % L0, 91 % dead", judge on window means, never one step).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sae_pipeline.activations import ActivationStore
+from sae_pipeline.config import parse_spec
 from sae_pipeline.features import LIVE_THRESHOLD
 from sae_pipeline.storage import read_json, write_json_atomic
 
 VERDICT_FILE = "quality.json"
 Severity = Literal["ERROR", "WARN"]
+
+
+class QualityThresholds(BaseModel):
+    """Every threshold the checks use. Unknown keys are errors; each pair is ordered (warn <= error)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_zero_token_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of all-zero token rows above which a shard is degenerate (ERROR)."""
+    max_constant_row_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of constant token rows (every dimension equal, zero rows included) above which a shard is degenerate."""
+    outlier_norm_ratio: float = Field(10.0, gt=1.0)
+    """A token whose norm exceeds this multiple of the median token norm is an outlier (attention sink, BOS)."""
+    max_outlier_fraction: float = Field(0.001, ge=0.0, le=1.0)
+    """Share of outlier tokens above which `activations_norm_outliers` warns."""
+    collapse_live_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    """Collapse: live latents fall below this fraction of their running peak and stay there (seed 000: 91 % dead)."""
+    collapse_l0_fraction: float = Field(0.01, gt=0.0, lt=1.0)
+    """Collapse: L0 falls below this fraction of its running peak and stays there (an L1 warmup legitimately
+    lowers L0, so this bound is a 100x fall)."""
+    dead_fraction_warn: float = Field(0.1, ge=0.0, le=1.0)
+    """Target bound on latents that never fire on held-out tokens: WARN above (seed 003: < 10 %)."""
+    dead_fraction_error: float = Field(0.9, ge=0.0, le=1.0)
+    """ERROR above this dead fraction (seed 003's collapsed runs: 95-99 % dead)."""
+    dense_frequency: float = Field(0.1, gt=0.0, le=1.0)
+    """A latent firing on more than this share of held-out tokens is dense."""
+    dense_fraction_warn: float = Field(0.05, ge=0.0, le=1.0)
+    """WARN when more than this share of latents is dense."""
+    dense_fraction_error: float = Field(0.5, ge=0.0, le=1.0)
+    """ERROR when more than this share of latents is dense (the dictionary is not sparse)."""
+    l0_warn_low: float = Field(0.6, gt=0.0, le=1.0)
+    """With `target_l0` set: WARN below this multiple of the target (seed 003: 3 % for a 5 % target)."""
+    l0_warn_high: float = Field(1.4, ge=1.0)
+    """WARN above this multiple of the target (seed 003: 7 % for a 5 % target)."""
+    l0_error_low: float = Field(0.2, gt=0.0, le=1.0)
+    """ERROR below this multiple of the target (seed 003's red flag: < 1 % for a 5 % target)."""
+    l0_error_high: float = Field(2.0, ge=1.0)
+    """ERROR above this multiple of the target (seed 003's red flag: > 10 % for a 5 % target)."""
+    fvu_warn: float = Field(0.5, gt=0.0)
+    """WARN when the held-out fraction of variance unexplained is above this."""
+    fvu_error: float = Field(1.0, gt=0.0)
+    """ERROR above this FVU (1.0: no better than predicting the mean activation)."""
+    l0_trend_window: float = Field(0.25, gt=0.0, le=0.5)
+    """Share of the metrics log averaged at each end when judging the L0 trend (seed 000: window means)."""
+    l0_trend_tolerance: float = Field(0.05, ge=0.0)
+    """L1-trained SAEs: the last-window mean L0 may exceed the first-window mean by this relative amount at most
+    (seed 003: "L0 must decrease"; it rose 11.9 % -> 15.6 % before the collapse)."""
+    live_threshold: float = Field(LIVE_THRESHOLD, gt=0.0)
+    """A latent whose max held-out activation is below this is not live for labelling (seed 003's 1e-16)."""
+    near_zero_error_share: float = Field(0.5, ge=0.0, le=1.0)
+    """ERROR when more than this share of latents is not live."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QualityThresholds:
+        pairs = (("dead_fraction_warn", "dead_fraction_error"), ("dense_fraction_warn", "dense_fraction_error"),
+                 ("l0_error_low", "l0_warn_low"), ("l0_warn_high", "l0_error_high"), ("fvu_warn", "fvu_error"))
+        for low, high in pairs:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low}: {getattr(self, low)} must be <= {high} ({getattr(self, high)})")
+        return self
+
+
+DEFAULT_THRESHOLDS = QualityThresholds()
+
+
+def parse_thresholds(raw: dict[str, Any] | None) -> QualityThresholds:
+    """Thresholds from overrides; ConfigError names the field, the value and the rule."""
+    return parse_spec(QualityThresholds, raw or {}, where="quality thresholds")
 
 
 @dataclass(frozen=True)
@@ -37,17 +112,125 @@ class CheckOutcome:
         return not self.passed and self.severity == "ERROR"
 
 
-def activations_finite(meta: dict) -> CheckOutcome:
-    """Every stored token activation is finite, and the norms are not degenerate (all equal or all zero)."""
-    n_bad = int(meta.get("n_nonfinite_tokens", 0))
-    stats = meta["norm_stats"]
-    degenerate = not (math.isfinite(stats["std"]) and stats["max"] > 0 and stats["std"] > 0)
+def _graded(name: str, value: float, warn: float, error: float, what: str, extra: dict[str, Any]) -> CheckOutcome:
+    """A value that should stay at or below `warn`: WARN above it, ERROR above `error` (NaN is an ERROR)."""
+    bad = not math.isfinite(value)
+    severity: Severity = "ERROR" if bad or value > error else "WARN"
+    passed = not bad and value <= warn
+    verdict = "ok" if passed else severity
+    return CheckOutcome(name, passed, severity, f"{what} {value:.4g} (warn > {warn:g}, error > {error:g}): {verdict}",
+                        {what.replace(" ", "_"): value, "warn_above": warn, "error_above": error, **extra})
+
+
+# ----------------------------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """Per-shard token statistics (one streamed pass; the shard is never held twice)."""
+
+    file: str
+    n_tokens: int
+    n_nonfinite: int
+    n_zero: int
+    """Rows whose every value is exactly 0."""
+    n_constant: int
+    """Rows whose values are all equal (zero rows included)."""
+
+
+@dataclass(frozen=True)
+class ActivationScan:
+    """What the activation checks measure: per-shard counts and the token-norm distribution of every split."""
+
+    shards: list[ShardScan]
+    norms: torch.Tensor
+    """Finite token norms, float64, train and eval shards together."""
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    def norm_stats(self) -> dict[str, float]:
+        if self.norms.numel() == 0:
+            return {k: math.nan for k in ("mean", "median", "std", "min", "max", "p99")}
+        return {"mean": self.norms.mean().item(), "median": self.norms.median().item(),
+                "std": self.norms.std().item() if self.norms.numel() > 1 else 0.0,
+                "min": self.norms.min().item(), "max": self.norms.max().item(),
+                "p99": torch.quantile(self.norms, 0.99).item() if self.norms.numel() <= 16_000_000 else math.nan}
+
+
+def scan_activations(store: ActivationStore, chunk: int = 65536) -> ActivationScan:
+    """Read every shard of both splits once and count non-finite, all-zero and constant rows; collect norms."""
+    shards, norms = [], []
+    for split in ("train", "eval"):
+        for index, shard in enumerate(store.shards(split)):
+            counts = [0, 0, 0]
+            for start in range(0, shard["n_tokens"], chunk):
+                x = store.read(split, index, start, min(start + chunk, shard["n_tokens"])).double()
+                finite = torch.isfinite(x).all(dim=-1)
+                counts[0] += int((~finite).sum())
+                counts[1] += int((x == 0).all(dim=-1).sum())
+                counts[2] += int((x.amax(dim=-1) == x.amin(dim=-1)).sum())
+                norms.append(x[finite].norm(dim=-1))
+            shards.append(ShardScan(shard["file"], shard["n_tokens"], *counts))
+    return ActivationScan(shards, torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64))
+
+
+def activations_finite(scan: ActivationScan) -> CheckOutcome:
+    """Every stored token activation is finite (a NaN/Inf row poisons training and every metric)."""
+    n_bad = sum(s.n_nonfinite for s in scan.shards)
+    bad_shards = {s.file: s.n_nonfinite for s in scan.shards if s.n_nonfinite}
+    return CheckOutcome("activations_finite", n_bad == 0, "ERROR",
+                        f"{n_bad} non-finite token row(s) of {scan.n_tokens}"
+                        + (f" in {', '.join(sorted(bad_shards))}" if bad_shards else ""),
+                        {"n_nonfinite_tokens": n_bad, "threshold": 0, "n_tokens": scan.n_tokens,
+                         "nonfinite_by_shard": bad_shards})
+
+
+def activations_not_degenerate(scan: ActivationScan, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+                               ) -> CheckOutcome:
+    """No shard has more than the allowed share of all-zero or constant rows, and token norms vary at all."""
+    bad = {}
+    for s in scan.shards:
+        zero, constant = s.n_zero / max(s.n_tokens, 1), s.n_constant / max(s.n_tokens, 1)
+        if zero > thresholds.max_zero_token_fraction or constant > thresholds.max_constant_row_fraction:
+            bad[s.file] = {"zero_fraction": zero, "constant_fraction": constant}
+    stats = scan.norm_stats()
+    flat = not (math.isfinite(stats["std"]) and stats["std"] > 1e-6 * abs(stats["mean"]) and stats["max"] > 0)
+    n = max(scan.n_tokens, 1)
+    zero_fraction = sum(s.n_zero for s in scan.shards) / n
+    constant_fraction = sum(s.n_constant for s in scan.shards) / n
+    passed = not bad and not flat
+    description = (f"{len(bad)} degenerate shard(s); zero rows {zero_fraction:.2%}, constant rows "
+                   f"{constant_fraction:.2%}; norm std {stats['std']:.4g}")
+    if bad:
+        description += f" (worst: {max(bad, key=lambda f: max(bad[f].values()))})"
+    return CheckOutcome("activations_not_degenerate", passed, "ERROR", description, {
+        "zero_token_fraction": zero_fraction, "max_zero_token_fraction": thresholds.max_zero_token_fraction,
+        "constant_row_fraction": constant_fraction,
+        "max_constant_row_fraction": thresholds.max_constant_row_fraction,
+        "norm_std": stats["std"], "norms_all_equal": flat, "degenerate_shards": bad,
+    })
+
+
+def activations_norm_outliers(scan: ActivationScan, thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
+                              n_excluded: int = 0) -> CheckOutcome:
+    """Record the norm statistics; count tokens with norm > N x median (attention sinks); WARN above a share."""
+    stats = scan.norm_stats()
+    limit = thresholds.outlier_norm_ratio * stats["median"]
+    n_outliers = int((scan.norms > limit).sum()) if math.isfinite(limit) else 0
+    share = n_outliers / max(scan.n_tokens, 1)
+    passed = share <= thresholds.max_outlier_fraction
     return CheckOutcome(
-        "activations_finite", n_bad == 0 and not degenerate, "ERROR",
-        f"{n_bad} non-finite token(s); norm std {stats['std']:.4g}",
-        {"n_nonfinite_tokens": n_bad, "threshold_nonfinite": 0, "norm_std": stats["std"],
-         "norm_mean": stats["mean"], "degenerate": degenerate},
-    )
+        "activations_norm_outliers", passed, "WARN",
+        f"{n_outliers} token(s) with norm > {thresholds.outlier_norm_ratio:g} x median ({limit:.4g}): {share:.3%} "
+        f"(warn > {thresholds.max_outlier_fraction:.3%}); {n_excluded} excluded at extraction",
+        {"n_outlier_tokens": n_outliers, "outlier_fraction": share, "outlier_norm_ratio": thresholds.outlier_norm_ratio,
+         "outlier_norm_limit": limit, "max_outlier_fraction": thresholds.max_outlier_fraction,
+         "n_excluded_at_extraction": n_excluded, **{f"norm_{k}": v for k, v in stats.items()}})
+
+
+# ------------------------------------------------------------------------------------------------------- sae
 
 
 def finite_weights(state: dict[str, torch.Tensor]) -> CheckOutcome:
@@ -55,7 +238,7 @@ def finite_weights(state: dict[str, torch.Tensor]) -> CheckOutcome:
     bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items()}
     n_bad = sum(bad.values())
     return CheckOutcome("sae_finite_weights", n_bad == 0, "ERROR", f"{n_bad} non-finite weight(s)",
-                        {"nonfinite_by_tensor": bad, "threshold": 0})
+                        {"nonfinite_by_tensor": bad, "n_nonfinite": n_bad, "threshold": 0})
 
 
 def _stays_below(values: list[float], steps: list[int], fraction: float) -> tuple[int | None, float]:
@@ -68,14 +251,15 @@ def _stays_below(values: list[float], steps: list[int], fraction: float) -> tupl
     return collapsed_at, peak
 
 
-def not_collapsed(metrics: pl.DataFrame, d_sae: int, live_fraction: float = 0.25,
-                  l0_fraction: float = 0.01) -> CheckOutcome:
-    """Collapse: live latents fall below `live_fraction` x their running peak, or L0 below `l0_fraction` x
-    its running peak, and stay there to the end of the log (seed 000: "step 15,000: 1.2 % L0, 91 % dead").
-
-    L0 legitimately falls as an L1 penalty warms up, so its bound is far lower (a 100x fall) than the
-    live-latent bound.
-    """
+def not_collapsed(metrics: pl.DataFrame, d_sae: int, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+                  ) -> CheckOutcome:
+    """Collapse: live latents fall below `collapse_live_fraction` x their running peak, or L0 below
+    `collapse_l0_fraction` x its running peak, and stay there to the end of the log (seed 000: "step 15,000:
+    1.2 % L0, 91 % dead"). The outcome names the step where the final collapse began."""
+    live_fraction, l0_fraction = thresholds.collapse_live_fraction, thresholds.collapse_l0_fraction
+    if metrics.is_empty():
+        return CheckOutcome("sae_not_collapsed", False, "ERROR", "empty metrics log: nothing to judge",
+                            {"collapsed_at_step": -1, "n_log_rows": 0})
     steps = metrics["step"].to_list()
     live = [(1.0 - d) * d_sae for d in metrics["dead_fraction"].to_list()]
     l0 = metrics["l0"].to_list()
@@ -93,42 +277,164 @@ def not_collapsed(metrics: pl.DataFrame, d_sae: int, live_fraction: float = 0.25
     })
 
 
-def dead_fraction(value: float, error_above: float = 0.9, warn_above: float = 0.1) -> CheckOutcome:
-    """Latents that never fire on held-out tokens: ERROR above `error_above`, WARN above the target."""
-    severity: Severity = "ERROR" if value > error_above else "WARN"
-    passed = value <= warn_above
-    return CheckOutcome("sae_dead_fraction", passed, severity,
-                        f"dead fraction {value:.3f} (target <= {warn_above}, error > {error_above})",
-                        {"dead_fraction": value, "warn_above": warn_above, "error_above": error_above})
+def dead_fraction(value: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+    """Latents that never fire on held-out tokens: WARN above the target, ERROR above the collapse bound."""
+    return _graded("sae_dead_fraction", value, thresholds.dead_fraction_warn, thresholds.dead_fraction_error,
+                   "dead fraction", {})
 
 
-def features_not_near_zero(features: pl.DataFrame, error_above: float = 0.5,
-                           live_threshold: float = LIVE_THRESHOLD) -> CheckOutcome:
+def dense_fraction(frequency: torch.Tensor, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+    """Share of latents firing on more than `dense_frequency` of held-out tokens (`frequency`: per latent)."""
+    value = (frequency > thresholds.dense_frequency).double().mean().item() if frequency.numel() else math.nan
+    return _graded("sae_dense_fraction", value, thresholds.dense_fraction_warn, thresholds.dense_fraction_error,
+                   "dense fraction", {"dense_frequency": thresholds.dense_frequency,
+                                      "n_dense": int((frequency > thresholds.dense_frequency).sum())})
+
+
+def l0_in_target_band(l0_fraction: float, target_l0: float | None,
+                      thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+    """Held-out L0 (fraction of latents active per token) against the config's `target_l0`: WARN outside
+    [warn_low, warn_high] x target, ERROR outside [error_low, error_high] x target. No target: passes."""
+    name = "sae_l0_in_target_band"
+    if target_l0 is None:
+        return CheckOutcome(name, True, "WARN", f"no target_l0 set; held-out L0 fraction {l0_fraction:.4g}",
+                            {"l0_fraction": l0_fraction, "target_l0": "none", "applicable": False})
+    warn = (thresholds.l0_warn_low * target_l0, thresholds.l0_warn_high * target_l0)
+    error = (thresholds.l0_error_low * target_l0, thresholds.l0_error_high * target_l0)
+    finite = math.isfinite(l0_fraction)
+    ratio, eps = l0_fraction / target_l0, 1e-9  # a band edge such as 7 % of a 5 % target is inside
+
+    def inside(low: float, high: float) -> bool:
+        return finite and low * (1 - eps) <= ratio <= high * (1 + eps)
+
+    far = not inside(thresholds.l0_error_low, thresholds.l0_error_high)
+    passed = inside(thresholds.l0_warn_low, thresholds.l0_warn_high)
+    severity: Severity = "ERROR" if far else "WARN"
+    verdict = "ok" if passed else severity
+    return CheckOutcome(name, passed, severity,
+                        f"held-out L0 {l0_fraction:.3%} vs target {target_l0:.3%} (band {warn[0]:.2%}-{warn[1]:.2%}, "
+                        f"error outside {error[0]:.2%}-{error[1]:.2%}): {verdict}",
+                        {"l0_fraction": l0_fraction, "target_l0": target_l0, "warn_band": list(warn),
+                         "error_band": list(error), "applicable": True})
+
+
+def fvu_bound(fvu: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+    """Held-out fraction of variance unexplained: WARN above `fvu_warn`, ERROR above `fvu_error` or NaN."""
+    return _graded("sae_fvu", fvu, thresholds.fvu_warn, thresholds.fvu_error, "fvu", {})
+
+
+def l0_trend(metrics: pl.DataFrame, architecture: str, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+             ) -> CheckOutcome:
+    """An L1-trained (relu) SAE's L0 must fall during training: the mean L0 of the last window of log rows may
+    not exceed the first window's mean by more than the tolerance (windows, not single steps: seed 000).
+    TopK fixes L0 by construction, so the check does not apply to it."""
+    name = "sae_l0_trend"
+    n = len(metrics)
+    if architecture != "relu" or n < 2:
+        why = "TopK fixes L0 at k" if architecture != "relu" else f"{n} log row(s): too few to judge"
+        return CheckOutcome(name, True, "WARN", f"not applicable: {why}", {"applicable": False, "n_log_rows": n})
+    width = max(1, int(n * thresholds.l0_trend_window))
+    l0 = metrics["l0"]
+    first, last = float(l0.head(width).mean()), float(l0.tail(width).mean())
+    limit = first * (1.0 + thresholds.l0_trend_tolerance)
+    passed = last <= limit
+    return CheckOutcome(name, passed, "WARN",
+                        f"L0 window mean {first:.4g} (first {width} rows) -> {last:.4g} (last {width} rows): "
+                        + ("falls or holds" if passed else f"rises above {limit:.4g}"),
+                        {"first_window_l0": first, "last_window_l0": last, "window_rows": width,
+                         "max_allowed_last_window_l0": limit, "tolerance": thresholds.l0_trend_tolerance,
+                         "applicable": True})
+
+
+# -------------------------------------------------------------------------------------------------- features
+
+
+def features_not_near_zero(features: pl.DataFrame, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+                           ) -> CheckOutcome:
     """Latents whose max activation is below `live_threshold` are not live for labelling (seed 003's 1e-16
-    activations); a partition where more than `error_above` of latents are like that is an ERROR."""
+    activations); a partition where more than `near_zero_error_share` of latents are like that is an ERROR."""
+    live_threshold, error_above = thresholds.live_threshold, thresholds.near_zero_error_share
     n = len(features)
     not_live = int((features["max_activation"] < live_threshold).sum())
     share = not_live / n if n else 1.0
     return CheckOutcome("features_not_near_zero", share <= error_above, "ERROR",
-                        f"{not_live}/{n} latents below {live_threshold:g} max activation ({share:.1%})",
+                        f"{not_live}/{n} latents below {live_threshold:g} max activation ({share:.1%}; "
+                        f"error > {error_above:.0%})",
                         {"n_not_live": not_live, "n_latents": n, "share_not_live": share,
-                         "live_threshold": live_threshold, "error_above_share": error_above})
+                         "live_threshold": live_threshold, "error_above_share": error_above,
+                         "max_of_max_activation": float(features["max_activation"].max() or 0.0)})
+
+
+def _expectations():
+    import great_expectations as gx
+
+    e = gx.expectations
+    return [
+        e.ExpectColumnValuesToBeUnique(column="latent_id"),
+        *[e.ExpectColumnValuesToNotBeNull(column=c) for c in
+          ("latent_id", "frequency", "mean_activation", "max_activation", "is_live", "n_contexts")],
+        e.ExpectColumnValuesToBeBetween(column="frequency", min_value=0.0, max_value=1.0),
+        e.ExpectColumnValuesToBeBetween(column="mean_activation", min_value=0.0),
+        e.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max_activation", column_B="mean_activation",
+                                                  or_equal=True),
+        e.ExpectColumnValuesToBeInSet(column="live_has_contexts", value_set=[True]),
+    ]
+
+
+def features_table_valid(features: pl.DataFrame) -> CheckOutcome:
+    """A Great Expectations 1.x suite over the feature table, run directly (ephemeral context, pandas frame):
+    ids unique, no nulls, frequency in [0, 1], max >= mean >= 0, context windows non-empty for live latents."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    table = features.select(
+        "latent_id", "frequency", "mean_activation", "max_activation", "is_live",
+        n_contexts=pl.col("top_contexts").list.len(),
+        live_has_contexts=~pl.col("is_live").fill_null(True)
+        | (pl.col("top_contexts").list.eval(pl.element().str.len_chars() > 0).list.all()
+           & (pl.col("top_contexts").list.len() > 0)).fill_null(False),
+    ).to_pandas()
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    batch = (context.data_sources.add_pandas("features").add_dataframe_asset("feature_table")
+             .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": table}))
+    suite = gx.ExpectationSuite(name="feature_table")
+    for expectation in _expectations():
+        suite.add_expectation(expectation)
+    result = batch.validate(suite)
+    failed = {}
+    for item in result.results:
+        if not item.success:
+            kwargs = item.expectation_config.kwargs
+            label = f"{item.expectation_config.type}({kwargs.get('column') or kwargs.get('column_A', '')})"
+            failed[label] = int(item.result.get("unexpected_count", 0) or 0)
+    n = len(result.results)
+    return CheckOutcome("features_table_valid", bool(result.success), "ERROR",
+                        f"{n - len(failed)}/{n} expectations met"
+                        + (f"; failed: {', '.join(failed)}" if failed else ""),
+                        {"n_expectations": n, "n_failed": len(failed), "failed_unexpected_counts": failed,
+                         "n_rows": len(table), "great_expectations_version": gx.__version__})
+
+
+# --------------------------------------------------------------------------------------------------- verdicts
 
 
 def write_verdict(folder: Path, outcomes: list[CheckOutcome]) -> None:
     """Record the outcomes beside the partition's outputs (read by downstream assets in later runs)."""
     write_json_atomic(folder / VERDICT_FILE, {
         "blocked": any(o.blocks for o in outcomes),
-        "checks": {o.name: {"passed": o.passed, "severity": o.severity, "description": o.description}
-                   for o in outcomes},
+        "checks": {o.name: {"passed": o.passed, "severity": o.severity, "description": o.description,
+                            "metadata": o.metadata} for o in outcomes},
     })
 
 
-def blocking_failures(folder: Path) -> list[str]:
-    """Descriptions of the failed blocking checks recorded in `folder`; a missing verdict counts as one."""
+def blocking_failures(folder: Path, missing_ok: bool = False) -> list[str]:
+    """Descriptions of the failed blocking checks recorded in `folder`; a missing verdict counts as one
+    unless `missing_ok`."""
     path = folder / VERDICT_FILE
     if not path.exists():
-        return [f"no quality verdict at {path}: materialise it first"]
+        return [] if missing_ok else [f"no quality verdict at {path}: materialise it first"]
     verdict = read_json(path)
     return [f"{name}: {check['description']}" for name, check in verdict["checks"].items()
             if not check["passed"] and check["severity"] == "ERROR"]

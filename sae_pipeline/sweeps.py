@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
 import polars as pl
 
-from sae_pipeline.analysis import HYPERPARAMETERS, METRICS
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config, validate_partition_key
+from sae_pipeline.analysis import HYPERPARAMETERS, METRICS, last_window_mean
+from sae_pipeline.calibration import GroupPlan, calibratable, plan_groups
+from sae_pipeline.config import (
+    CalibrationSpec,
+    ConfigError,
+    SAEConfig,
+    SweepSpec,
+    load_sweep,
+    parse_sae_config,
+    validate_partition_key,
+)
 from sae_pipeline.storage import Layout, read_json, write_json_atomic
 
 
@@ -36,8 +51,17 @@ def registered_keys(layout: Layout) -> list[str]:
     return sorted(p.stem for p in layout.configs_dir.glob("*.json"))
 
 
+TRAIN_WINDOW_COLUMNS = {"train_l0_last_window": "l0", "train_dead_fraction_last_window": "dead_fraction"}
+"""Columns added from each partition's metrics.parquet: the last-window mean (second half) of a training metric."""
+
+
 def collect_runs(layout: Layout, keys: list[str]) -> tuple[pl.DataFrame, list[str]]:
-    """One row per finished partition (hyperparameters + held-out metrics + last-window loss); missing keys."""
+    """One row per finished partition; missing keys.
+
+    A row holds the hyperparameters, the held-out metrics, `final_loss` (the last-window mean of the training
+    loss, from summary.json) and the last-window means of the training L0 and dead fraction read from
+    `metrics.parquet` (null when the log is absent or empty).
+    """
     rows, missing = [], []
     for key in keys:
         path = layout.sae_dir(key) / "summary.json"
@@ -47,5 +71,108 @@ def collect_runs(layout: Layout, keys: list[str]) -> tuple[pl.DataFrame, list[st
         summary = read_json(path)
         hyper = {name: summary["config"].get(name) for name in HYPERPARAMETERS}
         metrics = {name: summary["metrics"].get(name) for name in METRICS if name in summary["metrics"]}
-        rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"]})
+        window: dict[str, float | None] = dict.fromkeys(TRAIN_WINDOW_COLUMNS)
+        log_path = layout.sae_dir(key) / "metrics.parquet"
+        if log_path.exists():
+            log = pl.read_parquet(log_path)
+            if log.height:
+                window = {name: last_window_mean(log, column) if column in log.columns else None
+                          for name, column in TRAIN_WINDOW_COLUMNS.items()}
+        rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window})
     return pl.DataFrame(rows, infer_schema_length=None), missing
+
+
+def training_logs(layout: Layout, keys: list[str]) -> dict[str, pl.DataFrame]:
+    """The metrics.parquet of each key that has one (for overlaid training curves)."""
+    logs = {}
+    for key in keys:
+        path = layout.sae_dir(key) / "metrics.parquet"
+        if path.exists():
+            logs[key] = pl.read_parquet(path)
+    return logs
+
+
+def sweeps_dir(layout: Layout) -> Path:
+    """Folder of sweep specs the sensors watch: `$SAE_PIPELINE_SWEEPS`, else `<storage root>/sweeps`."""
+    return Path(os.environ.get("SAE_PIPELINE_SWEEPS", str(layout.root / "sweeps")))
+
+
+@dataclass(frozen=True)
+class SweepFile:
+    """A sweep spec found in the sweeps folder."""
+
+    path: Path
+    digest: str
+    """sha256 of the file's bytes (the sensor's cursor compares these)."""
+    spec: SweepSpec | None
+    """The validated spec, or None when the file is not a valid sweep spec."""
+    error: str | None
+    configs: tuple[SAEConfig, ...] = ()
+
+
+def read_sweep_file(path: Path) -> SweepFile:
+    """One sweep file, validated; an invalid one carries its error instead of a spec."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        spec = load_sweep(path)
+        return SweepFile(path, digest, spec, None, tuple(spec.expand()))
+    except ConfigError as error:
+        return SweepFile(path, digest, None, str(error))
+
+
+def scan_sweeps(folder: Path) -> list[SweepFile]:
+    """Every `*.yaml` in `folder`, sorted by name, validated (invalid ones carry their error)."""
+    return [read_sweep_file(path) for path in (sorted(folder.glob("*.yaml")) if folder.exists() else [])]
+
+
+def finished_l0(layout: Layout, keys: list[str]) -> dict[str, float]:
+    """Held-out l0_fraction of each finished key (summary.json present)."""
+    result = {}
+    for key in keys:
+        path = layout.sae_dir(key) / "summary.json"
+        if path.exists():
+            value = read_json(path)["metrics"].get("l0_fraction")
+            if value is not None:
+                result[key] = float(value)
+    return result
+
+
+def registered_configs(layout: Layout) -> dict[str, SAEConfig]:
+    """Every registered key -> its full config."""
+    return {key: load_config(layout, key) for key in registered_keys(layout)}
+
+
+@dataclass(frozen=True)
+class SweepCalibration:
+    """The calibration plans of one sweep spec's relu configs with a target_l0."""
+
+    sweep: SweepFile
+    settings: CalibrationSpec
+    """The spec's `calibration` section, or the defaults when it has none."""
+    plans: list[GroupPlan]
+
+    @property
+    def enabled(self) -> bool:
+        return self.sweep.spec is not None and self.sweep.spec.calibration is not None and self.settings.enabled
+
+
+def calibration_state(layout: Layout, pending: Iterable[str] = (), sweeps: list[SweepFile] | None = None
+                      ) -> list[SweepCalibration]:
+    """Plans for every valid sweep spec (in the sweeps folder) that has a relu config with a target_l0.
+
+    A spec's own keys are its seed runs; other registered keys of the same base config are proposed rounds.
+    Only registered seed keys count (a spec not yet registered has nothing to calibrate). `sweeps`: the specs
+    to look at (default: every file in the sweeps folder).
+    """
+    configs = registered_configs(layout)
+    l0 = finished_l0(layout, list(configs))
+    result = []
+    for sweep in scan_sweeps(sweeps_dir(layout)) if sweeps is None else sweeps:
+        seeds = [c.partition_key() for c in sweep.configs if calibratable(c) and c.partition_key() in configs]
+        if sweep.spec is None or not seeds:
+            continue
+        settings = sweep.spec.calibration or CalibrationSpec()
+        plans = plan_groups(configs, l0, seeds, pending, settings.tolerance, settings.max_rounds)
+        result.append(SweepCalibration(sweep, settings, plans))
+    return result

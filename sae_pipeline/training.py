@@ -8,6 +8,7 @@ checkpoints that a killed run resumes from exactly.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ import polars as pl
 import torch
 
 from sae_pipeline.activations import ActivationStore, BatchSampler
-from sae_pipeline.config import SAEConfig
+from sae_pipeline.config import ConfigError, SAEConfig
+from sae_pipeline.resampling import resample_dead_latents
 from sae_pipeline.saes import SparseAutoencoder, build_sae
 from sae_pipeline.saes.base import normalize_per_token
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RESAMPLE_INPUTS = 8192
+"""Inputs scored to choose replacement directions at each resampling."""
 METRIC_COLUMNS = ["step", "tokens", "loss", "mse", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"]
 
 
@@ -57,20 +61,41 @@ def lr_lambda(cfg: SAEConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def sparsity_coefficient(cfg: SAEConfig, step: int) -> float:
-    """l1_alpha ramped linearly over `l1_warmup_steps` (0 for TopK)."""
-    if cfg.l1_alpha is None:
+    """l1_alpha (l0_coeff for JumpReLU) ramped linearly over `l1_warmup_steps` (0 for TopK/BatchTopK)."""
+    alpha = cfg.l0_coeff if cfg.architecture == "jumprelu" else cfg.l1_alpha
+    if alpha is None:
         return 0.0
     if cfg.l1_warmup_steps == 0:
-        return cfg.l1_alpha
-    return cfg.l1_alpha * min(1.0, (step + 1) / cfg.l1_warmup_steps)
+        return alpha
+    return alpha * min(1.0, (step + 1) / cfg.l1_warmup_steps)
+
+
+def is_stable(rows: list[dict], window: int, tolerance: float) -> bool:
+    """Early stop: over the last `window` log rows, L0 and loss each vary by less than `tolerance` (relative)."""
+    if window < 2 or len(rows) < window:
+        return False
+    for column in ("l0", "loss"):
+        values = [row[column] for row in rows[-window:]]
+        mean = sum(values) / window
+        if mean <= 0 or (max(values) - min(values)) / mean >= tolerance:
+            return False
+    return True
+
+
+def resample_due(cfg: SAEConfig, done: int, total_steps: int) -> bool:
+    """Resample every `resample_every` steps, but not in the final lr-decay phase (nothing left to learn)."""
+    decay_start = total_steps - int(total_steps * cfg.lr_decay_fraction)
+    return bool(cfg.resample_every) and done % cfg.resample_every == 0 and done < decay_start
 
 
 def resolve_device(device: str) -> torch.device:
     """`auto` -> CUDA when present, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device: {device!r} is not a device; allowed auto, cpu, cuda, cuda:N, mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
     return torch.device(device)
 
 
@@ -155,6 +180,7 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
         scheduler.step()
         if sae.unit_norm_decoder:
             sae.set_decoder_norm_to_unit()
+        sae.after_step(out)
 
         with torch.no_grad():
             fired = (out.latents > 0).any(dim=0)
@@ -164,6 +190,12 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
             window_steps += 1
 
         done = step + 1
+        if resample_due(cfg, done, total_steps):
+            dead = tokens_since_fired >= min(dead_window, cfg.resample_every * cfg.batch_size)
+            sample = transform(store.sample(RESAMPLE_INPUTS, seed=cfg.seed + done)).to(dev)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
+            if resample_dead_latents(sae, optimizer, dead, sample, generator):
+                tokens_since_fired.masked_fill_(dead, 0)
         if done % cfg.log_every == 0 or done == total_steps:
             means = (window / window_steps).tolist()
             seen = done * cfg.batch_size
@@ -176,6 +208,8 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
                 log(row)
             window.zero_()
             window_steps = 0
+            if is_stable(rows, cfg.early_stop_window, cfg.early_stop_tolerance):
+                break
         if checkpoint_path and done % cfg.checkpoint_every == 0 and done < total_steps:
             _save_checkpoint(checkpoint_path, {
                 "config": cfg.model_dump_json(), "step": done, "sae": sae.state_dict(),
@@ -190,5 +224,5 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
         sae.fold_scaling_factor(factor)
     metrics = pl.DataFrame(rows, schema={c: (pl.Int64 if c in ("step", "tokens") else pl.Float64)
                                          for c in METRIC_COLUMNS})
-    return TrainResult(sae, metrics, total_steps * cfg.batch_size, time.perf_counter() - started,
+    return TrainResult(sae, metrics, rows[-1]["tokens"] if rows else 0, time.perf_counter() - started,
                        start_step, factor)

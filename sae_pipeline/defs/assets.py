@@ -11,24 +11,52 @@ import polars as pl
 from pydantic import Field
 
 from sae_pipeline import quality
-from sae_pipeline.activations import ActivationStore, check_layer, extract_activations, load_model, load_tokenizer
+from sae_pipeline.activations import (
+    ActivationStore,
+    check_layer,
+    extract_activations,
+    load_model,
+    load_tokenizer,
+    validate_layer,
+)
 from sae_pipeline.analysis import build_sweep_report, last_window_mean
-from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec
+from sae_pipeline.calibration import calibration_png, plans_markdown
+from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec, parse_spec
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
-from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result
+from sae_pipeline.dashboard import render_dashboard
+from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result, refuse_if_blocked
 from sae_pipeline.defs.partitions import sae_configs
-from sae_pipeline.defs.resources import DeviceResource, ModelResource, StorageResource
+from sae_pipeline.defs.profiles import gpu_op_tags
+from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
 from sae_pipeline.evaluation import evaluate_sae
-from sae_pipeline.features import compute_features, features_summary, top_features_markdown, write_features
+from sae_pipeline.features import (
+    extract_features,
+    features_summary,
+    load_vocab_matrix,
+    top_features_markdown,
+    write_examples,
+    write_features,
+)
 from sae_pipeline.labelling import label_features, labels_markdown, write_labels
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
-from sae_pipeline.storage import atomic_dir, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from sae_pipeline.sweeps import collect_runs, load_config
+from sae_pipeline.scoring import (
+    LABELLER_KINDS,
+    best_worst_markdown,
+    labeller_and_scorer,
+    score_labels,
+    scores_summary,
+    with_scores,
+)
+from sae_pipeline.storage import atomic_dir, read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from sae_pipeline.sweeps import calibration_state, collect_runs, load_config, training_logs
 from sae_pipeline.training import train_sae
 
 FEATURES_FILE = "features.parquet"
+EXAMPLES_FILE = "examples.parquet"
+FEATURES_META_FILE = "features_meta.json"
+DASHBOARD_DIR = "dashboard"
 LABELS_FILE = "labels.parquet"
 
 
@@ -51,13 +79,16 @@ class ActivationsConfig(dg.Config):
     shard_tokens: int = Field(65536, description="Tokens per safetensors shard")
     eval_fraction: float = Field(0.1, description="Share of sequences held out for evaluation")
     exclude_special_tokens: bool = Field(True, description="Drop [CLS]/[SEP]/BOS tokens")
+    exclude_norm_outliers: float | None = Field(
+        None, description="Drop tokens with norm > this x the median train-token norm (attention sinks); "
+                          "unset keeps all")
     seed: int = Field(0, description="Seed of the train/eval split")
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
 def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: StorageResource,
            model: ModelResource) -> dg.MaterializeResult:
-    spec = CorpusSpec(**config.model_dump())
+    spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
     frame = tokenize_corpus(iter_texts(spec), tokenizer, spec)
     path = storage.layout.corpus_path
@@ -75,37 +106,52 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
           check_specs=ACTIVATIONS_CHECKS,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
-                model: ModelResource) -> dg.MaterializeResult:
-    spec = ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code, **config.model_dump())
+                model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
+    spec = parse_spec(ActivationSpec, {"model": model.name, "trust_remote_code": model.trust_remote_code,
+                                       **config.model_dump()}, where="activations config")
+    thresholds = quality_thresholds.thresholds()
+    validate_layer(spec)  # from the model's config alone: before any weights load or file write
     layout = storage.layout
     frame = pl.read_parquet(layout.corpus_path)
     tokenizer, transformer = load_tokenizer(spec), load_model(spec)
     check_layer(transformer, spec.layer)
     with atomic_dir(layout.activations_dir) as folder:
         meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
+        scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
+        outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
+                    quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"])]
+        quality.write_verdict(folder, outcomes)
     context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
     return dg.MaterializeResult(
         metadata={"activations_dir": dg.MetadataValue.path(str(layout.activations_dir)),
                   "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
                   "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
                   "layer": spec.layer, "norm_stats": meta["norm_stats"]},
-        check_results=[check_result(quality.activations_finite(meta))],
+        check_results=[check_result(o) for o in outcomes],
     )
 
 
 @dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},
-          check_specs=SAE_CHECKS, description="One SAE per config partition, in the SAELens file layout.")
-def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource) -> dg.MaterializeResult:
+          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(),
+          description="One SAE per config partition, in the SAELens file layout.")
+def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
+        quality_thresholds: QualityResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
+    refuse_if_blocked("sae", key, quality.blocking_failures(layout.activations_dir, missing_ok=True))
     store = ActivationStore(layout.activations_dir)
     cfg.validate_for_model(store.d_model)
     result = train_sae(cfg, store, device.resolve(), layout.checkpoint_dir(key),
                        log=lambda row: context.log.debug(f"step {row['step']}: {row}"))
-    metrics, _ = evaluate_sae(result.sae, store, device.resolve())
+    metrics, fire_counts = evaluate_sae(result.sae, store, device.resolve())
     outcomes = [quality.finite_weights(result.sae.state_dict()),
-                quality.not_collapsed(result.metrics, result.sae.d_sae),
-                quality.dead_fraction(metrics.dead_fraction)]
+                quality.not_collapsed(result.metrics, result.sae.d_sae, thresholds),
+                quality.dead_fraction(metrics.dead_fraction, thresholds),
+                quality.dense_fraction(fire_counts / max(metrics.n_tokens, 1), thresholds),
+                quality.l0_in_target_band(metrics.l0_fraction, cfg.target_l0, thresholds),
+                quality.fvu_bound(metrics.fvu, thresholds),
+                quality.l0_trend(result.metrics, cfg.architecture, thresholds)]
     curves = training_curves_png(result.metrics, key)
     summary = {"key": key, "config": cfg.model_dump(mode="json"), "metrics": metrics.as_dict(),
                "final_loss": last_window_mean(result.metrics, "loss"), "train_tokens": result.train_tokens,
@@ -131,47 +177,102 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
     )
 
 
-@dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet"},
+class FeaturesConfig(dg.Config):
+    """How many examples per latent are kept (see features.extract_features)."""
+
+    top_n: int = Field(20, description="Top activating examples per latent (shown to the labeller)")
+    window: int = Field(16, description="Context tokens on each side of an example's token")
+    n_bands: int = Field(5, description="Equal-width activation bands of (0, max] for quantile samples")
+    per_band: int = Field(5, description="Examples sampled per band (held out for scoring)")
+    n_random: int = Field(10, description="Non-activating examples per latent (held out for scoring)")
+    vocab_projection: bool = Field(True, description="Logit effects (causal LM) or nearest embeddings (encoder)")
+
+
+@dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
           check_specs=FEATURES_CHECKS,
-          description="Per-latent statistics and top activating contexts on held-out tokens.")
-def features(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
-             model: ModelResource) -> dg.MaterializeResult:
+          description="Per-latent statistics, top/quantile contexts with per-token activations, vocabulary "
+                      "projection and a static HTML dashboard, on held-out tokens.")
+def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
+             device: DeviceResource, model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    thresholds = quality_thresholds.thresholds()
+    refuse_if_blocked("features", key, quality.blocking_failures(layout.activations_dir, missing_ok=True)
+                      + quality.blocking_failures(layout.sae_dir(key), missing_ok=True))
     autoencoder = load_sae(layout.sae_dir(key))
     store = ActivationStore(layout.activations_dir)
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
-    frame = compute_features(autoencoder, store, pl.read_parquet(layout.corpus_path), tokenizer,
-                             device=device.resolve())
-    outcome = quality.features_not_near_zero(frame)
+    vocab = load_vocab_matrix(model.name, model.trust_remote_code) if config.vocab_projection else None
+    tables = extract_features(autoencoder, store, pl.read_parquet(layout.corpus_path), tokenizer,
+                              top_n=config.top_n, window=config.window, n_bands=config.n_bands,
+                              per_band=config.per_band, n_random=config.n_random, vocab=vocab,
+                              device=device.resolve())
+    frame = tables.latents
+    vocab_kind = vocab[0] if vocab else "none"
+    outcomes = [quality.features_not_near_zero(frame, thresholds), quality.features_table_valid(frame)]
     with atomic_dir(layout.features_dir(key)) as folder:
         write_features(frame, folder / FEATURES_FILE)
-        quality.write_verdict(folder, [outcome])
+        write_examples(tables.examples, folder / EXAMPLES_FILE)
+        write_json_atomic(folder / FEATURES_META_FILE, {**config.model_dump(), "vocab_kind": vocab_kind,
+                                                        "model": model.name})
+        render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=config.n_bands)
+        quality.write_verdict(folder, outcomes)
     summary = features_summary(frame)
+    features_dir = layout.features_dir(key)
     return dg.MaterializeResult(
-        metadata={"features_path": dg.MetadataValue.path(str(layout.features_dir(key) / FEATURES_FILE)),
+        metadata={"features_path": dg.MetadataValue.path(str(features_dir / FEATURES_FILE)),
+                  "examples_path": dg.MetadataValue.path(str(features_dir / EXAMPLES_FILE)),
+                  "dashboard_path": dg.MetadataValue.path(str(features_dir / DASHBOARD_DIR / "index.html")),
+                  "n_examples": len(tables.examples),
+                  "vocab_projection": vocab_kind,
                   "n_live": summary["n_live"], "n_dead": summary["n_dead"],
                   "n_near_zero": summary["n_near_zero"],
                   "top_latents": dg.MetadataValue.md(top_features_markdown(frame))},
-        check_results=[check_result(outcome)],
+        check_results=[check_result(o) for o in outcomes],
     )
 
 
-@dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet"},
-          description="A label per live latent; refuses partitions whose blocking checks failed.")
-def feature_labels(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+class LabelsConfig(dg.Config):
+    """Which labeller writes the labels (the LLM's endpoint, model and key come from the environment only)."""
+
+    labeller: str = Field("offline", description="offline (no network) or llm (SAE_PIPELINE_LLM_BASE_URL, "
+                                                  "SAE_PIPELINE_LLM_MODEL, SAE_PIPELINE_LLM_API_KEY)")
+    max_latents: int = Field(0, description="Label at most this many live latents (highest max first); 0 = all")
+
+
+@dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
+          description="A label and a detection score per live latent, and the dashboard with them; refuses "
+                      "partitions whose blocking checks failed.")
+def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
+                   storage: StorageResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
-    reasons = quality.blocking_failures(layout.sae_dir(key)) + quality.blocking_failures(layout.features_dir(key))
+    reasons = [reason for folder in (layout.activations_dir, layout.sae_dir(key), layout.features_dir(key))
+               for reason in quality.blocking_failures(folder)]
     if reasons:
         raise dg.Failure(description=f"Refusing to label partition {key}: blocking quality checks failed: "
                          + "; ".join(reasons), metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
-    labels = label_features(pl.read_parquet(layout.features_dir(key) / FEATURES_FILE))
+    if config.labeller not in LABELLER_KINDS:
+        raise dg.Failure(description=f"labeller: {config.labeller!r}; allowed {', '.join(LABELLER_KINDS)}",
+                         allow_retries=False)
+    features_dir = layout.features_dir(key)
+    table = pl.read_parquet(features_dir / FEATURES_FILE)
+    examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
+    labeller, scorer = labeller_and_scorer(config.labeller)
+    labels = label_features(table, labeller, examples=examples, max_latents=config.max_latents)
+    scored = with_scores(labels, score_labels(labels, examples, scorer))
+    n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with atomic_dir(layout.labels_dir(key)) as folder:
-        write_labels(labels, folder / LABELS_FILE)
+        write_labels(scored, folder / LABELS_FILE)
+        render_dashboard(table, examples, folder / DASHBOARD_DIR, f"features {key}", labels=scored, n_bands=n_bands)
+    summary = scores_summary(scored)
     return dg.MaterializeResult(metadata={
         "labels_path": dg.MetadataValue.path(str(layout.labels_dir(key) / LABELS_FILE)),
-        "n_labelled": len(labels),
-        "labeller": labels["labeller"][0] if len(labels) else "none",
+        "dashboard_path": dg.MetadataValue.path(str(layout.labels_dir(key) / DASHBOARD_DIR / "index.html")),
+        "n_labelled": len(labels), "n_scored": summary["n_scored"],
+        "mean_detection_accuracy": summary["mean_detection_accuracy"],
+        "mean_detection_f1": summary["mean_detection_f1"],
+        "labeller": labeller.name, "scorer": scorer.name,
         "best_labelled": dg.MetadataValue.md(labels_markdown(labels)),
+        "best_and_worst_scored": dg.MetadataValue.md(best_worst_markdown(scored)),
     })
 
 
@@ -181,11 +282,47 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
     layout = storage.layout
     keys = context.instance.get_dynamic_partitions(sae_configs.name)
     runs, missing = collect_runs(layout, keys)
-    report = build_sweep_report(runs, layout.analysis_dir, sweep_name="sae_configs", missing=missing)
+    report = build_sweep_report(runs, layout.analysis_dir, sweep_name="sae_configs", missing=missing,
+                                training_logs=training_logs(layout, keys))
+    plots = [p for p in (report.plot_path, report.box_plot_path, report.curves_plot_path) if p is not None]
     return dg.MaterializeResult(metadata={
         "report_path": dg.MetadataValue.path(str(report.report_path)),
         "table_path": dg.MetadataValue.path(str(report.table_path)),
         "n_configs": report.n_configs, "n_missing": len(missing),
         "best_balanced": report.best_balanced or "none",
         "top_configs": dg.MetadataValue.md(report.top_markdown),
+        "pareto_l0_dead": list(report.pareto_dead),
+        "plots": dg.MetadataValue.md("\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots)
+                                     if plots else "no finished run to plot"),
+    })
+
+
+@dg.asset(deps=[sweep_analysis], group_name="analysis", kinds={"markdown"},
+          description="l1_alpha calibration toward target_l0 for relu configs: fitted points and the next proposal.")
+def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    layout = storage.layout
+    states = calibration_state(layout)
+    plans = [plan for state in states for plan in state.plans]
+    out = layout.root / "calibration"
+    sections, proposals = [], {}
+    for state in states:
+        for plan in state.plans:
+            png = calibration_png(plan, state.settings.tolerance)
+            write_bytes_atomic(out / f"{plan.group}.png", png)
+            proposals[plan.group] = {"sweep": state.sweep.path.name, "status": plan.status, "reason": plan.reason,
+                                     "target_l0": plan.target, "n_proposed": plan.n_proposed,
+                                     "proposed_l1_alpha": plan.proposal.l1_alpha,
+                                     "proposed_key": plan.config.partition_key() if plan.config else None,
+                                     "points": [[p.key, p.l1_alpha, p.l0] for p in plan.points]}
+            sections.append(plans_markdown([plan]) + "\n\n" + png_markdown(png, f"L0 vs l1_alpha {plan.group}"))
+    write_json_atomic(out / "proposals.json", proposals)
+    report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or plans_markdown([]))
+    write_bytes_atomic(out / "report.md", report.encode())
+    context.log.info(f"calibration: {len(plans)} base configs, statuses {[p.status for p in plans]}")
+    return dg.MaterializeResult(metadata={
+        "report_path": dg.MetadataValue.path(str(out / "report.md")),
+        "n_groups": len(plans), "statuses": {p.group: p.status for p in plans},
+        "proposals": proposals,
+        "fitted_points": dg.MetadataValue.md(plans_markdown(plans)),
+        "plot": dg.MetadataValue.md("\n\n".join(sections) if sections else "no calibrated config"),
     })

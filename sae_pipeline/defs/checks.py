@@ -1,6 +1,8 @@
-"""Asset checks: specs declared on the assets (so each evaluates only its own partition) and results built
-from the core's pure check outcomes. ERROR checks are blocking."""
+"""Asset checks: specs declared on the assets (so each evaluates only its own partition) and results built from
+the core's pure check outcomes (`sae_pipeline.quality`). Every spec is blocking: a failed ERROR check stops
+downstream steps in the run, a failed WARN check only flags. Thresholds come from the `quality` resource."""
 
+import math
 from typing import Any
 
 import dagster as dg
@@ -12,21 +14,57 @@ def _blocking(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
 
 
-ACTIVATIONS_CHECKS = [_blocking("activations_finite", "activations", "All activations finite, norms not degenerate")]
-
-SAE_CHECKS = [
-    _blocking("sae_finite_weights", "sae", "No NaN/Inf in the saved weights"),
-    _blocking("sae_not_collapsed", "sae", "Live latents / L0 do not fall and stay far below their running peak"),
-    _blocking("sae_dead_fraction", "sae", "Latents never firing on held-out tokens: ERROR > 90 %, WARN > 10 %"),
+ACTIVATIONS_CHECKS = [
+    _blocking("activations_finite", "activations", "Every stored token activation is finite (ERROR otherwise)"),
+    _blocking("activations_not_degenerate", "activations",
+              "No shard with too many all-zero or constant token rows; token norms vary (ERROR)"),
+    _blocking("activations_norm_outliers", "activations",
+              "Norm statistics; tokens with norm > N x median counted (WARN above a share), optionally excluded"),
 ]
 
-FEATURES_CHECKS = [_blocking("features_not_near_zero", "features",
-                             "Most latents must reach max activation >= 1e-6 to be labelled")]
+SAE_CHECKS = [
+    _blocking("sae_finite_weights", "sae", "No NaN/Inf in the saved weights (ERROR)"),
+    _blocking("sae_not_collapsed", "sae",
+              "Live latents / L0 do not fall and stay far below their running peak; names the step (ERROR)"),
+    _blocking("sae_dead_fraction", "sae", "Latents never firing on held-out tokens: WARN > 10 %, ERROR > 90 %"),
+    _blocking("sae_dense_fraction", "sae", "Latents firing on > 10 % of held-out tokens: WARN > 5 %, ERROR > 50 %"),
+    _blocking("sae_l0_in_target_band", "sae",
+              "Held-out L0 vs target_l0 when set: WARN outside 0.6-1.4 x target, ERROR outside 0.2-2 x"),
+    _blocking("sae_fvu", "sae", "Held-out fraction of variance unexplained: WARN > 0.5, ERROR > 1"),
+    _blocking("sae_l0_trend", "sae", "ReLU/L1 SAEs: last-window mean L0 must not rise above the first window's"),
+]
+
+FEATURES_CHECKS = [
+    _blocking("features_not_near_zero", "features",
+              "Latents with max activation < 1e-6 are not live; ERROR when most latents are like that"),
+    _blocking("features_table_valid", "features",
+              "Great Expectations suite: ids unique, no nulls, frequency in [0, 1], max >= mean >= 0, contexts "
+              "non-empty for live latents (ERROR)"),
+]
+
+
+def _metadata_value(value: Any) -> Any:
+    """Dagster metadata takes JSON-like values; a NaN/Inf float is shown as text, None as 'n/a'."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
-    """A core check outcome as a Dagster check result; metadata carries the measurement and threshold."""
-    metadata: dict[str, Any] = {"verdict": "passed" if outcome.passed else "failed", **outcome.metadata}
+    """A core check outcome as a Dagster check result; metadata carries the measurement, threshold and verdict."""
+    verdict = "passed" if outcome.passed else f"failed ({outcome.severity})"
+    metadata = {"verdict": verdict, **{k: _metadata_value(v) for k, v in outcome.metadata.items()}}
     return dg.AssetCheckResult(check_name=outcome.name, passed=outcome.passed,
                                severity=dg.AssetCheckSeverity[outcome.severity],
                                description=outcome.description, metadata=metadata)
+
+
+def refuse_if_blocked(asset: str, key: str | None, reasons: list[str]) -> None:
+    """Raise a Failure (shown in the UI) when upstream verdicts hold failed blocking checks."""
+    if reasons:
+        where = f"partition {key}" if key else "this run"
+        raise dg.Failure(description=f"Refusing to materialise {asset} for {where}: blocking quality checks "
+                         "failed upstream: " + "; ".join(reasons),
+                         metadata={"reasons": "\n".join(reasons)}, allow_retries=False)

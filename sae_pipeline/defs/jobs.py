@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae, sweep_analysis
+from sae_pipeline.defs.assets import activations, calibration, corpus, feature_labels, features, sae, sweep_analysis
 
 prepare_job = dg.define_asset_job(
     "prepare_activations", selection=[corpus, activations],
@@ -13,8 +13,8 @@ sweep_job = dg.define_asset_job(
     description="The main job: train, describe and label one SAE config partition (one run per key).")
 
 analysis_job = dg.define_asset_job(
-    "analyze_sweep", selection=[sweep_analysis],
-    description="Write the sweep report over every finished partition.")
+    "analyze_sweep", selection=[sweep_analysis, calibration],
+    description="Write the sweep report over every finished partition, then the l1_alpha calibration report.")
 
 ci_job = dg.define_asset_job(
     "ci_smoke", selection=[corpus, activations, sae, features, feature_labels, sweep_analysis],

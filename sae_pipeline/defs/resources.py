@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from sae_pipeline.config import EMBEDDED_MODEL
+from sae_pipeline.quality import QualityThresholds, parse_thresholds
 from sae_pipeline.storage import Layout, default_root
 from sae_pipeline.training import resolve_device
 
@@ -29,6 +30,9 @@ class DeviceResource(dg.ConfigurableResource):
     def resolve(self) -> str:
         return str(resolve_device(self.device))
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.resolve()  # a bad device fails the run before any asset computes or writes
+
 
 class ModelResource(dg.ConfigurableResource):
     """The transformer whose activations are studied (its tokenizer also tokenises the corpus)."""
@@ -37,9 +41,25 @@ class ModelResource(dg.ConfigurableResource):
     trust_remote_code: bool = Field(default=False, description="Allow model code from the Hub (off by default)")
 
 
+class QualityResource(dg.ConfigurableResource):
+    """Thresholds of the asset checks. Unset ones keep the seeds' defaults (quality.QualityThresholds documents
+    each); a bad name or value fails the run before any asset computes."""
+
+    overrides: dict[str, float] = Field(
+        default={}, description="Threshold name -> value, e.g. {dead_fraction_warn: 0.2, fvu_error: 0.8}; names: "
+        + ", ".join(QualityThresholds.model_fields))
+
+    def thresholds(self) -> QualityThresholds:
+        return parse_thresholds(self.overrides)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.thresholds()
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "storage": StorageResource(root=str(default_root())),
         "device": DeviceResource(device=os.environ.get("SAE_PIPELINE_DEVICE", "auto")),
         "model": ModelResource(name=os.environ.get("SAE_PIPELINE_MODEL", EMBEDDED_MODEL)),
+        "quality_thresholds": QualityResource(),
     }

@@ -6,10 +6,14 @@ from pathlib import Path
 
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder, load_state, read_cfg
+from sae_pipeline.saes.batchtopk import BatchTopKSAE
+from sae_pipeline.saes.gated import GatedSAE
+from sae_pipeline.saes.jumprelu import JumpReLUSAE
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.saes.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
+                                                     "jumprelu": JumpReLUSAE, "gated": GatedSAE}
 
 
 def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
@@ -18,6 +22,15 @@ def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     normalize = "per_token" if cfg.normalize == "per_token" else "none"
     if cfg.architecture == "topk":
         return TopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff)
+    if cfg.architecture == "batchtopk":
+        return BatchTopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
+                            threshold_decay=cfg.batchtopk_threshold_decay)
+    if cfg.architecture == "jumprelu":
+        target = None if cfg.target_l0 is None else cfg.target_l0 * cfg.d_sae(d_in)
+        return JumpReLUSAE(d_in, cfg.d_sae(d_in), normalize, bandwidth=cfg.jumprelu_bandwidth,
+                           init_threshold=cfg.jumprelu_init_threshold, target_l0=target)
+    if cfg.architecture == "gated":
+        return GatedSAE(d_in, cfg.d_sae(d_in), normalize)
     return ReluSAE(d_in, cfg.d_sae(d_in), normalize, weight_l1_by_decoder_norm=cfg.l1_weighted_by_decoder_norm)
 
 
@@ -26,7 +39,7 @@ def load_sae(folder: str | Path) -> SparseAutoencoder:
     cfg = read_cfg(Path(folder))
     cls = ARCHITECTURES[cfg["sae_pipeline_architecture"]]
     sae = cls(cfg["d_in"], cfg["d_sae"], "per_token" if cfg["normalize_activations"] == "constant_norm_rescale"
-              else "none", k=cfg.get("k"))
+              else "none", k=cfg.get("k"), **cls.cfg_kwargs(cfg))
     return load_state(sae, Path(folder)).eval()
 
 

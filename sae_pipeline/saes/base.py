@@ -127,10 +127,28 @@ class SparseAutoencoder(nn.Module):
         self.fold_threshold(factor)
 
     def fold_threshold(self, factor: float) -> None:
-        """Architectures with a pre-activation threshold rescale it here (the latents are unchanged)."""
+        """Hook for thresholds under the fold above. That fold leaves the pre-activations (and so the latents)
+        unchanged, so a threshold on them (JumpReLU, BatchTopK) stays as it is; only a threshold kept in input
+        units would have to scale with `factor`."""
+
+    def after_step(self, out: ForwardOutput) -> None:
+        """Called by the trainer after each optimizer step with that step's output (BatchTopK's running threshold)."""
 
     def extra_cfg(self) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def cfg_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Constructor keyword arguments (beyond d_in, d_sae, normalize, k) read back from cfg.json."""
+        return {}
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors written to sae_weights.safetensors (the state dict unless the file layout differs)."""
+        return {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
+
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `file_tensors`; shapes and names are checked by load_state_dict(strict=True)."""
+        self.load_state_dict(tensors, strict=True)
 
     def saelens_cfg(self, metadata: dict[str, Any]) -> dict[str, Any]:
         """cfg.json: everything needed to run the SAE from cfg.json + sae_weights.safetensors alone."""
@@ -149,8 +167,7 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, folder: Path, metadata: dict[str, Any]) -> None:
         """Write cfg.json and sae_weights.safetensors (SAELens layout) into an existing folder."""
-        tensors = {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_FILE))
+        save_file(self.file_tensors(), str(folder / WEIGHTS_FILE))
         (folder / CFG_FILE).write_text(json.dumps(self.saelens_cfg(metadata), indent=2, default=str))
 
 
@@ -160,5 +177,5 @@ def read_cfg(folder: Path) -> dict[str, Any]:
 
 def load_state(sae: SparseAutoencoder, folder: Path) -> SparseAutoencoder:
     """Load weights with safetensors (no pickle); shapes are checked by load_state_dict(strict=True)."""
-    sae.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)), strict=True)
+    sae.load_file_tensors(load_file(str(Path(folder) / WEIGHTS_FILE)))
     return sae

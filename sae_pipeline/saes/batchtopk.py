@@ -1,0 +1,80 @@
+"""BatchTopK SAE (Bussmann et al. 2024): top k*B activations over the whole batch, a JumpReLU at inference.
+
+Training keeps the k * batch largest ReLU'd pre-activations of the batch, so a token may use more or fewer than k
+latents while the batch averages exactly k. After every optimizer step the trainer calls `after_step`, which moves
+the `threshold` buffer towards the smallest activation kept in that step (an EMA, as saprmarks/dictionary_learning
+does). In eval mode `encode` is then the JumpReLU relu(pre) * (pre > threshold), which needs no batch, and the saved
+file is SAELens' JumpReLU layout (W_enc, b_enc, W_dec, b_dec, threshold [d_sae]). AuxK on dead latents is TopK's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_pipeline.saes.base import ForwardOutput
+from sae_pipeline.saes.topk import TopKSAE
+
+
+def batch_topk_latents(pre: Tensor, k: int) -> Tensor:
+    """Keep the k * batch largest ReLU'd pre-activations of the whole batch, zero elsewhere."""
+    acts = torch.relu(pre)
+    flat = acts.flatten()
+    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+def jumprelu_latents(pre: Tensor, threshold: Tensor) -> Tensor:
+    """relu(pre) where pre > threshold, else 0 (SAELens' JumpReLU encode)."""
+    return torch.relu(pre) * (pre > threshold)
+
+
+def min_kept_activation(latents: Tensor) -> Tensor:
+    """The smallest positive latent of a batch (0 when nothing fired), without a host synchronisation."""
+    return latents.masked_fill(latents <= 0, float("inf")).min().nan_to_num(posinf=0.0)
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    saelens_architecture = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None,
+                 k_aux: int | None = None, aux_coeff: float = 1 / 32, threshold_decay: float = 0.99):
+        super().__init__(d_in, d_sae, normalize, k, k_aux=k_aux, aux_coeff=aux_coeff)
+        self.threshold_decay = threshold_decay
+        # inference threshold on the pre-activations; negative (a plain ReLU) until the first training step
+        self.register_buffer("threshold", torch.full((d_sae,), -1.0))
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_activations(x)
+        return batch_topk_latents(pre, self.k) if self.training else jumprelu_latents(pre, self.threshold)
+
+    def forward(self, x: Tensor, sparsity_coeff: float | Tensor = 0.0, dead_mask: Tensor | None = None
+                ) -> ForwardOutput:
+        pre = self.pre_activations(x)
+        latents = batch_topk_latents(pre, self.k)
+        x_hat = self.decode(latents)
+        recon = self.recon_loss(x_hat, x)
+        aux = recon.new_zeros(())
+        if dead_mask is not None and self.aux_coeff > 0:
+            aux = self.aux_coeff * self.aux_loss(x, x_hat, pre, dead_mask)
+        return ForwardOutput(x_hat, latents, recon + aux, recon, recon.new_zeros(()), aux)
+
+    @torch.no_grad()
+    def update_threshold(self, latents: Tensor) -> None:
+        """threshold <- decay * threshold + (1 - decay) * (smallest kept activation); set outright the first time."""
+        kept = min_kept_activation(latents.detach()).to(self.threshold.dtype)
+        first = self.threshold < 0
+        blended = self.threshold * self.threshold_decay + kept * (1 - self.threshold_decay)
+        self.threshold.copy_(torch.where(first, kept, blended))
+
+    def after_step(self, out: ForwardOutput) -> None:
+        self.update_threshold(out.latents)
+
+    def extra_cfg(self) -> dict:
+        return {"k": self.k, "activation_fn": "relu", "threshold_decay": self.threshold_decay,
+                "threshold_from": "batchtopk running estimate (EMA of the smallest kept activation per batch)"}
+
+    @classmethod
+    def cfg_kwargs(cls, cfg: dict) -> dict:
+        return {"threshold_decay": cfg.get("threshold_decay", 0.99)}

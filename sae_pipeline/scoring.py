@@ -1,0 +1,199 @@
+"""Explanation scoring, delphi-style detection: does a label alone predict which contexts activate the latent?
+
+For each labelled latent the held-out contexts are its `quantile` examples (firing, never shown to the
+labeller, which sees only the `top` ones) and its `random` examples whose window does not fire at all. Both
+sets are cropped to `window` tokens each side of the centre and balanced (as many non-activating as activating,
+so chance accuracy is 0.5). A scorer sees the label and the plain text of each context, without activations,
+and predicts which activate; accuracy, precision, recall and F1 against the truth are the latent's score.
+
+- `OfflineScorer`: a context is predicted activating when one of the label's quoted terms (or, without quotes,
+  its words) is one of the context's normalised tokens. It pairs with the offline labeller.
+- `LLMScorer`: the same question to an OpenAI-compatible chat endpoint (delphi's detection prompt).
+A latent whose label predicts nothing scores near 0.5 accuracy; a perfect label scores 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import polars as pl
+
+from sae_pipeline.labelling import ChatClient, LLMError, normalise_token
+from sae_pipeline.markdown import format_cell
+
+SCORE_SCHEMA: dict[str, pl.DataType] = {
+    "latent_id": pl.Int64(),
+    "scorer": pl.String(),
+    "n_positive": pl.Int64(),  # held-out activating contexts scored
+    "n_negative": pl.Int64(),  # held-out non-activating contexts scored (= n_positive: balanced)
+    "detection_accuracy": pl.Float64(),  # null when fewer than min_each contexts of either kind were held out
+    "detection_precision": pl.Float64(),
+    "detection_recall": pl.Float64(),
+    "detection_f1": pl.Float64(),
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """One held-out context: its tokens and whether the latent fires anywhere in it."""
+
+    tokens: list[str]
+    activating: bool
+
+
+class Scorer(Protocol):
+    name: str
+
+    def predict(self, label: str, contexts: list[list[str]]) -> list[bool]:
+        """For each context (token strings), whether the label says the latent fires in it."""
+        ...
+
+
+def _crop(example: dict, window: int) -> tuple[list[str], list[float]]:
+    start = max(0, example["center"] - window)
+    stop = example["center"] + window + 1
+    return example["tokens"][start:stop], example["token_activations"][start:stop]
+
+
+def scoring_contexts(examples: pl.DataFrame, window: int = 8) -> list[Context]:
+    """Balanced held-out contexts of one latent (its rows of the examples table), activating ones first.
+
+    Activating: `quantile` examples, taken rank by rank across bands so every band is represented.
+    Non-activating: `random` examples whose cropped window has no firing token.
+    """
+    positives, negatives = [], []
+    for row in examples.filter(pl.col("kind") == "quantile").sort(["rank", "band"]).iter_rows(named=True):
+        tokens, _ = _crop(row, window)
+        positives.append(Context(tokens, True))
+    for row in examples.filter(pl.col("kind") == "random").sort("rank").iter_rows(named=True):
+        tokens, values = _crop(row, window)
+        if max(values, default=0.0) <= 0:
+            negatives.append(Context(tokens, False))
+    n = min(len(positives), len(negatives))
+    return positives[:n] + negatives[:n]
+
+
+def label_terms(label: str) -> set[str]:
+    """The terms a label names: its quoted 'terms' if any, else its words (normalised like tokens)."""
+    quoted = re.findall(r"'([^']+)'", label)
+    words = quoted or re.findall(r"[\w#]+", label)
+    return {normalise_token(word) for word in words if word.strip()}
+
+
+class OfflineScorer:
+    """Predicts 'activating' when a term the label names is a token of the context."""
+
+    name = "offline-token-match"
+
+    def predict(self, label: str, contexts: list[list[str]]) -> list[bool]:
+        terms = label_terms(label)
+        return [bool(terms & {normalise_token(token) for token in tokens}) for tokens in contexts]
+
+
+DETECTION_SYSTEM_PROMPT = (
+    "You are an intelligent and meticulous linguistics researcher. You are given an explanation of a latent "
+    "of a language model, and numbered text examples. For each example, decide whether the latent is active "
+    "anywhere in it, using the explanation alone. Reply with a JSON list of 0s and 1s, one per example, in "
+    "order, and nothing else.")
+
+
+class LLMScorer:
+    """delphi's detection scorer on an OpenAI-compatible chat endpoint."""
+
+    def __init__(self, client: ChatClient):
+        self.client = client
+        self.name = f"llm:{client.model}"
+
+    def prompt(self, label: str, contexts: list[list[str]]) -> list[dict[str, str]]:
+        from sae_pipeline.dashboard import display_tokens
+
+        lines = [f"Explanation: {label}", ""]
+        lines += [f"Example {i}: {''.join(display_tokens(tokens)).strip()}" for i, tokens in enumerate(contexts, 1)]
+        return [{"role": "system", "content": DETECTION_SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+
+    def predict(self, label: str, contexts: list[list[str]]) -> list[bool]:
+        answer = self.client.complete(self.prompt(label, contexts), max_tokens=8 * len(contexts) + 20)
+        match = re.search(r"\[[^\]]*\]", answer)
+        try:
+            values = json.loads(match.group(0)) if match else None
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, list) or len(values) != len(contexts):
+            raise LLMError(f"detection answer is not a list of {len(contexts)} 0/1 values")
+        return [bool(int(v)) for v in values]
+
+
+def detection_metrics(truth: list[bool], predicted: list[bool]) -> dict[str, float]:
+    tp = sum(t and p for t, p in zip(truth, predicted, strict=True))
+    fp = sum(p and not t for t, p in zip(truth, predicted, strict=True))
+    fn = sum(t and not p for t, p in zip(truth, predicted, strict=True))
+    correct = sum(t == p for t, p in zip(truth, predicted, strict=True))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"detection_accuracy": correct / len(truth), "detection_precision": precision,
+            "detection_recall": recall,
+            "detection_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+
+
+def score_labels(labels: pl.DataFrame, examples: pl.DataFrame, scorer: Scorer | None = None, window: int = 8,
+                 min_each: int = 3) -> pl.DataFrame:
+    """One SCORE_SCHEMA row per labelled latent; scores null when fewer than `min_each` held-out contexts of
+    either kind exist (a latent firing only on its top examples, or on almost every token)."""
+    scorer = scorer or OfflineScorer()
+    by_latent = examples.partition_by("latent_id", as_dict=True) if not examples.is_empty() else {}
+    rows = []
+    for latent, label in zip(labels["latent_id"].to_list(), labels["label"].to_list(), strict=True):
+        contexts = scoring_contexts(by_latent.get((latent,), examples.clear()), window)
+        n = len(contexts) // 2
+        row = {"latent_id": latent, "scorer": scorer.name, "n_positive": n, "n_negative": n}
+        if n >= min_each:
+            predicted = scorer.predict(label, [c.tokens for c in contexts])
+            row.update(detection_metrics([c.activating for c in contexts], predicted))
+        rows.append(row)
+    return pl.DataFrame(rows, schema=SCORE_SCHEMA)
+
+
+def with_scores(labels: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """The labels table with its score columns (LABEL_SCHEMA then SCORE_SCHEMA minus latent_id)."""
+    return labels.join(scores, on="latent_id", how="left")
+
+
+def scores_summary(scored: pl.DataFrame) -> dict:
+    scored_rows = scored.filter(pl.col("detection_accuracy").is_not_null())
+    return {"n_labelled": len(scored), "n_scored": len(scored_rows),
+            "mean_detection_accuracy": float(scored_rows["detection_accuracy"].mean() or 0.0) if len(scored_rows)
+            else None,
+            "mean_detection_f1": float(scored_rows["detection_f1"].mean() or 0.0) if len(scored_rows) else None}
+
+
+def best_worst_markdown(scored: pl.DataFrame, n: int = 5) -> str:
+    """Markdown tables of the n best and n worst scored labels (detection accuracy, then F1)."""
+    rows = scored.filter(pl.col("detection_accuracy").is_not_null())
+    lines = []
+    for title, descending in (("Best labelled", True), ("Worst labelled", False)):
+        part = rows.sort(["detection_accuracy", "detection_f1", "latent_id"],
+                         descending=[descending, descending, False]).head(n)
+        lines += [f"**{title}**", "", "| latent | label | accuracy | F1 | n held out |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {r['latent_id']} | {format_cell(r['label'])} | {r['detection_accuracy']:.2f} "
+                  f"| {r['detection_f1']:.2f} | {r['n_positive'] + r['n_negative']} |"
+                  for r in part.iter_rows(named=True)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+LABELLER_KINDS = ("offline", "llm")
+
+
+def labeller_and_scorer(kind: str, environ: dict[str, str] | None = None):
+    """(labeller, scorer) for `offline` (no network) or `llm` (endpoint, model and key from the environment)."""
+    from sae_pipeline.labelling import LLMLabeller, OfflineLabeller
+
+    if kind == "offline":
+        return OfflineLabeller(), OfflineScorer()
+    if kind == "llm":
+        client = ChatClient.from_env(environ)
+        return LLMLabeller(client), LLMScorer(client)
+    raise ValueError(f"labeller: {kind!r}; allowed {', '.join(LABELLER_KINDS)}")

@@ -1,0 +1,333 @@
+"""Bad input is rejected before any compute or file write, with an error naming the field; corrupted inputs
+give an error naming the file and overwrite nothing downstream; a failed or killed re-materialisation leaves
+the previous outputs intact and readable. The data folder is hashed before and after every case."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+
+import sae_pipeline.defs.assets as assets_module
+from sae_pipeline import cli
+from sae_pipeline.defs.assets import activations, corpus, features, sae
+from sae_pipeline.defs.resources import DeviceResource, QualityResource
+from sae_pipeline.saes import load_sae
+from sae_pipeline.storage import atomic_dir
+from sae_pipeline.training import CHECKPOINT_FILE
+from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline
+from sae_pipeline_tests.test_planted_faults import healthy
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every path under `root` (folders included) and every file's bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def error_text(result: dg.ExecuteInProcessResult) -> str:
+    """Every error message of a failed run (step failures and resource-initialisation failures)."""
+    messages = []
+    for event in result.all_events:
+        data = event.event_specific_data
+        error = getattr(data, "error", None)
+        while error is not None:
+            messages.append(error.message)
+            error = error.cause
+    return "\n".join(messages)
+
+
+# -------------------------------------------------------------------------------- sweep specs via the CLI
+
+SWEEP_CASES = [
+    ("unknown architecture", "base: {architecture: gated_v9, k: 8}", "architecture"),
+    ("k >= d_sae", "base: {architecture: topk, expansion_factor: 1, k: 384}", "k"),
+    ("k = 0", "base: {architecture: topk, k: 0}", "k"),
+    ("k negative", "base: {architecture: topk, k: -4}", "k"),
+    ("k missing for topk", "base: {architecture: topk}", "k"),
+    ("k given to relu", "base: {architecture: relu, l1_alpha: 1.0, k: 8}", "k"),
+    ("expansion factor 0", "base: {architecture: topk, k: 8, expansion_factor: 0}", "expansion_factor"),
+    ("expansion factor not an integer", "base: {architecture: topk, k: 8, expansion_factor: 2.5}",
+     "expansion_factor"),
+    ("expansion factor a word", "base: {architecture: topk, k: 8, expansion_factor: big}", "expansion_factor"),
+    ("lr zero", "base: {architecture: topk, k: 8, lr: 0}", "lr"),
+    ("lr negative", "base: {architecture: topk, k: 8, lr: -0.001}", "lr"),
+    ("l1 coefficient negative", "base: {architecture: relu, l1_alpha: -1.0}", "l1_alpha"),
+    ("l1 coefficient missing for relu", "base: {architecture: relu}", "l1_alpha"),
+    ("l1 coefficient given to topk", "base: {architecture: topk, k: 8, l1_alpha: 1.0}", "l1_alpha"),
+    ("typo in base", "base: {architecture: topk, k: 8, learning_rate: 0.001}", "learning_rate"),
+    ("typo in grid", "base: {architecture: topk, k: 8}\ngrid: {kk: [4, 8]}", "kk"),
+    ("typo at top level", "base: {architecture: topk, k: 8}\ngrids: {k: [4]}", "grids"),
+    ("grid expands to zero configs", "base: {architecture: topk, k: 8}\ngrid: {lr: []}", "grid.lr"),
+    ("bad value inside a grid", "base: {architecture: topk}\ngrid: {k: [8, 0]}", "k"),
+    ("target_l0 above 1", "base: {architecture: topk, k: 8, target_l0: 5}", "target_l0"),
+    ("batch size 0", "base: {architecture: topk, k: 8, batch_size: 0}", "batch_size"),
+    ("train_tokens not a number", "base: {architecture: topk, k: 8, train_tokens: lots}", "train_tokens"),
+    ("lr decay fraction above 1", "base: {architecture: topk, k: 8, lr_decay_fraction: 2}", "lr_decay_fraction"),
+    ("k_aux >= d_sae", "base: {architecture: topk, k: 8, expansion_factor: 1, k_aux: 384}", "k_aux"),
+    ("normalize unknown", "base: {architecture: topk, k: 8, normalize: layer}", "normalize"),
+    ("bad point", "base: {architecture: topk, k: 8}\npoints: [{k: 8, lr: 2.0}]", "lr"),
+]
+RAW_SWEEP_CASES = [
+    ("not valid YAML", "name: [unclosed\nbase: {", "not valid YAML"),
+    ("top level is a list", "- architecture: topk\n- k: 8\n", "top level"),
+    ("empty file", "", "top level"),
+    ("missing name", "base: {architecture: topk, k: 8}\n", "name: Field required"),
+]
+
+
+@pytest.fixture
+def data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A storage root that already holds data (a registered config, a report), and a separate DAGSTER_HOME."""
+    data = tmp_path / "data"
+    (data / "configs").mkdir(parents=True)
+    (data / "configs" / "topk_exp2_k8_lr1e-03_aux3e-02.json").write_text('{"architecture": "topk", "k": 8}\n')
+    (data / "sweep_analysis").mkdir()
+    (data / "sweep_analysis" / "report.md").write_text("# previous report\n")
+    monkeypatch.setenv("SAE_PIPELINE_ROOT", str(data))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return data
+
+
+@pytest.mark.parametrize(("text", "field"), [pytest.param(f"name: bad\n{body}\n", f"{field}:", id=name)
+                                             for name, body, field in SWEEP_CASES]
+                         + [pytest.param(text, field, id=name) for name, text, field in RAW_SWEEP_CASES])
+def test_malformed_sweep_is_rejected_naming_the_field_and_writes_nothing(
+        data_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, text: str, field: str) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(spec)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and field in error, error
+    assert tree_digest(data_home) == before
+    with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as instance:
+        assert instance.get_dynamic_partitions("sae_configs") == []
+
+
+def test_missing_sweep_file_is_named(data_home: Path, capsys: pytest.CaptureFixture) -> None:
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(data_home / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert tree_digest(data_home) == before
+
+
+# ------------------------------------------------------------------- asset config and resources via Dagster
+
+
+@pytest.fixture(scope="module")
+def copy(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, str]:
+    """A copy of the session store with one healthy partition (sae + features) materialised."""
+    root = tmp_path_factory.mktemp("bad_input") / "root"
+    shutil.copytree(pipeline.root, root, ignore=shutil.ignore_patterns("sae", "features", "feature_labels",
+                                                                        "checkpoints", "sweep_analysis"))
+    pipe = Pipeline(root, dg.DagsterInstance.ephemeral())
+    key = pipe.register(healthy(seed=11))
+    assert pipe.materialize([sae, features], partition_key=key).success
+    return pipe, key
+
+
+def _run(pipe: Pipeline, selection: list, key: str | None = None, run_config: dict | None = None,
+         **resources) -> dg.ExecuteInProcessResult:
+    return dg.materialize(ALL_ASSETS, selection=selection, instance=pipe.instance,
+                          resources={**pipe.resources(), **resources}, partition_key=key,
+                          run_config=run_config or {}, raise_on_error=False)
+
+
+def _ops(asset: str, **config) -> dict:
+    return {"ops": {asset: {"config": config}}}
+
+
+DAGSTER_CASES = [
+    ("context length 0", [corpus], _ops("corpus", context_length=0), {}, "context_length"),
+    ("max_sequences 0", [corpus], _ops("corpus", max_sequences=0), {}, "max_sequences"),
+    ("layer above the model", [activations], _ops("activations", layer=6), {}, "layer: 6 out of range"),
+    ("layer negative", [activations], _ops("activations", layer=-1), {}, "layer"),
+    ("eval fraction 1", [activations], _ops("activations", eval_fraction=1.0), {}, "eval_fraction"),
+    ("shard too small", [activations], _ops("activations", shard_tokens=10), {}, "shard_tokens"),
+    ("batch size 0", [activations], _ops("activations", batch_size=0), {}, "batch_size"),
+    ("outlier ratio below 1", [activations], _ops("activations", exclude_norm_outliers=0.5), {},
+     "exclude_norm_outliers"),
+    ("unknown threshold", [activations], {}, {"quality_thresholds": QualityResource(overrides={"fvu_eror": 1.0})},
+     "fvu_eror"),
+    ("threshold out of range", [activations], {},
+     {"quality_thresholds": QualityResource(overrides={"dead_fraction_warn": 2.0})}, "dead_fraction_warn"),
+    ("thresholds out of order", [activations], {},
+     {"quality_thresholds": QualityResource(overrides={"fvu_warn": 3.0})}, "fvu_warn"),
+    ("unknown device", [sae], {}, {"device": DeviceResource(device="tpu")}, "device"),
+]
+
+
+@pytest.mark.parametrize(("selection", "run_config", "resources", "field"),
+                         [pytest.param(*case[1:], id=case[0]) for case in DAGSTER_CASES])
+def test_bad_asset_config_or_resource_is_rejected_before_any_write(
+        copy: tuple[Pipeline, str], selection: list, run_config: dict, resources: dict, field: str) -> None:
+    pipe, key = copy
+    before = tree_digest(pipe.root)
+    result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
+    assert not result.success
+    assert field in error_text(result), error_text(result)
+    assert tree_digest(pipe.root) == before
+
+
+def test_empty_corpus_is_rejected(copy: tuple[Pipeline, str], tmp_path: Path) -> None:
+    pipe, _ = copy
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    before = tree_digest(pipe.root)
+    result = _run(pipe, [corpus], run_config=_ops("corpus", source=str(empty)))
+    assert not result.success and "corpus.source" in error_text(result) and "no documents" in error_text(result)
+    assert tree_digest(pipe.root) == before
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("bad key!", "partition key"),
+    ("..", "partition key"),
+    ("topk_exp9_k1_never_registered", "not registered"),
+])
+def test_bad_partition_key_is_rejected(copy: tuple[Pipeline, str], key: str, message: str) -> None:
+    pipe, _ = copy
+    pipe.instance.add_dynamic_partitions("sae_configs", [key])
+    before = tree_digest(pipe.root)
+    result = _run(pipe, [sae], key)
+    assert not result.success and message in error_text(result)
+    assert tree_digest(pipe.root) == before
+
+
+@pytest.mark.parametrize(("stored", "field"), [
+    ('{"architecture": "topk", "k": 8, "expansion_factr": 2}', "expansion_factr"),
+    ('{"architecture": "topk", "k": 500, "expansion_factor": 1}', "k: 500 must be < d_sae = 384"),
+])
+def test_bad_registered_config_is_rejected_before_training(copy: tuple[Pipeline, str], stored: str,
+                                                           field: str) -> None:
+    pipe, _ = copy
+    key = "topk_hand_edited"
+    (pipe.layout.configs_dir / f"{key}.json").write_text(stored)  # a hand-edited or stale registry entry
+    pipe.instance.add_dynamic_partitions("sae_configs", [key])
+    before = tree_digest(pipe.root)
+    result = _run(pipe, [sae], key)
+    assert not result.success and field in error_text(result), error_text(result)
+    assert tree_digest(pipe.root) == before
+    (pipe.layout.configs_dir / f"{key}.json").unlink()
+
+
+# ------------------------------------------------------------------------------ corrupted inputs via Dagster
+
+
+def _outputs_digest(pipe: Pipeline, key: str) -> tuple[str, str]:
+    return tree_digest(pipe.layout.sae_dir(key)), tree_digest(pipe.layout.features_dir(key))
+
+
+@pytest.mark.parametrize("fault", ["truncated shard", "missing shard", "meta disagrees", "meta not JSON"])
+def test_corrupted_store_names_the_file_and_overwrites_nothing(copy: tuple[Pipeline, str], fault: str) -> None:
+    pipe, key = copy
+    folder = pipe.layout.activations_dir
+    shard, meta = folder / "train_00001.safetensors", folder / "meta.json"
+    saved = {path: path.read_bytes() for path in (shard, meta)}
+    outputs = _outputs_digest(pipe, key)
+    try:
+        if fault == "truncated shard":
+            shard.write_bytes(saved[shard][: len(saved[shard]) // 2])
+        elif fault == "missing shard":
+            shard.unlink()
+        elif fault == "meta disagrees":
+            meta.write_text(saved[meta].decode().replace('"n_tokens": 1024', '"n_tokens": 1000', 1))
+            assert meta.read_bytes() != saved[meta]
+        else:
+            meta.write_text(saved[meta].decode()[:100])
+        named = "meta.json" if fault == "meta not JSON" else "train_0000"
+        for selection in ([sae], [features]):
+            result = _run(pipe, selection, key)
+            assert not result.success
+            assert named in error_text(result) and str(folder) in error_text(result), error_text(result)
+            assert _outputs_digest(pipe, key) == outputs
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+
+
+@pytest.mark.parametrize("fault", ["another config", "truncated"])
+def test_bad_checkpoint_names_the_file_and_overwrites_nothing(copy: tuple[Pipeline, str], fault: str) -> None:
+    pipe, key = copy
+    path = pipe.layout.checkpoint_dir(key) / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True)
+    torch.save({"config": healthy(seed=99).model_dump_json(), "step": 10}, path)
+    if fault == "truncated":
+        path.write_bytes(path.read_bytes()[:20])
+    outputs = _outputs_digest(pipe, key)
+    try:
+        result = _run(pipe, [sae, features], key)
+        assert not result.success
+        assert str(path) in error_text(result), error_text(result)
+        assert ("another config" if fault == "another config" else "unreadable") in error_text(result)
+        assert _outputs_digest(pipe, key) == outputs
+        assert not result.asset_materializations_for_node("features")
+    finally:
+        shutil.rmtree(path.parent)
+
+
+# -------------------------------------------------------------------------------- atomic re-materialisation
+
+
+def test_failure_mid_write_leaves_previous_outputs_intact(copy: tuple[Pipeline, str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe, key = copy
+    outputs = _outputs_digest(pipe, key)
+    written = []
+
+    def dies_mid_write(path: Path, data: bytes) -> None:  # cfg.json and weights are already in the new folder
+        written.append(sorted(p.name for p in path.parent.iterdir()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(assets_module, "write_bytes_atomic", dies_mid_write)
+    result = _run(pipe, [sae], key)
+    assert not result.success and "No space left" in error_text(result)
+    assert "sae_weights.safetensors" in written[0]  # the failure really came after a partial write
+    assert _outputs_digest(pipe, key) == outputs
+    assert not [p for p in pipe.layout.sae_dir(key).parent.iterdir() if ".tmp-" in p.name]
+    assert load_sae(pipe.layout.sae_dir(key)).d_sae == 384  # still readable
+
+
+def test_killed_mid_write_leaves_previous_outputs_intact(tmp_path: Path) -> None:
+    final = tmp_path / "sae" / "key"
+    with atomic_dir(final) as folder:
+        (folder / "weights.bin").write_bytes(b"previous")
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from sae_pipeline.storage import atomic_dir
+        with atomic_dir(Path({str(final)!r})) as folder:
+            (folder / "weights.bin").write_bytes(b"half of the new")
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert process.stdout.readline().strip() == b"writing"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert (final / "weights.bin").read_bytes() == b"previous"
+    assert [p for p in final.parent.iterdir() if ".tmp-" in p.name]  # the kill left its half-written folder
+    with atomic_dir(final) as folder:  # the next write cleans it up
+        (folder / "weights.bin").write_bytes(b"new")
+    assert (final / "weights.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["key"]

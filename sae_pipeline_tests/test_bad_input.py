@@ -160,6 +160,8 @@ DAGSTER_CASES = [
     ("max_sequences 0", [corpus], _ops("corpus", max_sequences=0), {}, "max_sequences"),
     ("layer above the model", [activations], _ops("activations", layer=6), {}, "layer: 6 out of range"),
     ("layer negative", [activations], _ops("activations", layer=-1), {}, "layer"),
+    ("bad layer with the corpus in the same run", [corpus, activations], _ops("activations", layer=9), {},
+     "layer: 9 out of range"),
     ("eval fraction 1", [activations], _ops("activations", eval_fraction=1.0), {}, "eval_fraction"),
     ("shard too small", [activations], _ops("activations", shard_tokens=10), {}, "shard_tokens"),
     ("batch size 0", [activations], _ops("activations", batch_size=0), {}, "batch_size"),

@@ -85,10 +85,23 @@ class ActivationsConfig(dg.Config):
     seed: int = Field(0, description="Seed of the train/eval split")
 
 
+def validate_run_activations_config(context: dg.AssetExecutionContext, model: ModelResource) -> None:
+    """In a run that also extracts activations, check their config (the layer above all) before the corpus is
+    rewritten, so a bad value fails the run with nothing written."""
+    selection = context.dagster_run.asset_selection
+    if selection and dg.AssetKey("activations") not in selection:  # empty or None: the whole job
+        return
+    raw = context.run_config.get("ops", {}).get("activations", {}).get("config", {})
+    spec = parse_spec(ActivationSpec, {**raw, "model": model.name, "trust_remote_code": model.trust_remote_code},
+                      where="activations config")
+    validate_layer(spec)
+
+
 @dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
 def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: StorageResource,
            model: ModelResource) -> dg.MaterializeResult:
     spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
+    validate_run_activations_config(context, model)
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
     frame = tokenize_corpus(iter_texts(spec), tokenizer, spec)
     path = storage.layout.corpus_path

@@ -49,16 +49,8 @@ class BatchTopKSAE(TopKSAE):
         pre = self.pre_activations(x)
         return batch_topk_latents(pre, self.k) if self.training else jumprelu_latents(pre, self.threshold)
 
-    def forward(self, x: Tensor, sparsity_coeff: float | Tensor = 0.0, dead_mask: Tensor | None = None
-                ) -> ForwardOutput:
-        pre = self.pre_activations(x)
-        latents = batch_topk_latents(pre, self.k)
-        x_hat = self.decode(latents)
-        recon = self.recon_loss(x_hat, x)
-        aux = recon.new_zeros(())
-        if dead_mask is not None and self.aux_coeff > 0:
-            aux = self.aux_coeff * self.aux_loss(x, x_hat, pre, dead_mask)
-        return ForwardOutput(x_hat, latents, recon + aux, recon, recon.new_zeros(()), aux)
+    def training_latents(self, pre: Tensor) -> Tensor:
+        return batch_topk_latents(pre, self.k)
 
     @torch.no_grad()
     def update_threshold(self, latents: Tensor) -> None:

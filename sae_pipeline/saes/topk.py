@@ -43,10 +43,14 @@ class TopKSAE(SparseAutoencoder):
         scale = (dead_mask.sum() / self.k_aux).clamp(max=1.0)
         return scale * (residual_hat - residual).pow(2).sum() / variance
 
+    def training_latents(self, pre: Tensor) -> Tensor:
+        """The sparse code of the training forward pass (BatchTopK overrides this)."""
+        return topk_latents(pre, self.k)
+
     def forward(self, x: Tensor, sparsity_coeff: float | Tensor = 0.0, dead_mask: Tensor | None = None
                 ) -> ForwardOutput:
         pre = self.pre_activations(x)
-        latents = topk_latents(pre, self.k)
+        latents = self.training_latents(pre)
         x_hat = self.decode(latents)
         recon = self.recon_loss(x_hat, x)
         aux = recon.new_zeros(())

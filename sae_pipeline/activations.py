@@ -109,6 +109,17 @@ def _exclude_outliers(folder: Path, shards: list[dict], limit: float) -> tuple[l
     return kept, dropped
 
 
+def pad_batch(ids_list: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask, [batch, longest]."""
+    width = max(len(ids) for ids in ids_list)
+    input_ids = torch.full((len(ids_list), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(ids_list):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
 @torch.no_grad()
 def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Residual stream after block `layer`, shape [batch, seq, d_model]; the forward stops there."""
@@ -207,13 +218,7 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
         for start in range(0, len(rows), spec.batch_size):
             batch = rows.slice(start, spec.batch_size)
             seq_ids = torch.tensor(batch["seq_id"].to_list())
-            ids_list = batch["input_ids"].to_list()
-            width = max(len(ids) for ids in ids_list)
-            input_ids = torch.full((len(ids_list), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(ids_list):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                mask[row, : len(ids)] = 1
+            input_ids, mask = pad_batch(batch["input_ids"].to_list(), pad_id)
             acts = layer_activations(model, spec.layer, input_ids, mask)
             keep = mask.bool() & ~torch.isin(input_ids, special)
             rows_idx, pos_idx = keep.nonzero(as_tuple=True)

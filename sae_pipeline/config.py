@@ -181,7 +181,7 @@ class SAEConfig(_Strict):
         """Deterministic key in the seeds' naming style, e.g. `topk_exp32_k64_lr3e-04_aux3e-02`.
 
         The fields that define a run in the seeds are spelled out; if any other field differs from its
-        default, a short hash of the whole config is appended so two different configs never share a key.
+        default, a short hash of those fields is appended so two different configs never share a key.
         """
         parts = [self.architecture, f"exp{self.expansion_factor}"]
         if self.architecture in ("topk", "batchtopk"):
@@ -191,15 +191,17 @@ class SAEConfig(_Strict):
         else:
             parts += [f"l1a{self.l1_alpha:.0e}", f"lr{self.lr:.0e}"]
         spelled = {"architecture", "expansion_factor", "k", "l1_alpha", "l0_coeff", "lr", "aux_coeff"}
-        others = {name: value for name, value in self.model_dump().items() if name not in spelled}
-        defaults = {name: info.default for name, info in SAEConfig.model_fields.items() if name not in spelled}
+        defaults = {name: info.default for name, info in SAEConfig.model_fields.items()}
+        # only fields that differ from their defaults enter the hash: adding a field later keeps old keys stable
+        varied = {name: value for name, value in self.model_dump().items()
+                  if name not in spelled and value != defaults[name]}
         for name in ("lr", "l1_alpha", "l0_coeff", "aux_coeff"):  # `.0e` is lossy: 3.4e-4 and 3e-4 would share a key
-            value, default = getattr(self, name), SAEConfig.model_fields[name].default
+            value, default = getattr(self, name), defaults[name]
             if value is not None and value != default and (float(f"{value:.0e}") != value or (
                     default is not None and f"{value:.0e}" == f"{default:.0e}")):
-                others[name], defaults[name] = value, None
-        if others != defaults:
-            digest = hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6]
+                varied[name] = value
+        if varied:
+            digest = hashlib.sha256(json.dumps(varied, sort_keys=True).encode()).hexdigest()[:6]
             parts.append(f"h{digest}")
         return validate_partition_key("_".join(parts))
 

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import polars as pl  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 
 def training_curves_png(metrics: pl.DataFrame, title: str) -> bytes:
@@ -23,6 +24,27 @@ def training_curves_png(metrics: pl.DataFrame, title: str) -> bytes:
         if column == "loss":
             axis.set_yscale("log")
     fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def feature_density_png(frequency: Tensor, title: str) -> bytes:
+    """Histogram of log10(firing frequency) per latent on held-out tokens; never-firing latents in their own bar."""
+    freq = frequency.double()
+    fig, axis = plt.subplots(figsize=(6, 3), dpi=80)
+    live = freq[freq > 0]
+    if live.numel():
+        axis.hist(live.log10().numpy(), bins=40, color="tab:blue", label="firing latents")
+    n_dead = int((freq == 0).sum())
+    axis.bar([axis.get_xlim()[0] if live.numel() else -6.0], [n_dead], width=0.15, color="tab:red",
+             label=f"never fired ({n_dead})")
+    axis.set_xlabel("log10 firing frequency (held-out tokens)")
+    axis.set_ylabel("latents")
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

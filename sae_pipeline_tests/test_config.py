@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import pytest
@@ -213,3 +215,11 @@ def test_load_sweep_missing_file_and_bad_field(tmp_path):
     path = _write(tmp_path, "name: s\nbase: {architecture: topk, k: 4, lr: 0}\n")
     with pytest.raises(ConfigError, match=r"\blr\b"):
         load_sweep(path)
+
+
+def test_key_hash_covers_only_the_fields_that_differ_from_defaults():
+    """A field added later with a default must not change existing keys: only varied fields are hashed."""
+    digest = hashlib.sha256(json.dumps({"log_every": 7}, sort_keys=True).encode()).hexdigest()[:6]
+    key = SAEConfig(architecture="topk", k=8, log_every=7).partition_key()
+    assert key == f"topk_exp4_k8_lr3e-04_aux3e-02_h{digest}"
+    assert SAEConfig(architecture="topk", k=8).partition_key() == "topk_exp4_k8_lr3e-04_aux3e-02"

@@ -16,7 +16,9 @@ from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analys
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 
 SAE_METADATA_KEYS = {"l0", "l0_fraction", "dead_fraction", "dense_fraction", "fvu", "explained_variance", "mse",
-                     "train_tokens", "wall_seconds", "weights_dir", "training_curves"}
+                     "train_tokens", "wall_seconds", "weights_dir", "training_curves", "cosine", "l2_ratio",
+                     "downstream_kind", "downstream_spliced", "downstream_ablated", "downstream_recovered",
+                     "feature_density"}
 
 
 def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
@@ -83,6 +85,8 @@ def test_healthy_partition_end_to_end(pipeline: Pipeline) -> None:
         assert meta[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert meta["train_tokens"] == cfg.train_tokens
     assert meta["fvu"] < 1.0  # it learned something real
+    assert meta["downstream_kind"] == "encoder"  # MiniLM: cosine of pooled sentence embeddings
+    assert meta["downstream_ablated"] < meta["downstream_spliced"] <= 1.0 + 1e-6
     assert not [e.check_name for e in _check_evaluations(result).values()
                 if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
 

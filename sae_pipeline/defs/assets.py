@@ -28,6 +28,7 @@ from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CH
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.downstream import measure_downstream
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
     extract_features,
@@ -39,7 +40,7 @@ from sae_pipeline.features import (
 )
 from sae_pipeline.labelling import label_features, labels_markdown, write_labels
 from sae_pipeline.markdown import markdown_table
-from sae_pipeline.plots import png_markdown, training_curves_png
+from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
     LABELLER_KINDS,
@@ -148,7 +149,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
           check_specs=SAE_CHECKS, op_tags=gpu_op_tags(),
           description="One SAE per config partition, in the SAELens file layout.")
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
-        quality_thresholds: QualityResource) -> dg.MaterializeResult:
+        quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
     thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
@@ -165,8 +166,12 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
                 quality.l0_in_target_band(metrics.l0_fraction, cfg.target_l0, thresholds),
                 quality.fvu_bound(metrics.fvu, thresholds),
                 quality.l0_trend(result.metrics, cfg.architecture, thresholds)]
+    model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=model.trust_remote_code)
+    downstream = measure_downstream(result.sae, store.meta, pl.read_parquet(layout.corpus_path), model_spec)
     curves = training_curves_png(result.metrics, key)
+    density = feature_density_png(fire_counts / max(metrics.n_tokens, 1), key)
     summary = {"key": key, "config": cfg.model_dump(mode="json"), "metrics": metrics.as_dict(),
+               "downstream": downstream.as_dict(),
                "final_loss": last_window_mean(result.metrics, "loss"), "train_tokens": result.train_tokens,
                "wall_seconds": result.wall_seconds, "resumed_from_step": result.resumed_from_step}
     with atomic_dir(layout.sae_dir(key)) as folder:
@@ -177,6 +182,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
         write_parquet_atomic(result.metrics, folder / "metrics.parquet")
         write_json_atomic(folder / "summary.json", summary)
         write_bytes_atomic(folder / "training_curves.png", curves)
+        write_bytes_atomic(folder / "feature_density.png", density)
         quality.write_verdict(folder, outcomes)
     shutil.rmtree(layout.checkpoint_dir(key), ignore_errors=True)
     return dg.MaterializeResult(
@@ -185,7 +191,11 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
                   "explained_variance": metrics.explained_variance, "mse": metrics.mse,
                   "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
                   "weights_dir": dg.MetadataValue.path(str(layout.sae_dir(key))),
-                  "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}"))},
+                  "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
+                  "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
+                  "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
+                  "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
+                  "feature_density": dg.MetadataValue.md(png_markdown(density, f"feature density {key}"))},
         check_results=[check_result(o) for o in outcomes],
     )
 

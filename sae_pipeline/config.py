@@ -102,7 +102,9 @@ class SAEConfig(_Strict):
     batchtopk_threshold_decay: float = Field(0.99, ge=0.0, lt=1.0)
     """EMA decay of the `batchtopk` inference threshold (running estimate of the smallest kept activation)."""
     aux_coeff: float = Field(1 / 32, ge=0.0)
-    """AuxK loss coefficient for `topk`/`batchtopk` (seed 004's aux_loss_coeff); 0 turns AuxK off."""
+    """AuxK loss coefficient for `topk`/`batchtopk` (seed 004's aux_loss_coeff); 0 turns AuxK off.
+    Seed 004's `aux_loss_target` has no counterpart: AuxK (Gao et al. 2024) is set by `k_aux` and the dead
+    window `dead_tokens`, and a target fraction of dead latents is what the dead-fraction check reports."""
     k_aux: int | None = Field(None, ge=1)
     """Latents the AuxK loss may use; default d_model // 2."""
     dead_tokens: int = Field(10_000_000, ge=1)
@@ -114,7 +116,13 @@ class SAEConfig(_Strict):
     lr_warmup_steps: int = Field(50, ge=0)
     """Linear learning-rate warmup."""
     lr_decay_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    """Final fraction of steps over which the learning rate decays linearly to zero."""
+    """Final fraction of steps over which the learning rate decays to zero."""
+    lr_decay: Literal["linear", "cosine"] = "linear"
+    """Shape of that decay."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are ~100x slower on these CPUs); or forced."""
+    allow_tf32: bool = True
+    """Let fp32 matmuls on CUDA use TF32 tensor cores."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient-norm clipping."""
     batch_size: int = Field(1024, ge=1)

@@ -7,6 +7,8 @@ checkpoints that a killed run resumes from exactly.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 import time
@@ -48,14 +50,17 @@ class TrainResult:
 
 
 def lr_lambda(cfg: SAEConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier on the base lr: linear warmup, constant, then linear decay to zero over the last fraction."""
+    """Multiplier on the base lr: linear warmup, constant, then linear or cosine decay to zero over the last
+    fraction of steps."""
     decay_steps = int(total_steps * cfg.lr_decay_fraction)
     decay_start = total_steps - decay_steps
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-        decay = 1.0 if step < decay_start or decay_steps == 0 else max(0.0, (total_steps - step) / decay_steps)
-        return warm * decay
+        if step < decay_start or decay_steps == 0:
+            return warm
+        remaining = max(0.0, (total_steps - step) / decay_steps)  # 1 at the start of the decay, 0 at the end
+        return warm * (remaining if cfg.lr_decay == "linear" else 0.5 * (1 - math.cos(math.pi * remaining)))
 
     return factor
 
@@ -86,6 +91,12 @@ def resample_due(cfg: SAEConfig, done: int, total_steps: int) -> bool:
     """Resample every `resample_every` steps, but not in the final lr-decay phase (nothing left to learn)."""
     decay_start = total_steps - int(total_steps * cfg.lr_decay_fraction)
     return bool(cfg.resample_every) and done % cfg.resample_every == 0 and done < decay_start
+
+
+def autocast_context(cfg: SAEConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where configured (`auto`: on CUDA only); fp32 otherwise."""
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,6 +145,8 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
     started = time.perf_counter()
     cfg.validate_for_model(store.d_model)
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.manual_seed(cfg.seed)
     transform, factor = input_transform(cfg, store)
     total_steps = max(1, cfg.train_tokens // cfg.batch_size)
@@ -170,7 +183,8 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
     for step in range(start_step, total_steps):
         x = transform(sampler.next_batch()).to(dev, non_blocking=True)
         dead_mask = tokens_since_fired >= dead_window
-        out = sae(x, sparsity_coefficient(cfg, step), dead_mask)
+        with autocast_context(cfg, dev):
+            out = sae(x, sparsity_coefficient(cfg, step), dead_mask)
         out.loss.backward()
         if sae.unit_norm_decoder:
             sae.remove_gradient_parallel_to_decoder()
@@ -186,7 +200,8 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
             fired = (out.latents > 0).any(dim=0)
             tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
             l0 = (out.latents > 0).sum(dim=-1).float().mean()
-            window += torch.stack([out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, l0]).detach()
+            terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, l0)
+            window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
             window_steps += 1
 
         done = step + 1

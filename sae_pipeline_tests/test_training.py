@@ -246,3 +246,23 @@ def test_early_stop_ends_a_converged_run(small_store):
     tail = stopped.metrics.tail(6)
     for column in ("l0", "loss"):
         assert (tail[column].max() - tail[column].min()) / tail[column].mean() < 0.05
+
+
+def test_cosine_decay_by_hand():
+    cfg = SAEConfig(architecture="topk", k=2, lr_warmup_steps=0, lr_decay_fraction=0.5, lr_decay="cosine")
+    factor = lr_lambda(cfg, 100)
+    assert factor(10) == 1.0 and factor(49) == 1.0
+    assert factor(50) == pytest.approx(1.0)  # decay starts at full lr
+    assert factor(75) == pytest.approx(0.5 * (1 - math.cos(math.pi * 0.5)))  # half way: 0.5
+    assert factor(99) == pytest.approx(0.5 * (1 - math.cos(math.pi * 0.02)))
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_bf16_autocast_trains_and_saves_fp32(small_store, arch):
+    extra = {"k": 2} if arch == "topk" else {"l1_alpha": 0.1}
+    cfg = SAEConfig(architecture=arch, expansion_factor=4, batch_size=64, train_tokens=64 * 30, log_every=10,
+                    precision="bf16", **extra)
+    result = train_sae(cfg, small_store, "cpu")
+    assert all(p.dtype == torch.float32 for p in result.sae.parameters())  # master weights stay fp32
+    assert result.metrics["loss"].is_finite().all()
+    assert result.metrics["loss"][-1] < result.metrics["loss"][0]

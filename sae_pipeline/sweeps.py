@@ -55,13 +55,15 @@ TRAIN_WINDOW_COLUMNS = {"train_l0_last_window": "l0", "train_dead_fraction_last_
 """Columns added from each partition's metrics.parquet: the last-window mean (second half) of a training metric."""
 
 
-def collect_runs(layout: Layout, keys: list[str]) -> tuple[pl.DataFrame, list[str]]:
+def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] | None = None
+                 ) -> tuple[pl.DataFrame, list[str]]:
     """One row per finished partition; missing keys.
 
     A row holds the hyperparameters, the held-out metrics, `final_loss` (the last-window mean of the training
-    loss, from summary.json) and the last-window means of the training L0 and dead fraction read from
-    `metrics.parquet` (null when the log is absent or empty).
+    loss, from summary.json) and the last-window means of the training L0 and dead fraction from the partition's
+    training log (`logs`, read with `training_logs` when not given; null when absent or empty).
     """
+    logs = training_logs(layout, keys) if logs is None else logs
     rows, missing = [], []
     for key in keys:
         path = layout.sae_dir(key) / "summary.json"
@@ -72,12 +74,10 @@ def collect_runs(layout: Layout, keys: list[str]) -> tuple[pl.DataFrame, list[st
         hyper = {name: summary["config"].get(name) for name in HYPERPARAMETERS}
         metrics = {name: summary["metrics"].get(name) for name in METRICS if name in summary["metrics"]}
         window: dict[str, float | None] = dict.fromkeys(TRAIN_WINDOW_COLUMNS)
-        log_path = layout.sae_dir(key) / "metrics.parquet"
-        if log_path.exists():
-            log = pl.read_parquet(log_path)
-            if log.height:
-                window = {name: last_window_mean(log, column) if column in log.columns else None
-                          for name, column in TRAIN_WINDOW_COLUMNS.items()}
+        log = logs.get(key)
+        if log is not None and log.height:
+            window = {name: last_window_mean(log, column) if column in log.columns else None
+                      for name, column in TRAIN_WINDOW_COLUMNS.items()}
         rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window})
     return pl.DataFrame(rows, infer_schema_length=None), missing
 

@@ -304,9 +304,10 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     layout = storage.layout
     keys = context.instance.get_dynamic_partitions(sae_configs.name)
-    runs, missing = collect_runs(layout, keys)
+    logs = training_logs(layout, keys)
+    runs, missing = collect_runs(layout, keys, logs)
     report = build_sweep_report(runs, layout.analysis_dir, sweep_name="sae_configs", missing=missing,
-                                training_logs=training_logs(layout, keys))
+                                training_logs=logs)
     plots = [p for p in (report.plot_path, report.box_plot_path, report.curves_plot_path) if p is not None]
     return dg.MaterializeResult(metadata={
         "report_path": dg.MetadataValue.path(str(report.report_path)),

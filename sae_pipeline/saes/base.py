@@ -120,16 +120,12 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def fold_scaling_factor(self, factor: float) -> None:
-        """Make an SAE trained on `factor * x` take raw x: scale W_enc up, W_dec and b_dec down."""
+        """Make an SAE trained on `factor * x` take raw x: scale W_enc up, W_dec and b_dec down.
+
+        The pre-activations, and so the latents, are unchanged: thresholds on them (JumpReLU, BatchTopK) stay."""
         self.W_enc.mul_(factor)
         self.W_dec.div_(factor)
         self.b_dec.div_(factor)
-        self.fold_threshold(factor)
-
-    def fold_threshold(self, factor: float) -> None:
-        """Hook for thresholds under the fold above. That fold leaves the pre-activations (and so the latents)
-        unchanged, so a threshold on them (JumpReLU, BatchTopK) stays as it is; only a threshold kept in input
-        units would have to scale with `factor`."""
 
     def after_step(self, out: ForwardOutput) -> None:
         """Called by the trainer after each optimizer step with that step's output (BatchTopK's running threshold)."""

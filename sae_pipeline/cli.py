@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from sae_pipeline.config import ConfigError, SAEConfig, load_sweep
+from sae_pipeline.config import ConfigError, load_sweep
 from sae_pipeline.storage import Layout, default_root
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -20,27 +20,16 @@ def _default_dagster_home() -> None:
     home.mkdir(parents=True, exist_ok=True)
 
 
-def validate_against_model(configs: list[SAEConfig], model: str) -> None:
-    """Check the width-dependent fields (k < d_sae, ...) against the model's config, before anything runs."""
-    from sae_pipeline.activations import model_width
-
-    d_model, _ = model_width(model)
-    for config in configs:
-        try:
-            config.validate_for_model(d_model)
-        except ConfigError as error:
-            raise ConfigError(f"{config.partition_key()}: {error}") from None
-
-
 def register(path: str, dry_run: bool) -> list[str]:
     """Validate a sweep spec, then (unless dry_run) store its configs and add its partitions."""
+    from sae_pipeline.activations import model_width
     from sae_pipeline.defs.partitions import sae_configs
     from sae_pipeline.defs.resources import default_resources
-    from sae_pipeline.sweeps import store_configs
+    from sae_pipeline.sweeps import store_configs, validate_configs_for_model
 
     spec = load_sweep(path)
     configs = spec.expand()
-    validate_against_model(configs, default_resources()["model"].name)
+    validate_configs_for_model(configs, model_width(default_resources()["model"].name)[0])
     keys = [config.partition_key() for config in configs]
     if dry_run:
         return keys
@@ -53,6 +42,14 @@ def register(path: str, dry_run: bool) -> list[str]:
     return keys
 
 
+def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
+    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed."""
+    if not refresh and (layout.activations_dir / "meta.json").exists():
+        return True
+    print("== prepare_activations: corpus + activations", flush=True)
+    return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success
+
+
 def run_sweep(path: str, refresh: bool) -> int:
     """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
     import dagster as dg
@@ -62,11 +59,8 @@ def run_sweep(path: str, refresh: bool) -> int:
     keys = register(path, dry_run=False)
     instance = dg.DagsterInstance.get()
     layout = Layout(default_root())
-    if refresh or not (layout.activations_dir / "meta.json").exists():
-        print("== prepare_activations: corpus + activations", flush=True)
-        prepare = defs.resolve_job_def("prepare_activations")
-        if not prepare.execute_in_process(instance=instance, run_config=QUIET).success:
-            return 1
+    if not ensure_activations(defs, instance, layout, refresh):
+        return 1
     failed = []
     for index, key in enumerate(keys, 1):
         print(f"== train_sweep [{index}/{len(keys)}] {key}", flush=True)
@@ -89,11 +83,8 @@ def calibrate(path: str) -> int:
 
     register(path, dry_run=False)
     instance, layout = dg.DagsterInstance.get(), Layout(default_root())
-    if not (layout.activations_dir / "meta.json").exists():
-        print("== prepare_activations: corpus + activations", flush=True)
-        if not defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance,
-                                                                              run_config=QUIET).success:
-            return 1
+    if not ensure_activations(defs, instance, layout, refresh=False):
+        return 1
     plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,
                                  log=lambda line: print(f"== {line}", flush=True))
     print(f"\nCalibration report: {layout.root / 'calibration' / 'report.md'}")

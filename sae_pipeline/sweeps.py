@@ -39,6 +39,15 @@ def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:
     return keys
 
 
+def validate_configs_for_model(configs: Iterable[SAEConfig], d_model: int, where: str = "") -> None:
+    """Check the width-dependent fields (k < d_sae, ...) of every config; ConfigError names the key."""
+    for config in configs:
+        try:
+            config.validate_for_model(d_model)
+        except ConfigError as error:
+            raise ConfigError(f"{where}{config.partition_key()}: {error}") from None
+
+
 def load_config(layout: Layout, key: str) -> SAEConfig:
     """The full config registered for a partition key."""
     path = layout.configs_dir / f"{validate_partition_key(key)}.json"

@@ -17,18 +17,22 @@ from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import ModelResource, StorageResource
 from sae_pipeline.defs.schedules import latest_partition_run
 from sae_pipeline.storage import Layout
-from sae_pipeline.sweeps import SweepFile, calibration_state, read_sweep_file, scan_sweeps, store_configs, sweeps_dir
+from sae_pipeline.sweeps import (
+    SweepFile,
+    calibration_state,
+    read_sweep_file,
+    scan_sweeps,
+    store_configs,
+    sweeps_dir,
+    validate_configs_for_model,
+)
 
 
 def register_sweep_file(layout: Layout, sweep: SweepFile, d_model: int, existing: set[str]) -> list[str]:
     """Store the configs of a valid sweep (validated against d_model first); the keys not yet partitions."""
     if sweep.spec is None:
         raise ConfigError(sweep.error or f"{sweep.path}: not a sweep spec")
-    for config in sweep.configs:
-        try:
-            config.validate_for_model(d_model)
-        except ConfigError as error:
-            raise ConfigError(f"{sweep.path.name}: {config.partition_key()}: {error}") from None
+    validate_configs_for_model(sweep.configs, d_model, where=f"{sweep.path.name}: ")
     keys = store_configs(layout, list(sweep.configs))
     return [key for key in keys if key not in existing]
 

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
+from sae_pipeline.plots import figure_png
 from sae_pipeline.storage import write_bytes_atomic
 
 HYPERPARAMETERS: tuple[str, ...] = (
@@ -325,10 +326,7 @@ def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None
     ax.set_ylabel("FVU")
     ax.set_title(f"{sweep_name}: L0 vs FVU ({points.height} configs)")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, figure_png(fig))
     return path
 
 
@@ -608,10 +606,7 @@ def _write_box_plots(table: pl.DataFrame, path: Path) -> Path | None:
                 finite = [x for d in data for x in d]
                 if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
                     ax.set_yscale("log")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, figure_png(fig))
     return path
 
 
@@ -635,8 +630,5 @@ def _write_curves(logs: Mapping[str, pl.DataFrame], keys: Sequence[str], path: P
         if column == "loss":
             ax.set_yscale("log")
     axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, figure_png(fig))
     return path

@@ -20,7 +20,6 @@ and below every l1_alpha whose fitted L0 is below it (a higher l1_alpha lowers L
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Literal
 from matplotlib.figure import Figure
 
 from sae_pipeline.config import SAEConfig
+from sae_pipeline.plots import figure_png
 
 DEFAULT_TOLERANCE = 0.10
 """Relative tolerance on L0: a run is on target when |L0 - target| <= tolerance * target."""
@@ -282,10 +282,7 @@ def calibration_png(plan: GroupPlan, tolerance: float = DEFAULT_TOLERANCE) -> by
     ax.set_ylabel("L0 (fraction of d_sae, held out)")
     ax.set_title(f"{plan.group}: {plan.status}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def plans_markdown(plans: Sequence[GroupPlan]) -> str:

@@ -15,13 +15,14 @@ Every string from the data (tokens, labels, contexts) is HTML-escaped. Built by 
 from __future__ import annotations
 
 import html
-import io
 import math
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from sae_pipeline.features import HIST_LOG10_EDGES
+from sae_pipeline.plots import feature_density_png
 from sae_pipeline.storage import write_bytes_atomic
 
 INDEX_FILE = "index.html"
@@ -198,22 +199,6 @@ def index_page(latents: pl.DataFrame, labels: dict[int, dict], title: str, has_d
     return _page(title, body, _SORT_SCRIPT)
 
 
-def density_png(latents: pl.DataFrame) -> bytes:
-    """Histogram over latents of log10 firing frequency (Neuronpedia's feature density), dead latents left out."""
-    from sae_pipeline.plots import plt
-
-    freq = [math.log10(f) for f in latents["frequency"].to_list() if f > 0]
-    fig, axis = plt.subplots(figsize=(5, 2.4), dpi=80)
-    axis.hist(freq, bins=40, color="#e67e22")
-    axis.set_xlabel("log10 firing frequency")
-    axis.set_ylabel("latents")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def render_dashboard(latents: pl.DataFrame, examples: pl.DataFrame, folder: Path, title: str,
                      labels: pl.DataFrame | None = None, n_bands: int = 5) -> Path:
     """Write index.html, density.png and latents/<id>.html (live latents) into `folder`; returns the index path.
@@ -231,7 +216,8 @@ def render_dashboard(latents: pl.DataFrame, examples: pl.DataFrame, folder: Path
         write_bytes_atomic(folder / "latents" / f"{latent}.html", page.encode())
     has_density = bool((latents["frequency"] > 0).any())
     if has_density:
-        write_bytes_atomic(folder / "density.png", density_png(latents))
+        frequency = torch.tensor(latents["frequency"].to_list(), dtype=torch.float64)
+        write_bytes_atomic(folder / "density.png", feature_density_png(frequency, title))
     index = folder / INDEX_FILE
     write_bytes_atomic(index, index_page(latents, lookup, title, has_density).encode())
     return index

@@ -1,21 +1,23 @@
-"""Small PNG plots for materialisation metadata (matplotlib, Agg backend, no display needed)."""
+"""Small PNG plots for materialisation metadata and reports.
+
+Figures are built as `matplotlib.figure.Figure` objects (Agg canvas, no pyplot state, nothing to close), so
+plotting never touches a global backend or leaks figures in a long-running code server.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import polars as pl  # noqa: E402
-from torch import Tensor  # noqa: E402
+import polars as pl
+from matplotlib.figure import Figure
+from torch import Tensor
 
 
 def training_curves_png(metrics: pl.DataFrame, title: str) -> bytes:
     """L0, dead fraction and loss against training tokens, one panel each."""
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3), dpi=80)
+    fig = Figure(figsize=(11, 3), dpi=80)
+    axes = fig.subplots(1, 3)
     for axis, column, label in zip(axes, ("l0", "dead_fraction", "loss"), ("L0 (train)", "dead fraction", "loss"),
                                    strict=True):
         axis.plot(metrics["tokens"].to_list(), metrics[column].to_list())
@@ -24,13 +26,14 @@ def training_curves_png(metrics: pl.DataFrame, title: str) -> bytes:
         if column == "loss":
             axis.set_yscale("log")
     fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def feature_density_png(frequency: Tensor, title: str) -> bytes:
     """Histogram of log10(firing frequency) per latent on held-out tokens; never-firing latents in their own bar."""
     freq = frequency.double()
-    fig, axis = plt.subplots(figsize=(6, 3), dpi=80)
+    fig = Figure(figsize=(6, 3), dpi=80)
+    axis = fig.subplots()
     live = freq[freq > 0]
     if live.numel():
         axis.hist(live.log10().numpy(), bins=40, color="tab:blue", label="firing latents")
@@ -41,14 +44,14 @@ def feature_density_png(frequency: Tensor, title: str) -> bytes:
     axis.set_ylabel("latents")
     axis.legend(fontsize=8)
     axis.set_title(title, fontsize=9)
-    return _png(fig)
+    return figure_png(fig)
 
 
-def _png(fig) -> bytes:
+def figure_png(fig: Figure) -> bytes:
+    """The figure, laid out, as PNG bytes."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 

@@ -16,7 +16,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 def _default_dagster_home() -> None:
     """Runs and partitions persist in `<storage root>/dagster_home` unless DAGSTER_HOME says otherwise."""
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(default_root() / "dagster_home")))
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Layout.at(default_root()).root / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
 
 
@@ -35,7 +35,7 @@ def register(path: str, dry_run: bool) -> list[str]:
         return keys
     import dagster as dg
 
-    store_configs(Layout(default_root()), configs)
+    store_configs(Layout.at(default_root()), configs)
     instance = dg.DagsterInstance.get()
     existing = set(instance.get_dynamic_partitions(sae_configs.name))
     instance.add_dynamic_partitions(sae_configs.name, [k for k in keys if k not in existing])
@@ -44,7 +44,7 @@ def register(path: str, dry_run: bool) -> list[str]:
 
 def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
     """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed."""
-    if not refresh and (layout.activations_dir / "meta.json").exists():
+    if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
         return True
     print("== prepare_activations: corpus + activations", flush=True)
     return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success
@@ -58,7 +58,7 @@ def run_sweep(path: str, refresh: bool) -> int:
 
     keys = register(path, dry_run=False)
     instance = dg.DagsterInstance.get()
-    layout = Layout(default_root())
+    layout = Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh):
         return 1
     failed = []
@@ -82,21 +82,22 @@ def calibrate(path: str) -> int:
     from sae_pipeline.defs.sensors import calibrate_in_process
 
     register(path, dry_run=False)
-    instance, layout = dg.DagsterInstance.get(), Layout(default_root())
+    instance, layout = dg.DagsterInstance.get(), Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh=False):
         return 1
     plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,
                                  log=lambda line: print(f"== {line}", flush=True))
-    print(f"\nCalibration report: {layout.root / 'calibration' / 'report.md'}")
+    print(f"\nCalibration report: {layout.location(layout.calibration_dir, 'report.md')}")
     return 0 if all(plan.status == "converged" for plan in plans) else 1
 
 
 def _print_results(layout: Layout, keys: list[str], failed: list[str]) -> None:
     print("\nResults")
-    print(f"  sweep report : {layout.analysis_dir / 'report.md'}")
+    print(f"  sweep report : {layout.location(layout.analysis_dir, 'report.md')}")
     for key in keys:
-        state = "FAILED (see the run in the UI)" if key in failed else str(layout.labels_dir(key) / "labels.parquet")
-        print(f"  {key}: weights {layout.sae_dir(key)}, labels {state}")
+        state = "FAILED (see the run in the UI)" if key in failed else layout.location(layout.labels_dir(key),
+                                                                                      "labels.parquet")
+        print(f"  {key}: weights {layout.location(layout.sae_dir(key))}, labels {state}")
     print(f"  Dagster home : {os.environ['DAGSTER_HOME']}")
     print("  Open the UI  : make ui   (then http://127.0.0.1:3000)")
 

@@ -2,13 +2,18 @@
 
 Every path the pipeline uses is derived from a single root (default `data/`, overridable with the
 `SAE_PIPELINE_ROOT` environment variable or the `storage` resource), so moving to another disk is configuration.
-Files are written to a temporary name and renamed; a partition's folder is built beside the old one and swapped
-in, so a run killed mid-write leaves the previous outputs intact.
+The root may be a local folder or an fsspec URL (`s3://bucket/prefix`, `gs://...`): then the assets work in a
+local cache and `Layout.pull`/`Layout.publish` move whole folders to and from the object store
+(`sae_pipeline.remote`), so each step, on any machine, reads only what earlier steps committed there.
+
+Locally, files are written to a temporary name and renamed; a partition's folder is built beside the old one
+and swapped in, so a run killed mid-write leaves the previous outputs intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -20,26 +25,56 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from upath import UPath
 
+from sae_pipeline import remote
 from sae_pipeline.config import validate_partition_key
 
 DEFAULT_ROOT = "data"
+CORPUS_FILE = "corpus.parquet"
 
 
-def default_root() -> Path:
-    """The storage root: `$SAE_PIPELINE_ROOT`, else `data/` under the current directory."""
-    return Path(os.environ.get("SAE_PIPELINE_ROOT", DEFAULT_ROOT)).resolve()
+def is_remote(root: str) -> bool:
+    """An fsspec URL other than file:// (which is a local folder)."""
+    return "://" in root and not root.startswith("file://")
+
+
+def default_root() -> str:
+    """The storage root: `$SAE_PIPELINE_ROOT` (a folder or an fsspec URL), else `data/` under the current
+    directory; a local one is made absolute."""
+    root = os.environ.get("SAE_PIPELINE_ROOT", DEFAULT_ROOT)
+    return root if is_remote(root) else str(Path(root.removeprefix("file://")).resolve())
+
+
+def default_cache(root: str) -> Path:
+    """Local cache of a remote root: `$SAE_PIPELINE_CACHE`, else `~/.cache/sae_pipeline/<hash of the root>`."""
+    if os.environ.get("SAE_PIPELINE_CACHE"):
+        return Path(os.environ["SAE_PIPELINE_CACHE"]).resolve()
+    return Path.home() / ".cache" / "sae_pipeline" / hashlib.sha256(root.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each asset's files live under the storage root."""
+    """Where each asset's files live under the storage root.
+
+    `root` is a local folder: the storage root itself, or, when `remote` is set, the local cache of that
+    object-store root. Folders are read through `pull` and written through `publish`; both are plain local
+    operations when `remote` is None.
+    """
 
     root: Path
+    remote: UPath | None = None
+
+    @classmethod
+    def at(cls, root: str, cache: str | None = None) -> Layout:
+        """The layout of a storage root given as a folder or a URL (`cache`: local cache of a remote root)."""
+        if not is_remote(root):
+            return cls(Path(root.removeprefix("file://")).resolve())
+        return cls(Path(cache).resolve() if cache else default_cache(root), UPath(root))
 
     @property
-    def corpus_path(self) -> Path:
-        return self.root / "corpus" / "corpus.parquet"
+    def corpus_dir(self) -> Path:
+        return self.root / "corpus"
 
     @property
     def activations_dir(self) -> Path:
@@ -47,7 +82,7 @@ class Layout:
 
     @property
     def configs_dir(self) -> Path:
-        """Registered SAE configs, one `<key>.json` per partition key."""
+        """Registered SAE configs, one `<key>.json` per partition key (read with `read_bytes`/`names`)."""
         return self.root / "configs"
 
     def sae_dir(self, key: str) -> Path:
@@ -65,6 +100,120 @@ class Layout:
     @property
     def analysis_dir(self) -> Path:
         return self.root / "sweep_analysis"
+
+    @property
+    def calibration_dir(self) -> Path:
+        return self.root / "calibration"
+
+    # --- whole folders: each asset's output is one folder, committed at once -------------------------------
+
+    def _remote_of(self, path: Path) -> UPath:
+        assert self.remote is not None
+        return self.remote / path.relative_to(self.root).as_posix()
+
+    def _versions_of(self, folder: Path) -> Path:
+        return self.root / ".versions" / folder.relative_to(self.root)
+
+    def pull(self, folder: Path, *names: str) -> Path:
+        """A local folder with `folder`'s committed contents (only `names` of it when given).
+
+        Locally that is `folder` itself. On object storage it is the cached copy of the current commit; a
+        folder never committed gives a path that does not exist, so readers see it missing as they would
+        on a disk.
+        """
+        if self.remote is None:
+            return folder
+        local = remote.pull(self._remote_of(folder), self._versions_of(folder), names)
+        return local if local is not None else self._versions_of(folder) / "never-committed"
+
+    @contextlib.contextmanager
+    def publish(self, folder: Path) -> Iterator[Path]:
+        """Yield an empty local folder; when the block succeeds it becomes `folder`'s contents at once.
+
+        Locally the folder is swapped in by renames (`atomic_dir`). On object storage it is committed as a
+        new version and kept as that version's cached copy; on error nothing is committed.
+        """
+        if self.remote is None:
+            with atomic_dir(folder) as fresh:
+                yield fresh
+            return
+        versions = self._versions_of(folder)
+        versions.mkdir(parents=True, exist_ok=True)
+        fresh = versions / f".publish-{uuid.uuid4().hex[:8]}"
+        fresh.mkdir()
+        try:
+            yield fresh
+            version = remote.commit(fresh, self._remote_of(folder))
+            os.replace(fresh, versions / version)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+
+    def push(self, folder: Path) -> None:
+        """Commit a local working folder (a training checkpoint) as it is now; nothing to do locally."""
+        if self.remote is not None:
+            remote.commit(folder, self._remote_of(folder))
+
+    def restore(self, folder: Path) -> None:
+        """Fill an empty local working folder from its last commit (a run resuming on another machine)."""
+        if self.remote is None or (folder.exists() and any(folder.iterdir())):
+            return
+        committed = self.pull(folder)
+        if committed.exists():
+            shutil.copytree(committed, folder, dirs_exist_ok=True)
+
+    def remove(self, folder: Path) -> None:
+        """Delete a folder here and, on object storage, its commit and versions."""
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.remote is not None:
+            remote.delete(self._remote_of(folder))
+            shutil.rmtree(self._versions_of(folder), ignore_errors=True)
+
+    def location(self, folder: Path, name: str = "") -> str:
+        """Where a folder's committed file is, for metadata and messages: a local path or the object's URL."""
+        if self.remote is None:
+            return str(folder / name) if name else str(folder)
+        record = remote.read_commit(self._remote_of(folder))
+        base = self._remote_of(folder) / record["version"] if record else self._remote_of(folder)
+        return str(base / name) if name else str(base)
+
+    # --- single small files (registered configs, sweep specs): each written whole ---------------------------
+
+    def read_bytes(self, path: Path) -> bytes | None:
+        """A file's bytes, or None when there is none."""
+        try:
+            return (path if self.remote is None else self._remote_of(path)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        """Locally temp + rename; on object storage one PUT, which a store applies whole or not at all."""
+        if self.remote is None:
+            write_bytes_atomic(path, data)
+        else:
+            self._remote_of(path).write_bytes(data)
+
+    def names(self, folder: Path, suffix: str) -> list[str]:
+        """Sorted names of the files in `folder` ending in `suffix`."""
+        if self.remote is None:
+            names = [p.name for p in folder.iterdir()] if folder.exists() else []
+        else:
+            names = remote.list_names(self._remote_of(folder))
+        return sorted(name for name in names if name.endswith(suffix) and not name.startswith("."))
+
+    def mirror(self, folder: Path, suffix: str) -> Path:
+        """`folder` with a local copy of each of its `suffix` files (object storage: refreshed, extra local
+        files dropped); for readers that take a local folder."""
+        if self.remote is None:
+            return folder
+        wanted = self.names(folder, suffix)
+        for name in wanted:
+            data = self.read_bytes(folder / name)
+            if data is not None and (not (folder / name).exists() or (folder / name).read_bytes() != data):
+                write_bytes_atomic(folder / name, data)
+        for stale in folder.glob(f"*{suffix}") if folder.exists() else []:
+            if stale.name not in wanted:
+                stale.unlink()
+        return folder
 
 
 def _temp_sibling(path: Path) -> Path:

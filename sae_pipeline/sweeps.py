@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ from sae_pipeline.config import (
     parse_sae_config,
     validate_partition_key,
 )
-from sae_pipeline.storage import Layout, read_json, write_json_atomic
+from sae_pipeline.storage import Layout
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.parquet"
 
 
 def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:
@@ -31,10 +35,12 @@ def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:
         key = config.partition_key()
         path = layout.configs_dir / f"{key}.json"
         payload = config.model_dump(mode="json")
-        if path.exists() and read_json(path) != payload:
-            raise ConfigError(f"partition key {key}: already registered with a different config ({path})")
-        if not path.exists():
-            write_json_atomic(path, payload)
+        stored = layout.read_bytes(path)
+        if stored is None:
+            layout.write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+        elif json.loads(stored) != payload:
+            raise ConfigError(f"partition key {key}: already registered with a different config "
+                              f"({layout.location(layout.configs_dir, path.name)})")
         keys.append(key)
     return keys
 
@@ -50,14 +56,22 @@ def validate_configs_for_model(configs: Iterable[SAEConfig], d_model: int, where
 
 def load_config(layout: Layout, key: str) -> SAEConfig:
     """The full config registered for a partition key."""
-    path = layout.configs_dir / f"{validate_partition_key(key)}.json"
-    if not path.exists():
-        raise ConfigError(f"partition key {key}: not registered (no {path}); run `sae-pipeline register-sweep`")
-    return parse_sae_config(read_json(path), where=str(path))
+    name = f"{validate_partition_key(key)}.json"
+    where = layout.location(layout.configs_dir, name)
+    stored = layout.read_bytes(layout.configs_dir / name)
+    if stored is None:
+        raise ConfigError(f"partition key {key}: not registered (no {where}); run `sae-pipeline register-sweep`")
+    return parse_sae_config(json.loads(stored), where=where)
 
 
 def registered_keys(layout: Layout) -> list[str]:
-    return sorted(p.stem for p in layout.configs_dir.glob("*.json"))
+    return [name.removesuffix(".json") for name in layout.names(layout.configs_dir, ".json")]
+
+
+def read_summary(layout: Layout, key: str) -> dict | None:
+    """A finished partition's summary.json (held-out metrics and config), or None when it has none."""
+    path = layout.pull(layout.sae_dir(key), SUMMARY_FILE) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 TRAIN_WINDOW_COLUMNS = {"train_l0_last_window": "l0", "train_dead_fraction_last_window": "dead_fraction"}
@@ -75,11 +89,10 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
     logs = training_logs(layout, keys) if logs is None else logs
     rows, missing = [], []
     for key in keys:
-        path = layout.sae_dir(key) / "summary.json"
-        if not path.exists():
+        summary = read_summary(layout, key)
+        if summary is None:
             missing.append(key)
             continue
-        summary = read_json(path)
         hyper = {name: summary["config"].get(name) for name in HYPERPARAMETERS}
         metrics = {name: summary["metrics"].get(name) for name in METRICS if name in summary["metrics"]}
         window: dict[str, float | None] = dict.fromkeys(TRAIN_WINDOW_COLUMNS)
@@ -95,15 +108,18 @@ def training_logs(layout: Layout, keys: list[str]) -> dict[str, pl.DataFrame]:
     """The metrics.parquet of each key that has one (for overlaid training curves)."""
     logs = {}
     for key in keys:
-        path = layout.sae_dir(key) / "metrics.parquet"
+        path = layout.pull(layout.sae_dir(key), METRICS_FILE) / METRICS_FILE
         if path.exists():
             logs[key] = pl.read_parquet(path)
     return logs
 
 
 def sweeps_dir(layout: Layout) -> Path:
-    """Folder of sweep specs the sensors watch: `$SAE_PIPELINE_SWEEPS`, else `<storage root>/sweeps`."""
-    return Path(os.environ.get("SAE_PIPELINE_SWEEPS", str(layout.root / "sweeps")))
+    """Folder of sweep specs the sensors watch: `$SAE_PIPELINE_SWEEPS`, else `<storage root>/sweeps` (on
+    object storage, a local copy of it refreshed on each call)."""
+    if os.environ.get("SAE_PIPELINE_SWEEPS"):
+        return Path(os.environ["SAE_PIPELINE_SWEEPS"])
+    return layout.mirror(layout.root / "sweeps", ".yaml")
 
 
 @dataclass(frozen=True)
@@ -139,11 +155,10 @@ def finished_l0(layout: Layout, keys: list[str]) -> dict[str, float]:
     """Held-out l0_fraction of each finished key (summary.json present)."""
     result = {}
     for key in keys:
-        path = layout.sae_dir(key) / "summary.json"
-        if path.exists():
-            value = read_json(path)["metrics"].get("l0_fraction")
-            if value is not None:
-                result[key] = float(value)
+        summary = read_summary(layout, key)
+        value = summary["metrics"].get("l0_fraction") if summary else None
+        if value is not None:
+            result[key] = float(value)
     return result
 
 

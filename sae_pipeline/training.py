@@ -140,8 +140,12 @@ def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict | None:
 
 
 def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", checkpoint_dir: Path | None = None,
-              log: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train one SAE on the store's train shards; resume from `checkpoint_dir` if it holds a checkpoint."""
+              log: Callable[[dict], None] | None = None,
+              on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
+    """Train one SAE on the store's train shards; resume from `checkpoint_dir` if it holds a checkpoint.
+
+    `on_checkpoint` runs after each checkpoint is written (the asset commits it to object storage there).
+    """
     started = time.perf_counter()
     cfg.validate_for_model(store.d_model)
     dev = resolve_device(device)
@@ -233,6 +237,8 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
                 "rng": torch.get_rng_state(), "rows": rows,
                 "window": window.cpu(), "window_steps": window_steps,
             })
+            if on_checkpoint:
+                on_checkpoint()
 
     sae = sae.cpu().eval()
     if cfg.normalize == "dataset":

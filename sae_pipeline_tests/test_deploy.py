@@ -15,12 +15,15 @@ PROBE = """
 import json
 from sae_pipeline.definitions import defs
 sae = defs.get_assets_def("sae")
-print(json.dumps({"sae": dict(sae.op.tags), "features": dict(defs.get_assets_def("features").op.tags)}))
+layout = defs.resources["storage"].layout
+print(json.dumps({"sae": dict(sae.op.tags), "features": dict(defs.get_assets_def("features").op.tags),
+                  "remote": str(layout.remote) if layout.remote else None, "local": str(layout.root)}))
 """
+ENV_CONFIG_MAP = profiles.VALUES_PATH.with_name("env.yaml")
 
 
-def _load_definitions(profile: str) -> dict:
-    env = {**os.environ, profiles.PROFILE_ENV: profile}
+def _load_definitions(profile: str, extra_env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, profiles.PROFILE_ENV: profile, **(extra_env or {})}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -57,3 +60,13 @@ def test_unknown_profile_is_rejected(monkeypatch) -> None:
         assert "cloud" in str(error)
     else:
         raise AssertionError("unknown profile accepted")
+
+
+def test_k8s_config_map_puts_the_storage_root_on_object_storage() -> None:
+    config_map = yaml.safe_load(ENV_CONFIG_MAP.read_text())
+    assert config_map["kind"] == "ConfigMap"
+    assert [config_map["metadata"]["name"]] == profiles.K8S_EXECUTOR_CONFIG["env_config_maps"]
+    data = config_map["data"]
+    loaded = _load_definitions("k8s", data)
+    assert loaded["remote"] == data["SAE_PIPELINE_ROOT"] and loaded["remote"].startswith("s3://")
+    assert loaded["local"] == data["SAE_PIPELINE_CACHE"]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
+from sae_pipeline.storage import CORPUS_FILE
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 
 SAE_METADATA_KEYS = {"l0", "l0_fraction", "dead_fraction", "dense_fraction", "fvu", "explained_variance", "mse",
@@ -49,7 +50,7 @@ def test_activations_are_real_and_held_out(pipeline: Pipeline) -> None:
     train_seqs = {int(s) for sh in meta["train_shards"]
                   for s in load_file(str(folder / sh["file"]))["locations"][:, 0]}
     assert eval_seqs and not eval_seqs & train_seqs  # whole sequences held out
-    corpus_frame = pl.read_parquet(pipeline.layout.corpus_path)
+    corpus_frame = pl.read_parquet(pipeline.layout.corpus_dir / CORPUS_FILE)
     assert len(corpus_frame) == 160 and corpus_frame["input_ids"].list.len().max() <= 48
 
 

@@ -84,7 +84,7 @@ def test_healthy_control_passes_every_check_and_is_labelled(pipeline: Pipeline) 
 def test_nan_activations_fail_finite_check_and_block_everything_downstream(
         pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
-    shutil.copytree(pipeline.layout.corpus_path.parent, pipe.layout.corpus_path.parent)
+    shutil.copytree(pipeline.layout.corpus_dir, pipe.layout.corpus_dir)
     original = activations_module.layer_activations
 
     def poisoned(model, layer, input_ids, mask):  # a model whose hooked layer overflows on the first row's token 1

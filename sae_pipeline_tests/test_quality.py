@@ -326,7 +326,7 @@ def test_outlier_exclusion_drops_exactly_the_tokens_above_the_limit(pipeline, tm
     from sae_pipeline_tests.conftest import Pipeline
 
     pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
-    shutil.copytree(pipeline.layout.corpus_path.parent, pipe.layout.corpus_path.parent)
+    shutil.copytree(pipeline.layout.corpus_dir, pipe.layout.corpus_dir)
     ratio = 1.05  # far below any real sink ratio, so that a good share of tokens goes
     config = {"ops": {"activations": {"config": {"shard_tokens": 1024, "exclude_norm_outliers": ratio}}}}
     result = pipe.materialize([activations], run_config=config)

@@ -1,10 +1,9 @@
 """The asset graph: corpus -> activations -> sae [per config] -> features -> feature_labels; sweep_analysis.
 
-Assets pass paths, not tensors: each writes its files under the storage root (atomically) and the next one
-reads them, so no IO manager ever loads every partition into memory.
+Assets pass paths, not tensors: each publishes one folder under the storage root (atomically) and the next one
+pulls it, so no IO manager ever loads every partition into memory, and on object storage each step can run on
+another machine (see storage.Layout).
 """
-
-import shutil
 
 import dagster as dg
 import polars as pl
@@ -50,7 +49,14 @@ from sae_pipeline.scoring import (
     scores_summary,
     with_scores,
 )
-from sae_pipeline.storage import atomic_dir, read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from sae_pipeline.storage import (
+    CORPUS_FILE,
+    Layout,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from sae_pipeline.sweeps import calibration_state, collect_runs, load_config, training_logs
 from sae_pipeline.training import train_sae
 
@@ -59,6 +65,10 @@ EXAMPLES_FILE = "examples.parquet"
 FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
 LABELS_FILE = "labels.parquet"
+
+
+def read_corpus(layout: Layout) -> pl.DataFrame:
+    return pl.read_parquet(layout.pull(layout.corpus_dir) / CORPUS_FILE)
 
 
 class CorpusConfig(dg.Config):
@@ -105,13 +115,14 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
     validate_run_activations_config(context, model)
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
     frame = tokenize_corpus(iter_texts(spec), tokenizer, spec)
-    path = storage.layout.corpus_path
-    write_parquet_atomic(frame, path)
+    layout = storage.layout
+    with layout.publish(layout.corpus_dir) as folder:
+        write_parquet_atomic(frame, folder / CORPUS_FILE)
     n_tokens = int(frame["input_ids"].list.len().sum())
     context.log.info(f"corpus: {len(frame)} sequences, {n_tokens} tokens from {spec.source}")
     return dg.MaterializeResult(metadata={
         "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens,
-        "path": dg.MetadataValue.path(str(path)),
+        "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
         "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
     })
 
@@ -126,10 +137,10 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
     thresholds = quality_thresholds.thresholds()
     validate_layer(spec)  # from the model's config alone: before any weights load or file write
     layout = storage.layout
-    frame = pl.read_parquet(layout.corpus_path)
+    frame = read_corpus(layout)
     tokenizer, transformer = load_tokenizer(spec), load_model(spec)
     check_layer(transformer, spec.layer)
-    with atomic_dir(layout.activations_dir) as folder:
+    with layout.publish(layout.activations_dir) as folder:
         meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
         scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
         outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
@@ -137,7 +148,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         quality.write_verdict(folder, outcomes)
     context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
     return dg.MaterializeResult(
-        metadata={"activations_dir": dg.MetadataValue.path(str(layout.activations_dir)),
+        metadata={"activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
                   "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
                   "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
                   "layer": spec.layer, "norm_stats": meta["norm_stats"]},
@@ -153,11 +164,15 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
     key, layout = context.partition_key, storage.layout
     thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
-    refuse_if_blocked("sae", key, quality.blocking_failures(layout.activations_dir, missing_ok=True))
-    store = ActivationStore(layout.activations_dir)
+    acts = layout.pull(layout.activations_dir)
+    refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
+    store = ActivationStore(acts)
     cfg.validate_for_model(store.d_model)
-    result = train_sae(cfg, store, device.resolve(), layout.checkpoint_dir(key),
-                       log=lambda row: context.log.debug(f"step {row['step']}: {row}"))
+    checkpoints = layout.checkpoint_dir(key)
+    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
+    result = train_sae(cfg, store, device.resolve(), checkpoints,
+                       log=lambda row: context.log.debug(f"step {row['step']}: {row}"),
+                       on_checkpoint=lambda: layout.push(checkpoints))
     metrics, fire_counts = evaluate_sae(result.sae, store, device.resolve())
     outcomes = [quality.finite_weights(result.sae.state_dict()),
                 quality.not_collapsed(result.metrics, result.sae.d_sae, thresholds),
@@ -167,14 +182,14 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
                 quality.fvu_bound(metrics.fvu, thresholds),
                 quality.l0_trend(result.metrics, cfg.architecture, thresholds)]
     model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=model.trust_remote_code)
-    downstream = measure_downstream(result.sae, store.meta, pl.read_parquet(layout.corpus_path), model_spec)
+    downstream = measure_downstream(result.sae, store.meta, read_corpus(layout), model_spec)
     curves = training_curves_png(result.metrics, key)
     density = feature_density_png(fire_counts / max(metrics.n_tokens, 1), key)
     summary = {"key": key, "config": cfg.model_dump(mode="json"), "metrics": metrics.as_dict(),
                "downstream": downstream.as_dict(),
                "final_loss": last_window_mean(result.metrics, "loss"), "train_tokens": result.train_tokens,
                "wall_seconds": result.wall_seconds, "resumed_from_step": result.resumed_from_step}
-    with atomic_dir(layout.sae_dir(key)) as folder:
+    with layout.publish(layout.sae_dir(key)) as folder:
         result.sae.save(folder, metadata={"partition_key": key, "model": store.meta["model"],
                                           "layer": store.meta["layer"], "hook": store.meta["hook"],
                                           "dataset_scaling_factor_folded": result.scaling_factor,
@@ -184,13 +199,13 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
         write_bytes_atomic(folder / "training_curves.png", curves)
         write_bytes_atomic(folder / "feature_density.png", density)
         quality.write_verdict(folder, outcomes)
-    shutil.rmtree(layout.checkpoint_dir(key), ignore_errors=True)
+    layout.remove(checkpoints)
     return dg.MaterializeResult(
         metadata={"l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
                   "dense_fraction": metrics.dense_fraction, "fvu": metrics.fvu,
                   "explained_variance": metrics.explained_variance, "mse": metrics.mse,
                   "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
-                  "weights_dir": dg.MetadataValue.path(str(layout.sae_dir(key))),
+                  "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
                   "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
                   "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
                   "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
@@ -219,20 +234,21 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
              device: DeviceResource, model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
     thresholds = quality_thresholds.thresholds()
-    refuse_if_blocked("features", key, quality.blocking_failures(layout.activations_dir, missing_ok=True)
-                      + quality.blocking_failures(layout.sae_dir(key), missing_ok=True))
-    autoencoder = load_sae(layout.sae_dir(key))
-    store = ActivationStore(layout.activations_dir)
+    acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
+    refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
+                      + quality.blocking_failures(weights, missing_ok=True))
+    autoencoder = load_sae(weights)
+    store = ActivationStore(acts)
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
     vocab = load_vocab_matrix(model.name, model.trust_remote_code) if config.vocab_projection else None
-    tables = extract_features(autoencoder, store, pl.read_parquet(layout.corpus_path), tokenizer,
+    tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,
                               top_n=config.top_n, window=config.window, n_bands=config.n_bands,
                               per_band=config.per_band, n_random=config.n_random, vocab=vocab,
                               device=device.resolve())
     frame = tables.latents
     vocab_kind = vocab[0] if vocab else "none"
     outcomes = [quality.features_not_near_zero(frame, thresholds), quality.features_table_valid(frame)]
-    with atomic_dir(layout.features_dir(key)) as folder:
+    with layout.publish(layout.features_dir(key)) as folder:
         write_features(frame, folder / FEATURES_FILE)
         write_examples(tables.examples, folder / EXAMPLES_FILE)
         write_json_atomic(folder / FEATURES_META_FILE, {**config.model_dump(), "vocab_kind": vocab_kind,
@@ -240,11 +256,11 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
         render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=config.n_bands)
         quality.write_verdict(folder, outcomes)
     summary = features_summary(frame)
-    features_dir = layout.features_dir(key)
+    where = layout.location(layout.features_dir(key))
     return dg.MaterializeResult(
-        metadata={"features_path": dg.MetadataValue.path(str(features_dir / FEATURES_FILE)),
-                  "examples_path": dg.MetadataValue.path(str(features_dir / EXAMPLES_FILE)),
-                  "dashboard_path": dg.MetadataValue.path(str(features_dir / DASHBOARD_DIR / "index.html")),
+        metadata={"features_path": dg.MetadataValue.path(f"{where}/{FEATURES_FILE}"),
+                  "examples_path": dg.MetadataValue.path(f"{where}/{EXAMPLES_FILE}"),
+                  "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
                   "n_examples": len(tables.examples),
                   "vocab_projection": vocab_kind,
                   "n_live": summary["n_live"], "n_dead": summary["n_dead"],
@@ -268,28 +284,31 @@ class LabelsConfig(dg.Config):
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
-    reasons = [reason for folder in (layout.activations_dir, layout.sae_dir(key), layout.features_dir(key))
-               for reason in quality.blocking_failures(folder)]
+    features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
+                               quality.VERDICT_FILE)
+    verdicts = [layout.pull(layout.activations_dir, quality.VERDICT_FILE),
+                layout.pull(layout.sae_dir(key), quality.VERDICT_FILE), features_dir]
+    reasons = [reason for folder in verdicts for reason in quality.blocking_failures(folder)]
     if reasons:
         raise dg.Failure(description=f"Refusing to label partition {key}: blocking quality checks failed: "
                          + "; ".join(reasons), metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     if config.labeller not in LABELLER_KINDS:
         raise dg.Failure(description=f"labeller: {config.labeller!r}; allowed {', '.join(LABELLER_KINDS)}",
                          allow_retries=False)
-    features_dir = layout.features_dir(key)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
     labeller, scorer = labeller_and_scorer(config.labeller)
     labels = label_features(table, labeller, examples=examples, max_latents=config.max_latents)
     scored = with_scores(labels, score_labels(labels, examples, scorer))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
-    with atomic_dir(layout.labels_dir(key)) as folder:
+    with layout.publish(layout.labels_dir(key)) as folder:
         write_labels(scored, folder / LABELS_FILE)
         render_dashboard(table, examples, folder / DASHBOARD_DIR, f"features {key}", labels=scored, n_bands=n_bands)
     summary = scores_summary(scored)
+    where = layout.location(layout.labels_dir(key))
     return dg.MaterializeResult(metadata={
-        "labels_path": dg.MetadataValue.path(str(layout.labels_dir(key) / LABELS_FILE)),
-        "dashboard_path": dg.MetadataValue.path(str(layout.labels_dir(key) / DASHBOARD_DIR / "index.html")),
+        "labels_path": dg.MetadataValue.path(f"{where}/{LABELS_FILE}"),
+        "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
         "n_labelled": len(labels), "n_scored": summary["n_scored"],
         "mean_detection_accuracy": summary["mean_detection_accuracy"],
         "mean_detection_f1": summary["mean_detection_f1"],
@@ -306,18 +325,19 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
     keys = context.instance.get_dynamic_partitions(sae_configs.name)
     logs = training_logs(layout, keys)
     runs, missing = collect_runs(layout, keys, logs)
-    report = build_sweep_report(runs, layout.analysis_dir, sweep_name="sae_configs", missing=missing,
-                                training_logs=logs)
-    plots = [p for p in (report.plot_path, report.box_plot_path, report.curves_plot_path) if p is not None]
+    with layout.publish(layout.analysis_dir) as folder:
+        report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs)
+        plots = [png_markdown(p.read_bytes(), p.stem)
+                 for p in (report.plot_path, report.box_plot_path, report.curves_plot_path) if p is not None]
+    where = layout.location(layout.analysis_dir)
     return dg.MaterializeResult(metadata={
-        "report_path": dg.MetadataValue.path(str(report.report_path)),
-        "table_path": dg.MetadataValue.path(str(report.table_path)),
+        "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
+        "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
         "n_configs": report.n_configs, "n_missing": len(missing),
         "best_balanced": report.best_balanced or "none",
         "top_configs": dg.MetadataValue.md(report.top_markdown),
         "pareto_l0_dead": list(report.pareto_dead),
-        "plots": dg.MetadataValue.md("\n\n".join(png_markdown(p.read_bytes(), p.stem) for p in plots)
-                                     if plots else "no finished run to plot"),
+        "plots": dg.MetadataValue.md("\n\n".join(plots) if plots else "no finished run to plot"),
     })
 
 
@@ -327,24 +347,25 @@ def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> 
     layout = storage.layout
     states = calibration_state(layout)
     plans = [plan for state in states for plan in state.plans]
-    out = layout.root / "calibration"
-    sections, proposals = [], {}
+    sections, proposals, pngs = [], {}, {}
     for state in states:
         for plan in state.plans:
-            png = calibration_png(plan, state.settings.tolerance)
-            write_bytes_atomic(out / f"{plan.group}.png", png)
+            png = pngs[f"{plan.group}.png"] = calibration_png(plan, state.settings.tolerance)
             proposals[plan.group] = {"sweep": state.sweep.path.name, "status": plan.status, "reason": plan.reason,
                                      "target_l0": plan.target, "n_proposed": plan.n_proposed,
                                      "proposed_l1_alpha": plan.proposal.l1_alpha,
                                      "proposed_key": plan.config.partition_key() if plan.config else None,
                                      "points": [[p.key, p.l1_alpha, p.l0] for p in plan.points]}
             sections.append(plans_markdown([plan]) + "\n\n" + png_markdown(png, f"L0 vs l1_alpha {plan.group}"))
-    write_json_atomic(out / "proposals.json", proposals)
     report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or plans_markdown([]))
-    write_bytes_atomic(out / "report.md", report.encode())
+    with layout.publish(layout.calibration_dir) as folder:
+        for name, png in pngs.items():
+            write_bytes_atomic(folder / name, png)
+        write_json_atomic(folder / "proposals.json", proposals)
+        write_bytes_atomic(folder / "report.md", report.encode())
     context.log.info(f"calibration: {len(plans)} base configs, statuses {[p.status for p in plans]}")
     return dg.MaterializeResult(metadata={
-        "report_path": dg.MetadataValue.path(str(out / "report.md")),
+        "report_path": dg.MetadataValue.path(layout.location(layout.calibration_dir, "report.md")),
         "n_groups": len(plans), "statuses": {p.group: p.status for p in plans},
         "proposals": proposals,
         "fitted_points": dg.MetadataValue.md(plans_markdown(plans)),

@@ -1,7 +1,6 @@
 """Resources: the storage root, the compute device, and the transformer model."""
 
 import os
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -13,13 +12,16 @@ from sae_pipeline.training import resolve_device
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Every file the pipeline writes lives under `root` (a local path; see README for object storage)."""
+    """Every file the pipeline writes lives under `root`: a local folder or an fsspec URL (s3://bucket/prefix),
+    whose folders each step pulls into and publishes from a local cache."""
 
-    root: str = Field(description="Storage root; default $SAE_PIPELINE_ROOT or ./data")
+    root: str = Field(description="Storage root, a folder or an fsspec URL; default $SAE_PIPELINE_ROOT or ./data")
+    cache: str | None = Field(default=None, description="Local cache of an object-store root; default "
+                              "$SAE_PIPELINE_CACHE or ~/.cache/sae_pipeline/<hash of the root>")
 
     @property
     def layout(self) -> Layout:
-        return Layout(Path(self.root).resolve())
+        return Layout.at(self.root, self.cache)
 
 
 class DeviceResource(dg.ConfigurableResource):
@@ -58,7 +60,7 @@ class QualityResource(dg.ConfigurableResource):
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     return {
-        "storage": StorageResource(root=str(default_root())),
+        "storage": StorageResource(root=default_root()),
         "device": DeviceResource(device=os.environ.get("SAE_PIPELINE_DEVICE", "auto")),
         "model": ModelResource(name=os.environ.get("SAE_PIPELINE_MODEL", EMBEDDED_MODEL)),
         "quality_thresholds": QualityResource(),

@@ -20,6 +20,7 @@ from sae_pipeline.storage import Layout
 from sae_pipeline.sweeps import (
     SweepFile,
     calibration_state,
+    read_summary,
     read_sweep_file,
     scan_sweeps,
     store_configs,
@@ -86,7 +87,7 @@ def calibration_requests(instance: dg.DagsterInstance, layout: Layout,
     pending: set[str] = set()
     never_run: list[str] = []
     for key in registered:
-        if (layout.sae_dir(key) / "summary.json").exists():
+        if read_summary(layout, key) is not None:
             continue
         latest = latest_partition_run(instance, key)
         if latest is None:
@@ -153,7 +154,7 @@ def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: d
             raise ConfigError(f"{path}: no registered relu config with target_l0 to calibrate")
         todo = sorted({k for plan in state.plans for k in _group_keys(plan, layout)}
                       - {k for k in failed} - {k for k in instance.get_dynamic_partitions(sae_configs.name)
-                                                if (layout.sae_dir(k) / "summary.json").exists()})
+                                                if read_summary(layout, k) is not None})
         proposals = [plan for plan in state.plans if plan.status == "propose" and plan.config is not None]
         if not todo:
             for plan in proposals:
@@ -169,8 +170,8 @@ def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: d
         for key in todo:
             result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
                                             raise_on_error=False)
-            l0 = json.loads((layout.sae_dir(key) / "summary.json").read_text())["metrics"]["l0_fraction"] \
-                if (layout.sae_dir(key) / "summary.json").exists() else None
+            summary = read_summary(layout, key)
+            l0 = summary["metrics"]["l0_fraction"] if summary else None
             if l0 is None:
                 failed.add(key)
             log(f"run {key}: {'ok' if result.success else 'FAILED'}, held-out L0 fraction {l0}")

@@ -57,7 +57,14 @@ from sae_pipeline.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from sae_pipeline.sweeps import calibration_state, collect_runs, load_config, training_logs
+from sae_pipeline.sweeps import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    calibration_state,
+    collect_runs,
+    load_config,
+    training_logs,
+)
 from sae_pipeline.training import train_sae
 
 FEATURES_FILE = "features.parquet"
@@ -194,8 +201,8 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
                                           "layer": store.meta["layer"], "hook": store.meta["hook"],
                                           "dataset_scaling_factor_folded": result.scaling_factor,
                                           "sae_pipeline_config": cfg.model_dump(mode="json")})
-        write_parquet_atomic(result.metrics, folder / "metrics.parquet")
-        write_json_atomic(folder / "summary.json", summary)
+        write_parquet_atomic(result.metrics, folder / METRICS_FILE)
+        write_json_atomic(folder / SUMMARY_FILE, summary)
         write_bytes_atomic(folder / "training_curves.png", curves)
         write_bytes_atomic(folder / "feature_density.png", density)
         quality.write_verdict(folder, outcomes)

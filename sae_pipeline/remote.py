@@ -106,10 +106,9 @@ def pull(folder: UPath, cache: Path, names: Sequence[str] = ()) -> Path | None:
     version, sizes = record["version"], record["files"]
     local = cache / version
     todo = [name for name in names or list(sizes) if name in sizes and not (local / name).exists()]
-    partials = {name: local / name for name in todo}
-    for name, target in partials.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partials[name] = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
+    partials = {name: local / f"{name}.part-{uuid.uuid4().hex[:8]}" for name in todo}
+    for partial in partials.values():
+        partial.parent.mkdir(parents=True, exist_ok=True)
     try:
         if todo:  # one call: async filesystems download the files concurrently
             folder.fs.get([(folder / version / name).path for name in todo], [str(partials[name]) for name in todo])

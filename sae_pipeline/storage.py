@@ -39,11 +39,16 @@ def is_remote(root: str) -> bool:
     return "://" in root and not root.startswith("file://")
 
 
+def local_root(root: str) -> Path:
+    """A local root (a folder or a file:// URL) as an absolute path."""
+    return Path(root.removeprefix("file://")).resolve()
+
+
 def default_root() -> str:
     """The storage root: `$SAE_PIPELINE_ROOT` (a folder or an fsspec URL), else `data/` under the current
     directory; a local one is made absolute."""
     root = os.environ.get("SAE_PIPELINE_ROOT", DEFAULT_ROOT)
-    return root if is_remote(root) else str(Path(root.removeprefix("file://")).resolve())
+    return root if is_remote(root) else str(local_root(root))
 
 
 def default_cache(root: str) -> Path:
@@ -69,7 +74,7 @@ class Layout:
     def at(cls, root: str, cache: str | None = None) -> Layout:
         """The layout of a storage root given as a folder or a URL (`cache`: local cache of a remote root)."""
         if not is_remote(root):
-            return cls(Path(root.removeprefix("file://")).resolve())
+            return cls(local_root(root))
         return cls(Path(cache).resolve() if cache else default_cache(root), UPath(root))
 
     @property

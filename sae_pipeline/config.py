@@ -123,6 +123,11 @@ class SAEConfig(_Strict):
     """`auto`: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are ~100x slower on these CPUs); or forced."""
     allow_tf32: bool = True
     """Let fp32 matmuls on CUDA use TF32 tensor cores."""
+    kernel: Literal["auto", "dense", "sparse"] = "auto"
+    """Training step of `topk`/`batchtopk`: `sparse` touches only the selected latents after the encoder matmul,
+    `dense` is the reference; `auto` picks sparse where it is faster (`saes/topk.py`). Other architectures: dense."""
+    torch_compile: bool = False
+    """Compile the SAE's training forward with `torch.compile` (worth it on CUDA; compiling costs seconds)."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient-norm clipping."""
     batch_size: int = Field(1024, ge=1)
@@ -168,6 +173,8 @@ class SAEConfig(_Strict):
                                      "sparsity)")
         elif self.l0_coeff is not None:
             raise ValueError(f"l0_coeff: only for architecture 'jumprelu', not {arch!r}; remove it")
+        if self.kernel == "sparse" and arch not in ("topk", "batchtopk"):
+            raise ValueError(f"kernel: 'sparse' exists for topk and batchtopk, not {arch!r}; use 'auto' or 'dense'")
         if self.resample_every and self.architecture != "relu":
             raise ValueError("resample_every: only for architecture 'relu' (TopK-style SAEs use AuxK)")
         return self

@@ -1,8 +1,13 @@
 """The training loop: one SAE, one config, read top to bottom.
 
 Schedules (lr warmup + linear decay, sparsity-coefficient warmup), dead-latent tracking (AuxK for TopK),
-decoder-norm constraint, a metrics row every `log_every` steps (the only host synchronisation), and atomic
-checkpoints that a killed run resumes from exactly.
+decoder-norm constraint, a metrics row every `log_every` steps (the only host synchronisation: one read per row),
+and atomic checkpoints that a killed run resumes from exactly. One optimiser step is `training_step`, which
+`sae_pipeline.bench` times as it is (`sae_pipeline/step.py`; its cost in matmuls is in `sae_pipeline/kernels.py`).
+
+AuxK is skipped, not multiplied by zero, while no latent can be dead: a latent is dead after `dead_tokens`
+tokens without firing, so from the largest tokens-since-fired read at the last log row the loop knows on the
+host the first step at which any latent could be dead, and passes no dead mask before it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.resampling import resample_dead_latents
 from sae_pipeline.saes import SparseAutoencoder, build_sae
 from sae_pipeline.saes.base import normalize_per_token
+from sae_pipeline.step import make_optimizer, training_step, update_firing
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESAMPLE_INPUTS = 8192
@@ -93,6 +99,12 @@ def resample_due(cfg: SAEConfig, done: int, total_steps: int) -> bool:
     return bool(cfg.resample_every) and done % cfg.resample_every == 0 and done < decay_start
 
 
+def steps_until_dead_possible(tokens_since_fired: torch.Tensor, dead_window: int, batch_size: int) -> torch.Tensor:
+    """Steps for which no latent can reach `dead_window` tokens without firing (each step adds at most one batch
+    to every count); rounded down and capped at 2**24 so that it stays exact as a float32 in the log-row read."""
+    return ((dead_window - tokens_since_fired.max()) // batch_size).clamp(0, 2**24)
+
+
 def autocast_context(cfg: SAEConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast where configured (`auto`: on CUDA only); fp32 otherwise."""
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -160,7 +172,7 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
     sample = transform(store.sample(8192, seed=cfg.seed))
     sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=sample.mean(dim=0))
     sae.to(dev)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = make_optimizer(sae, cfg.lr, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     sampler = BatchSampler(store, cfg.batch_size, cfg.seed)
     tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)
@@ -183,28 +195,20 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
     if state is not None and "window" in state:  # a checkpoint between two log rows carries the partial sums
         window.copy_(state["window"])
         window_steps = int(state["window_steps"])
+    aux_from = start_step + int(steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size))
+    forward = torch.compile(sae) if cfg.torch_compile else sae
+    autocast = autocast_context(cfg, dev)
     sae.train()
     for step in range(start_step, total_steps):
         x = transform(sampler.next_batch()).to(dev, non_blocking=True)
-        dead_mask = tokens_since_fired >= dead_window
-        with autocast_context(cfg, dev):
-            out = sae(x, sparsity_coefficient(cfg, step), dead_mask)
-        out.loss.backward()
-        if sae.unit_norm_decoder:
-            sae.remove_gradient_parallel_to_decoder()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        dead_mask = tokens_since_fired >= dead_window if step >= aux_from else None
+        out = training_step(sae, forward, optimizer, x, sparsity_coefficient(cfg, step), dead_mask, cfg.grad_clip,
+                            autocast)
         scheduler.step()
-        if sae.unit_norm_decoder:
-            sae.set_decoder_norm_to_unit()
-        sae.after_step(out)
 
         with torch.no_grad():
-            fired = (out.latents > 0).any(dim=0)
-            tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
-            l0 = (out.latents > 0).sum(dim=-1).float().mean()
-            terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, l0)
+            update_firing(tokens_since_fired, out, x.shape[0])
+            terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
             window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
             window_steps += 1
 
@@ -216,9 +220,11 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
             if resample_dead_latents(sae, optimizer, dead, sample, generator):
                 tokens_since_fired.masked_fill_(dead, 0)
         if done % cfg.log_every == 0 or done == total_steps:
-            means = (window / window_steps).tolist()
             seen = done * cfg.batch_size
-            dead = (tokens_since_fired >= min(dead_window, seen)).float().mean().item()
+            dead = (tokens_since_fired >= min(dead_window, seen)).float().mean()
+            wait = steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size)
+            *means, dead, wait = torch.cat([window / window_steps, dead[None], wait[None].float()]).tolist()
+            aux_from = done + int(wait)
             row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / store.d_model,
                    "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead,
                    "lr": scheduler.get_last_lr()[0]}

@@ -129,7 +129,7 @@ def test_running_threshold_gives_about_k_per_token_at_inference():
     with torch.no_grad():
         for _ in range(300):
             out = sae(torch.randn(128, 16, generator=generator))
-            assert (out.latents > 0).sum().item() == 4 * 128
+            assert (out.dense_latents() > 0).sum().item() == 4 * 128
             sae.after_step(out)
         sae.eval()
         l0 = (sae.encode(torch.randn(8192, 16, generator=generator)) > 0).sum(dim=1).float().mean().item()
@@ -287,10 +287,10 @@ def test_fold_scaling_factor_keeps_thresholds_consistent(arch, scale):
     x = torch.randn(40, 6, generator=torch.Generator().manual_seed(7)) * 2
     with torch.no_grad():
         x_hat_scaled, latents_scaled = sae.reconstruct(scale * x)
-        train_scaled = sae.train()(scale * x).latents
+        train_scaled = sae.train()(scale * x).dense_latents()
         sae.eval().fold_scaling_factor(scale)
         x_hat, latents = sae.reconstruct(x)
-        train_raw = sae.train()(x).latents
+        train_raw = sae.train()(x).dense_latents()
     assert torch.allclose(latents, latents_scaled, atol=1e-5)
     assert torch.allclose(x_hat, x_hat_scaled / scale, atol=1e-5)
     assert torch.allclose(train_raw, train_scaled, atol=1e-5)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sae_pipeline.config import SAEConfig
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder, load_state, read_cfg
 from sae_pipeline.saes.batchtopk import BatchTopKSAE
 from sae_pipeline.saes.gated import GatedSAE
 from sae_pipeline.saes.jumprelu import JumpReLUSAE
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.saes.topk import TopKSAE
+
+if TYPE_CHECKING:  # the architectures import with torch alone (sae_pipeline.bench on a GPU machine)
+    from sae_pipeline.config import SAEConfig
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
                                                      "jumprelu": JumpReLUSAE, "gated": GatedSAE}
@@ -21,10 +24,11 @@ def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     cfg.validate_for_model(d_in)
     normalize = "per_token" if cfg.normalize == "per_token" else "none"
     if cfg.architecture == "topk":
-        return TopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff)
+        return TopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
+                       kernel=cfg.kernel)
     if cfg.architecture == "batchtopk":
         return BatchTopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
-                            threshold_decay=cfg.batchtopk_threshold_decay)
+                            threshold_decay=cfg.batchtopk_threshold_decay, kernel=cfg.kernel)
     if cfg.architecture == "jumprelu":
         target = None if cfg.target_l0 is None else cfg.target_l0 * cfg.d_sae(d_in)
         return JumpReLUSAE(d_in, cfg.d_sae(d_in), normalize, bandwidth=cfg.jumprelu_bandwidth,

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from sae_pipeline.kernels import SparseCode
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -21,8 +22,8 @@ class ForwardOutput(NamedTuple):
 
     x_hat: Tensor
     """Reconstruction of the (normalised) input, [batch, d_in]."""
-    latents: Tensor
-    """Latent activations, [batch, d_sae]; zero where a latent does not fire."""
+    latents: Tensor | None
+    """Latent activations, [batch, d_sae]; zero where a latent does not fire. None on the sparse path (`code`)."""
     loss: Tensor
     """Total training loss: reconstruction + sparsity + auxiliary."""
     recon_loss: Tensor
@@ -31,6 +32,20 @@ class ForwardOutput(NamedTuple):
     """Coefficient-weighted sparsity penalty (zero for TopK, whose sparsity is structural)."""
     aux_loss: Tensor
     """Coefficient-weighted auxiliary loss (AuxK for TopK; zero otherwise)."""
+    code: SparseCode | None = None
+    """The selected latents in CSR form, on the sparse path instead of `latents`."""
+
+    def fired(self) -> Tensor:
+        """[d_sae] bool: latents positive on at least one token of the batch."""
+        return self.code.fired() if self.code is not None else (self.latents > 0).any(dim=0)
+
+    def l0(self) -> Tensor:
+        """Mean number of positive latents per token."""
+        return self.code.l0() if self.code is not None else (self.latents > 0).sum(dim=-1).float().mean()
+
+    def dense_latents(self) -> Tensor:
+        """`latents`, built from `code` on the sparse path (for tests and inspection, not the training step)."""
+        return self.code.to_dense() if self.code is not None else self.latents
 
 
 def normalize_per_token(x: Tensor, eps: float = NORM_EPS) -> tuple[Tensor, Tensor]:
@@ -115,8 +130,8 @@ class SparseAutoencoder(nn.Module):
         """Project out the gradient component along each (unit) decoder row, so the renorm does not fight Adam."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def fold_scaling_factor(self, factor: float) -> None:
@@ -163,6 +178,8 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, folder: Path, metadata: dict[str, Any]) -> None:
         """Write cfg.json and sae_weights.safetensors (SAELens layout) into an existing folder."""
+        from safetensors.torch import save_file  # imported here: training and the bench need torch alone
+
         save_file(self.file_tensors(), str(folder / WEIGHTS_FILE))
         (folder / CFG_FILE).write_text(json.dumps(self.saelens_cfg(metadata), indent=2, default=str))
 
@@ -173,5 +190,7 @@ def read_cfg(folder: Path) -> dict[str, Any]:
 
 def load_state(sae: SparseAutoencoder, folder: Path) -> SparseAutoencoder:
     """Load weights with safetensors (no pickle); shapes are checked by load_state_dict(strict=True)."""
+    from safetensors.torch import load_file
+
     sae.load_file_tensors(load_file(str(Path(folder) / WEIGHTS_FILE)))
     return sae

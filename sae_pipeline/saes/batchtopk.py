@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_pipeline.kernels import batch_topk_selection
 from sae_pipeline.saes.base import ForwardOutput
-from sae_pipeline.saes.topk import TopKSAE
+from sae_pipeline.saes.topk import Kernel, TopKSAE
 
 
 def batch_topk_latents(pre: Tensor, k: int) -> Tensor:
@@ -39,8 +40,9 @@ class BatchTopKSAE(TopKSAE):
     saelens_architecture = "jumprelu"
 
     def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None,
-                 k_aux: int | None = None, aux_coeff: float = 1 / 32, threshold_decay: float = 0.99):
-        super().__init__(d_in, d_sae, normalize, k, k_aux=k_aux, aux_coeff=aux_coeff)
+                 k_aux: int | None = None, aux_coeff: float = 1 / 32, threshold_decay: float = 0.99,
+                 kernel: Kernel = "auto"):
+        super().__init__(d_in, d_sae, normalize, k, k_aux=k_aux, aux_coeff=aux_coeff, kernel=kernel)
         self.threshold_decay = threshold_decay
         # inference threshold on the pre-activations; negative (a plain ReLU) until the first training step
         self.register_buffer("threshold", torch.full((d_sae,), -1.0))
@@ -52,16 +54,21 @@ class BatchTopKSAE(TopKSAE):
     def training_latents(self, pre: Tensor) -> Tensor:
         return batch_topk_latents(pre, self.k)
 
+    def training_selection(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        return batch_topk_selection(pre, self.k)
+
     @torch.no_grad()
     def update_threshold(self, latents: Tensor) -> None:
-        """threshold <- decay * threshold + (1 - decay) * (smallest kept activation); set outright the first time."""
+        """threshold <- decay * threshold + (1 - decay) * (smallest kept activation); set outright the first time.
+
+        `latents` is the dense code or the sparse code's values: only its positive entries matter."""
         kept = min_kept_activation(latents.detach()).to(self.threshold.dtype)
         first = self.threshold < 0
         blended = self.threshold * self.threshold_decay + kept * (1 - self.threshold_decay)
         self.threshold.copy_(torch.where(first, kept, blended))
 
     def after_step(self, out: ForwardOutput) -> None:
-        self.update_threshold(out.latents)
+        self.update_threshold(out.code.values if out.code is not None else out.latents)
 
     def extra_cfg(self) -> dict:
         return {"k": self.k, "activation_fn": "relu", "threshold_decay": self.threshold_decay,

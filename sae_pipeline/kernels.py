@@ -10,9 +10,10 @@ m = d_sae:
 - dense reference: 6 matmuls of B x d x m (encoder forward, decoder forward, and two each in their backward;
   AuxK adds a dense decode and its two backward matmuls: 9 in all);
 - sparse path: 1 dense matmul of B x d x m (the encoder forward); everything else is O(n * d): an
-  embedding-bag decode, a sampled dense-dense product for the value gradients and a CSR-transpose product for
-  each weight gradient; b_dec's encoder-side gradient is one d x m matrix-vector product. AuxK adds the same
-  sparse work for n_aux pairs. Top-k over [B, m] and the optimiser's O(d * m) update remain dense.
+  embedding-bag decode, a sampled dense-dense product for the value gradients and a CSR product with the
+  transposed selection for each weight gradient; b_dec's encoder-side gradient is one d x m matrix-vector
+  product. AuxK adds the same sparse work for n_aux pairs. Top-k over [B, m] and the optimiser's O(d * m)
+  update remain dense.
 
 On CPU the products go through PyTorch's CSR kernels (MKL); on CUDA through cuSPARSE. Every function here is
 checked against the dense reference in `sae_pipeline_tests/test_kernels.py`.
@@ -77,8 +78,16 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> 
 
 
 def _transpose_mm(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int, dense: Tensor) -> Tensor:
-    """S^T @ dense for the CSR matrix S [rows, n_cols]: [n_cols, dense.shape[1]] (a weight gradient)."""
-    return _csr(crow, cols, values, (crow.shape[0] - 1, n_cols)).t() @ dense
+    """S^T @ dense for the CSR matrix S [rows, n_cols]: [n_cols, dense.shape[1]] (a weight gradient).
+
+    S^T is built as a CSR matrix of its own (entries sorted by column) and multiplied as CSR @ dense, the product
+    MKL and cuSPARSE both have; measured faster on CPU than PyTorch's CSC transpose view."""
+    order = torch.argsort(cols, stable=True)
+    counts = torch.bincount(cols, minlength=n_cols)
+    crow_t = torch.zeros(n_cols + 1, dtype=torch.long, device=cols.device)
+    crow_t[1:] = counts.cumsum(0)
+    rows = csr_rows(crow, cols.shape[0])[order]
+    return _csr(crow_t, rows, values[order], (n_cols, crow.shape[0] - 1)) @ dense
 
 
 def _sampled_mm(crow: Tensor, cols: Tensor, left: Tensor, right_t: Tensor) -> Tensor:

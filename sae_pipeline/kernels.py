@@ -73,6 +73,13 @@ def csr_rows(crow: Tensor, nnz: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff(), output_size=nnz)
 
 
+def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row offsets [n_rows + 1] of entries with these row ids (any order), without a host sync
+    (`torch.bincount` reads the maximum back on CUDA)."""
+    counts = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
@@ -83,11 +90,8 @@ def _transpose_mm(crow: Tensor, cols: Tensor, values: Tensor, n_cols: int, dense
     S^T is built as a CSR matrix of its own (entries sorted by column) and multiplied as CSR @ dense, the product
     MKL and cuSPARSE both have; measured faster on CPU than PyTorch's CSC transpose view."""
     order = torch.argsort(cols, stable=True)
-    counts = torch.bincount(cols, minlength=n_cols)
-    crow_t = torch.zeros(n_cols + 1, dtype=torch.long, device=cols.device)
-    crow_t[1:] = counts.cumsum(0)
     rows = csr_rows(crow, cols.shape[0])[order]
-    return _csr(crow_t, rows, values[order], (n_cols, crow.shape[0] - 1)) @ dense
+    return _csr(row_offsets(cols, n_cols), rows, values[order], (n_cols, crow.shape[0] - 1)) @ dense
 
 
 def _sampled_mm(crow: Tensor, cols: Tensor, left: Tensor, right_t: Tensor) -> Tensor:
@@ -169,7 +173,4 @@ def batch_topk_selection(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(crow, cols) of the k * batch largest scores of the whole batch (per-token counts vary)."""
     n_rows, n_cols = scores.shape
     flat = scores.flatten().topk(min(k * n_rows, scores.numel()), sorted=False).indices.sort().values
-    counts = torch.bincount(flat // n_cols, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=scores.device)
-    crow[1:] = counts.cumsum(0)
-    return crow, flat % n_cols
+    return row_offsets(flat // n_cols, n_rows), flat % n_cols

@@ -12,7 +12,7 @@ import torch
 
 from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
 from sae_pipeline.evaluation import evaluate_sae
-from sae_pipeline.kernels import SparseCode, batch_topk_selection, topk_selection
+from sae_pipeline.kernels import SparseCode, batch_topk_selection, row_offsets, topk_selection
 from sae_pipeline.saes import build_sae
 from sae_pipeline.saes.batchtopk import BatchTopKSAE, batch_topk_latents
 from sae_pipeline.saes.topk import SPARSE_MAX_DENSITY, TopKSAE, topk_latents
@@ -78,6 +78,11 @@ def test_batch_topk_selection_matches_dense_batch_topk():
     dense = batch_topk_latents(pre, 3)
     assert torch.equal(code.to_dense(), dense)
     assert len(set(crow.diff().tolist())) > 1  # per-token counts vary; the batch averages k
+
+
+def test_row_offsets_by_hand():
+    assert row_offsets(torch.tensor([2, 0, 2, 2]), 4).tolist() == [0, 1, 1, 4, 4]
+    assert row_offsets(torch.tensor([], dtype=torch.long), 2).tolist() == [0, 0, 0]
 
 
 def test_sparse_code_statistics_equal_dense_ones():

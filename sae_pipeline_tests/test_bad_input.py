@@ -83,6 +83,24 @@ SWEEP_CASES = [
     ("k_aux >= d_sae", "base: {architecture: topk, k: 8, expansion_factor: 1, k_aux: 384}", "k_aux"),
     ("normalize unknown", "base: {architecture: topk, k: 8, normalize: layer}", "normalize"),
     ("bad point", "base: {architecture: topk, k: 8}\npoints: [{k: 8, lr: 2.0}]", "lr"),
+    *[(f"{field} infinite", f"base: {{architecture: {arch}, {sparsity}, {field}: .inf}}", field)
+      for arch, sparsity, field in [
+          ("relu", "lr: 0.001", "l1_alpha"), ("jumprelu", "lr: 0.001", "l0_coeff"),
+          ("topk", "k: 8", "aux_coeff"), ("topk", "k: 8", "grad_clip"),
+          ("jumprelu", "l0_coeff: 1.0", "jumprelu_bandwidth"),
+          ("jumprelu", "l0_coeff: 1.0", "jumprelu_init_threshold")]],
+    ("lr NaN", "base: {architecture: topk, k: 8, lr: .nan}", "lr"),
+    ("seed 1e30", "base: {architecture: topk, k: 8, seed: 1.0e+30}", "seed"),
+    ("seed negative", "base: {architecture: topk, k: 8, seed: -1}", "seed"),
+    ("batch size 1e12", "base: {architecture: topk, k: 8, batch_size: 1000000000000}", "batch_size"),
+    ("batch size beyond memory", "base: {architecture: topk, k: 8, expansion_factor: 1024, batch_size: 1048576}",
+     "batch_size"),
+    ("k true", "base: {architecture: topk, k: true}", "k"),
+    ("batch size true", "base: {architecture: topk, k: 8, batch_size: true}", "batch_size"),
+    ("6 x 40 grid", "base: {architecture: topk, k: 8}\ngrid: {" + ", ".join(
+        f"{field}: [{', '.join(str(v) for v in range(1, 41))}]" for field in (
+            "seed", "log_every", "checkpoint_every", "lr_warmup_steps", "l1_warmup_steps", "early_stop_window"))
+     + "}", "sweep size"),
 ]
 RAW_SWEEP_CASES = [
     ("not valid YAML", "name: [unclosed\nbase: {", "not valid YAML"),

@@ -122,8 +122,10 @@ def pad_batch(ids_list: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Residual stream after block `layer`, shape [batch, seq, d_model]; the forward stops there."""
+    """Residual stream after block `layer`, shape [batch, seq, d_model], on the CPU; the forward stops there
+    and runs on the model's device."""
     captured: list[torch.Tensor] = []
+    device = next(model.parameters()).device
 
     def hook(_module, _inputs, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
@@ -131,12 +133,12 @@ def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mas
 
     handle = transformer_blocks(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=mask)
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
     except _StopForward:
         pass
     finally:
         handle.remove()
-    return captured[0].float()
+    return captured[0].float().cpu()
 
 
 @dataclass

@@ -192,6 +192,9 @@ DAGSTER_CASES = [
     ("thresholds out of order", [activations], {},
      {"quality_thresholds": QualityResource(overrides={"fvu_warn": 3.0})}, "fvu_warn"),
     ("unknown device", [sae], {}, {"device": DeviceResource(device="tpu")}, "device"),
+    ("unknown device for activations", [activations], {}, {"device": DeviceResource(device="tpu")}, "device: 'tpu'"),
+    ("unknown device for the corpus and activations", [corpus, activations], {},
+     {"device": DeviceResource(device="tpu")}, "device: 'tpu'"),
 ]
 
 

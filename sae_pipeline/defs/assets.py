@@ -138,14 +138,15 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
           check_specs=ACTIVATIONS_CHECKS,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
-                model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
+                model: ModelResource, device: DeviceResource,
+                quality_thresholds: QualityResource) -> dg.MaterializeResult:
     spec = parse_spec(ActivationSpec, {"model": model.name, "trust_remote_code": model.trust_remote_code,
                                        **config.model_dump()}, where="activations config")
     thresholds = quality_thresholds.thresholds()
     validate_layer(spec)  # from the model's config alone: before any weights load or file write
     layout = storage.layout
     frame = read_corpus(layout)
-    tokenizer, transformer = load_tokenizer(spec), load_model(spec)
+    tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
     check_layer(transformer, spec.layer)
     with layout.publish(layout.activations_dir) as folder:
         meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)

@@ -262,6 +262,35 @@ def validate_partition_key(key: str) -> str:
     return key
 
 
+LabellerKind = Literal["offline", "llm"]
+
+
+class FeaturesSpec(_Strict):
+    """How many examples per latent the `features` step keeps (validated when a run starts, before training)."""
+
+    top_n: Int = Field(20, ge=1, le=1000)
+    """Top activating examples per latent (shown to the labeller)."""
+    window: Int = Field(16, ge=0, le=1024)
+    """Context tokens on each side of an example's token."""
+    n_bands: Int = Field(5, ge=1, le=100)
+    """Equal-width activation bands of (0, max] for quantile samples."""
+    per_band: Int = Field(5, ge=0, le=1000)
+    """Examples sampled per band (held out for scoring)."""
+    n_random: Int = Field(10, ge=0, le=1000)
+    """Non-activating examples per latent (held out for scoring)."""
+    vocab_projection: bool = True
+    """Logit effects (causal LM) or nearest embeddings (encoder)."""
+
+
+class LabelsSpec(_Strict):
+    """Which labeller the `feature_labels` step uses (validated when a run starts, before training)."""
+
+    labeller: LabellerKind = "offline"
+    """`offline` (no network) or `llm` (endpoint, model and key from the environment)."""
+    max_latents: Int = Field(0, ge=0)
+    """Label at most this many live latents (highest max first); 0 = all."""
+
+
 class CalibrationSpec(_Strict):
     """Settings of the calibration sensor for one sweep: propose l1_alpha runs until L0 is on target."""
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
 
 import polars as pl
 
+from sae_pipeline.config import LabellerKind
 from sae_pipeline.labelling import ChatClient, LLMError, normalise_token
 from sae_pipeline.markdown import format_cell
 
@@ -184,7 +185,7 @@ def best_worst_markdown(scored: pl.DataFrame, n: int = 5) -> str:
     return "\n".join(lines)
 
 
-LABELLER_KINDS = ("offline", "llm")
+LABELLER_KINDS: tuple[str, ...] = get_args(LabellerKind)
 
 
 def labeller_and_scorer(kind: str, environ: dict[str, str] | None = None):

@@ -19,7 +19,7 @@ import torch
 
 import sae_pipeline.defs.assets as assets_module
 from sae_pipeline import cli
-from sae_pipeline.defs.assets import activations, corpus, features, sae
+from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae
 from sae_pipeline.defs.resources import DeviceResource, QualityResource
 from sae_pipeline.saes import load_sae
 from sae_pipeline.storage import atomic_dir
@@ -207,6 +207,27 @@ def test_bad_asset_config_or_resource_is_rejected_before_any_write(
     result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
     assert not result.success
     assert field in error_text(result), error_text(result)
+    assert tree_digest(pipe.root) == before
+
+
+DOWNSTREAM_CASES = [
+    ("features top_n 0", "features", {"top_n": 0}, "top_n"),
+    ("features window -1", "features", {"window": -1}, "window"),
+    ("features n_bands 0", "features", {"n_bands": 0}, "n_bands"),
+    ("labeller bogus", "feature_labels", {"labeller": "bogus"}, "labeller"),
+    ("max_latents -5", "feature_labels", {"max_latents": -5}, "max_latents"),
+]
+
+
+@pytest.mark.parametrize(("asset", "config", "field"), [pytest.param(*case[1:], id=case[0])
+                                                        for case in DOWNSTREAM_CASES])
+def test_bad_downstream_config_fails_before_training(copy: tuple[Pipeline, str], asset: str, config: dict,
+                                                     field: str) -> None:
+    pipe, key = copy
+    before = tree_digest(pipe.root)
+    result = _run(pipe, [sae, features, feature_labels], key, _ops(asset, **config))
+    assert not result.success and f"{asset} config" in error_text(result) and field in error_text(result)
+    assert not result.asset_materializations_for_node("sae")  # failed at the first step: nothing retrained
     assert tree_digest(pipe.root) == before
 
 

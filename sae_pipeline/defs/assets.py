@@ -20,7 +20,14 @@ from sae_pipeline.activations import (
 )
 from sae_pipeline.analysis import build_sweep_report, last_window_mean
 from sae_pipeline.calibration import calibration_png, plans_markdown
-from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec, parse_spec
+from sae_pipeline.config import (
+    EMBEDDED_CORPUS,
+    ActivationSpec,
+    CorpusSpec,
+    FeaturesSpec,
+    LabelsSpec,
+    parse_spec,
+)
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
 from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result, refuse_if_blocked
@@ -42,7 +49,6 @@ from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
-    LABELLER_KINDS,
     best_worst_markdown,
     labeller_and_scorer,
     score_labels,
@@ -103,16 +109,36 @@ class ActivationsConfig(dg.Config):
     seed: int = Field(0, description="Seed of the train/eval split")
 
 
+def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None:
+    """The raw config this run gives `asset`, or None when the run does not materialise it."""
+    selection = context.dagster_run.asset_selection
+    if selection and dg.AssetKey(asset) not in selection:  # empty or None: the whole job
+        return None
+    return context.run_config.get("ops", {}).get(asset, {}).get("config", {})
+
+
 def validate_run_activations_config(context: dg.AssetExecutionContext, model: ModelResource) -> None:
     """In a run that also extracts activations, check their config (the layer above all) before the corpus is
     rewritten, so a bad value fails the run with nothing written."""
-    selection = context.dagster_run.asset_selection
-    if selection and dg.AssetKey("activations") not in selection:  # empty or None: the whole job
+    raw = _run_config_of(context, "activations")
+    if raw is None:
         return
-    raw = context.run_config.get("ops", {}).get("activations", {}).get("config", {})
     spec = parse_spec(ActivationSpec, {**raw, "model": model.name, "trust_remote_code": model.trust_remote_code},
                       where="activations config")
     validate_layer(spec)
+
+
+DOWNSTREAM_SPECS: dict[str, type[FeaturesSpec | LabelsSpec]] = {"features": FeaturesSpec,
+                                                                 "feature_labels": LabelsSpec}
+
+
+def validate_downstream_config(context: dg.AssetExecutionContext, *assets: str) -> None:
+    """Check the config of this run's later steps before this one computes, so a bad `features` or
+    `feature_labels` value fails the run before an SAE is trained, with nothing written."""
+    for asset in assets:
+        raw = _run_config_of(context, asset)
+        if raw is not None:
+            parse_spec(DOWNSTREAM_SPECS[asset], raw, where=f"{asset} config")
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
@@ -170,6 +196,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
         quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    validate_downstream_config(context, "features", "feature_labels")
     thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
     acts = layout.pull(layout.activations_dir)
@@ -241,6 +268,8 @@ class FeaturesConfig(dg.Config):
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
              device: DeviceResource, model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    spec = parse_spec(FeaturesSpec, config.model_dump(), where="features config")
+    validate_downstream_config(context, "feature_labels")
     thresholds = quality_thresholds.thresholds()
     acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
     refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
@@ -248,10 +277,10 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
     autoencoder = load_sae(weights)
     store = ActivationStore(acts)
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
-    vocab = load_vocab_matrix(model.name, model.trust_remote_code) if config.vocab_projection else None
+    vocab = load_vocab_matrix(model.name, model.trust_remote_code) if spec.vocab_projection else None
     tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,
-                              top_n=config.top_n, window=config.window, n_bands=config.n_bands,
-                              per_band=config.per_band, n_random=config.n_random, vocab=vocab,
+                              top_n=spec.top_n, window=spec.window, n_bands=spec.n_bands,
+                              per_band=spec.per_band, n_random=spec.n_random, vocab=vocab,
                               device=device.resolve())
     frame = tables.latents
     vocab_kind = vocab[0] if vocab else "none"
@@ -259,9 +288,9 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
     with layout.publish(layout.features_dir(key)) as folder:
         write_features(frame, folder / FEATURES_FILE)
         write_examples(tables.examples, folder / EXAMPLES_FILE)
-        write_json_atomic(folder / FEATURES_META_FILE, {**config.model_dump(), "vocab_kind": vocab_kind,
+        write_json_atomic(folder / FEATURES_META_FILE, {**spec.model_dump(), "vocab_kind": vocab_kind,
                                                         "model": model.name})
-        render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=config.n_bands)
+        render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=spec.n_bands)
         quality.write_verdict(folder, outcomes)
     summary = features_summary(frame)
     where = layout.location(layout.features_dir(key))
@@ -292,6 +321,7 @@ class LabelsConfig(dg.Config):
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
     features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
                                quality.VERDICT_FILE)
     verdicts = [layout.pull(layout.activations_dir, quality.VERDICT_FILE),
@@ -300,13 +330,10 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
     if reasons:
         raise dg.Failure(description=f"Refusing to label partition {key}: blocking quality checks failed: "
                          + "; ".join(reasons), metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
-    if config.labeller not in LABELLER_KINDS:
-        raise dg.Failure(description=f"labeller: {config.labeller!r}; allowed {', '.join(LABELLER_KINDS)}",
-                         allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
-    labeller, scorer = labeller_and_scorer(config.labeller)
-    labels = label_features(table, labeller, examples=examples, max_latents=config.max_latents)
+    labeller, scorer = labeller_and_scorer(spec.labeller)
+    labels = label_features(table, labeller, examples=examples, max_latents=spec.max_latents)
     scored = with_scores(labels, score_labels(labels, examples, scorer))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:

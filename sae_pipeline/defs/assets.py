@@ -368,7 +368,7 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
     return dg.MaterializeResult(metadata={
         "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
         "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
-        "n_configs": report.n_configs, "n_missing": len(missing),
+        "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
         "best_balanced": report.best_balanced or "none",
         "top_configs": dg.MetadataValue.md(report.top_markdown),
         "pareto_l0_dead": list(report.pareto_dead),

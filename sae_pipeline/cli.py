@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sae_pipeline.config import ConfigError, load_sweep
-from sae_pipeline.storage import Layout, default_root
+from sae_pipeline.storage import Layout, default_root, exclusive
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 """Run config for in-process runs: step-level INFO on the console (the UI keeps every event)."""
@@ -43,11 +43,17 @@ def register(path: str, dry_run: bool) -> list[str]:
 
 
 def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
-    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed."""
-    if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
-        return True
-    print("== prepare_activations: corpus + activations", flush=True)
-    return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success
+    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed.
+
+    Under a lock on the storage root: of two commands started at once on a fresh root, one extracts and the
+    other waits, then finds the store."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with exclusive(layout.root / ".activations.lock"):
+        if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
+            return True
+        print("== prepare_activations: corpus + activations", flush=True)
+        return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance,
+                                                                              run_config=QUIET).success
 
 
 def run_sweep(path: str, refresh: bool) -> int:

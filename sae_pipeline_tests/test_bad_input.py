@@ -375,3 +375,32 @@ def test_killed_mid_write_leaves_previous_outputs_intact(tmp_path: Path) -> None
         (folder / "weights.bin").write_bytes(b"new")
     assert (final / "weights.bin").read_bytes() == b"new"
     assert sorted(p.name for p in final.parent.iterdir()) == ["key"]
+
+
+def test_concurrent_writer_keeps_a_live_writers_folder(tmp_path: Path) -> None:
+    """Two writers of one folder at once (two `run-sweep` on a fresh root): neither removes the other's
+    temporary folder, and each swap leaves one complete folder."""
+    final = tmp_path / "activations"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from sae_pipeline.storage import atomic_dir
+        with atomic_dir(Path({str(final)!r})) as folder:
+            (folder / "first.bin").write_bytes(b"first half")
+            print("writing", flush=True)
+            sys.stdin.readline()
+            (folder / "second.bin").write_bytes(b"second half")
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert process.stdout.readline().strip() == b"writing"
+        with atomic_dir(final) as folder:  # recovers `final` while the other writer is mid-write
+            (folder / "other.bin").write_bytes(b"the other writer")
+        assert (final / "other.bin").read_bytes() == b"the other writer"
+        _, stderr = process.communicate(b"go\n", timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()
+    assert sorted(p.name for p in final.iterdir()) == ["first.bin", "second.bin"]  # the last swap, whole
+    assert sorted(p.name for p in final.parent.iterdir()) == ["activations"]

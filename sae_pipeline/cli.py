@@ -20,6 +20,21 @@ def _default_dagster_home() -> None:
     home.mkdir(parents=True, exist_ok=True)
 
 
+INSTANCE_LOCK = ".sae_pipeline_instance.lock"
+
+
+def open_instance():
+    """The Dagster instance under DAGSTER_HOME, created and migrated by one command at a time.
+
+    Opening an instance creates its SQLite databases and stamps their schema version; two first commands on a
+    fresh home doing that at once can crash or leave two alembic heads that every later command fails on.
+    """
+    import dagster as dg
+
+    with exclusive(Path(os.environ["DAGSTER_HOME"]) / INSTANCE_LOCK):
+        return dg.DagsterInstance.get()
+
+
 def register(path: str, dry_run: bool) -> list[str]:
     """Validate a sweep spec, then (unless dry_run) store its configs and add its partitions."""
     from sae_pipeline.activations import model_width
@@ -33,10 +48,8 @@ def register(path: str, dry_run: bool) -> list[str]:
     keys = [config.partition_key() for config in configs]
     if dry_run:
         return keys
-    import dagster as dg
-
     store_configs(Layout.at(default_root()), configs)
-    instance = dg.DagsterInstance.get()
+    instance = open_instance()
     existing = set(instance.get_dynamic_partitions(sae_configs.name))
     instance.add_dynamic_partitions(sae_configs.name, [k for k in keys if k not in existing])
     return keys
@@ -58,12 +71,10 @@ def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
 
 def run_sweep(path: str, refresh: bool) -> int:
     """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
-    import dagster as dg
-
     from sae_pipeline.definitions import defs
 
     keys = register(path, dry_run=False)
-    instance = dg.DagsterInstance.get()
+    instance = open_instance()
     layout = Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh):
         return 1
@@ -82,13 +93,11 @@ def run_sweep(path: str, refresh: bool) -> int:
 
 def calibrate(path: str) -> int:
     """Register the sweep, extract activations if needed, then run the l1_alpha calibration loop in process."""
-    import dagster as dg
-
     from sae_pipeline.definitions import defs
     from sae_pipeline.defs.sensors import calibrate_in_process
 
     register(path, dry_run=False)
-    instance, layout = dg.DagsterInstance.get(), Layout.at(default_root())
+    instance, layout = open_instance(), Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh=False):
         return 1
     plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,

@@ -48,7 +48,9 @@ def register(path: str, dry_run: bool) -> list[str]:
     keys = [config.partition_key() for config in configs]
     if dry_run:
         return keys
-    store_configs(Layout.at(default_root()), configs)
+    layout = Layout.at(default_root())
+    layout.check_writable()
+    store_configs(layout, configs)
     instance = open_instance()
     existing = set(instance.get_dynamic_partitions(sae_configs.name))
     instance.add_dynamic_partitions(sae_configs.name, [k for k in keys if k not in existing])
@@ -86,9 +88,22 @@ def run_sweep(path: str, refresh: bool) -> int:
         if not result.success:
             failed.append(key)
     print("== analyze_sweep", flush=True)
-    defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET)
+    analysis = defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET,
+                                                                        raise_on_error=False)
     _print_results(layout, keys, failed)
+    if not analysis.success:
+        print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
+
+
+def failure_message(result) -> str:
+    """The first step failure of an in-process run, as one line (its error message, not the traceback)."""
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if event.is_step_failure and error is not None:
+            return f"{event.step_key}: {error.message.strip().splitlines()[0]}"
+    return "see the run in the UI"
 
 
 def calibrate(path: str) -> int:
@@ -130,15 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                               "runs until L0 is on target (in process; see the calibration sensor)")
     cal.add_argument("file")
     args = parser.parse_args(argv)
-    _default_dagster_home()
     try:
+        _default_dagster_home()
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
         if args.command == "calibrate":
             return calibrate(args.file)
         return run_sweep(args.file, args.refresh_activations)
-    except ConfigError as error:
+    except (ConfigError, OSError) as error:  # bad input, or a root/home that cannot be written: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
 

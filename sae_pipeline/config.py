@@ -36,6 +36,8 @@ MAX_BATCH_TOKENS = 2**20
 """Upper bound on SAE batch_size (tokens per step); memory is checked against the machine separately."""
 MAX_SWEEP_CONFIGS = 10_000
 """Upper bound on the configs one sweep expands to, checked before the cross product is built."""
+MAX_SWEEP_FILE_BYTES = 16 * 2**20
+"""Upper bound on a sweep file's size, checked before it is read."""
 
 
 class ConfigError(ValueError):
@@ -394,10 +396,17 @@ def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep YAML file; ConfigError names the file and the field."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file {path}: does not exist")
+    if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
+        raise ConfigError(f"sweep file {path}: not a regular file")
+    if path.stat().st_size > MAX_SWEEP_FILE_BYTES:
+        raise ConfigError(f"sweep file {path}: {path.stat().st_size} bytes; allowed: at most "
+                          f"{MAX_SWEEP_FILE_BYTES}")
     try:
         raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path}: does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"sweep file {path}: cannot be read ({error})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"sweep file {path}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):

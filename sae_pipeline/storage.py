@@ -30,7 +30,7 @@ import polars as pl
 from upath import UPath
 
 from sae_pipeline import remote
-from sae_pipeline.config import validate_partition_key
+from sae_pipeline.config import ConfigError, validate_partition_key
 
 DEFAULT_ROOT = "data"
 CORPUS_FILE = "corpus.parquet"
@@ -78,6 +78,23 @@ class Layout:
         if not is_remote(root):
             return cls(local_root(root))
         return cls(Path(cache).resolve() if cache else default_cache(root), UPath(root))
+
+    def check_writable(self) -> None:
+        """ConfigError before any compute when the local root (the cache of a remote one) cannot take a file:
+        read-only, full, or not a folder. A 64 KiB probe is written, synced and removed."""
+        probe = self.root / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise ConfigError(f"storage root {self.root}: not writable ({error.strerror or error}); set "
+                              "SAE_PIPELINE_ROOT to a writable folder with free space") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
 
     @property
     def corpus_dir(self) -> Path:

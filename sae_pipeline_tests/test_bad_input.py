@@ -20,7 +20,7 @@ import torch
 import sae_pipeline.defs.assets as assets_module
 from sae_pipeline import cli
 from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae
-from sae_pipeline.defs.resources import DeviceResource, QualityResource
+from sae_pipeline.defs.resources import DeviceResource, QualityResource, StorageResource
 from sae_pipeline.saes import load_sae
 from sae_pipeline.storage import atomic_dir
 from sae_pipeline.training import CHECKPOINT_FILE
@@ -404,3 +404,63 @@ def test_concurrent_writer_keeps_a_live_writers_folder(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr.decode()
     assert sorted(p.name for p in final.iterdir()) == ["first.bin", "second.bin"]  # the last swap, whole
     assert sorted(p.name for p in final.parent.iterdir()) == ["activations"]
+
+
+# ------------------------------------------------------------------- environment faults: one line, no traceback
+
+
+def _one_line_error(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(("where", "named"), [("/dev/zero", "not a regular file"), ("folder", "not a regular file")])
+def test_register_sweep_on_a_device_or_folder_is_one_line(data_home: Path, tmp_path: Path, where: str, named: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path if where == "folder" else Path(where)
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(path)]) == 2
+    assert named in _one_line_error(capsys)
+    assert tree_digest(data_home) == before
+
+
+@pytest.mark.parametrize(("model", "named"), [("no-such-org/no-such-model", "cannot be loaded"),
+                                              ("/no/such/model/folder", "does not exist")])
+def test_register_sweep_with_an_unloadable_model_is_one_line(data_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             model: str, named: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("SAE_PIPELINE_MODEL", model)  # conftest sets HF_HUB_OFFLINE: a Hub name cannot resolve
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 2
+    error = _one_line_error(capsys)
+    assert f"model: {model!r}" in error and named in error, error
+    assert tree_digest(data_home) == before
+
+
+def test_unwritable_root_is_found_before_anything_runs(data_home: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture,
+                                                       copy: tuple[Pipeline, str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the root's parent should be")
+    monkeypatch.setenv("SAE_PIPELINE_ROOT", str(blocker / "data"))
+    assert cli.main(["register-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 2
+    assert "storage root" in _one_line_error(capsys)
+    pipe, key = copy
+    result = _run(pipe, [sae], key, storage=StorageResource(root=str(blocker / "data")))
+    assert not result.success and "not writable" in error_text(result), error_text(result)
+    assert not result.asset_materializations_for_node("sae")
+
+
+def test_failed_sweep_report_in_run_sweep_is_one_line(data_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    def report_fails(*args, **kwargs):
+        raise RuntimeError("planted report failure")
+
+    monkeypatch.setattr(cli, "register", lambda path, dry_run: [])
+    monkeypatch.setattr(cli, "ensure_activations", lambda *args: True)
+    monkeypatch.setattr(assets_module, "build_sweep_report", report_fails)
+    assert cli.main(["run-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "error: analyze_sweep failed: sweep_analysis: " in err and "planted report failure" in err, err

@@ -23,6 +23,9 @@ class StorageResource(dg.ConfigurableResource):
     def layout(self) -> Layout:
         return Layout.at(self.root, self.cache)
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.layout.check_writable()  # a read-only or full root fails the run before any asset computes
+
 
 class DeviceResource(dg.ConfigurableResource):
     """Where GPU-capable steps run: `auto` picks CUDA when present, else CPU."""

@@ -78,6 +78,7 @@ EXAMPLES_FILE = "examples.parquet"
 FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
 LABELS_FILE = "labels.parquet"
+WITHDRAWN_FILE = "withdrawn.json"
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:
@@ -315,6 +316,24 @@ class LabelsConfig(dg.Config):
     max_latents: int = Field(0, description="Label at most this many live latents (highest max first); 0 = all")
 
 
+def withdraw_labels(context: dg.AssetExecutionContext, layout: Layout, key: str, reasons: list[str]) -> bool:
+    """On a refused relabel, replace the partition's previous labels (made from features that no longer pass)
+    by a `withdrawn.json` naming the reasons, and record that as the latest materialisation; False when there
+    were no labels to withdraw."""
+    folder = layout.labels_dir(key)
+    if not (layout.pull(folder, LABELS_FILE) / LABELS_FILE).exists():
+        return False
+    with layout.publish(folder) as fresh:
+        write_json_atomic(fresh / WITHDRAWN_FILE, {"partition": key, "reasons": reasons,
+                                                    "why": "blocking quality checks failed upstream"})
+    context.log_event(dg.AssetMaterialization(
+        asset_key=context.asset_key, partition=key,
+        description="labels withdrawn: blocking quality checks failed upstream",
+        metadata={"status": "withdrawn", "reasons": "\n".join(reasons),
+                  "withdrawn_path": dg.MetadataValue.path(layout.location(folder, WITHDRAWN_FILE))}))
+    return True
+
+
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
           description="A label and a detection score per live latent, and the dashboard with them; refuses "
                       "partitions whose blocking checks failed.")
@@ -328,8 +347,10 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                 layout.pull(layout.sae_dir(key), quality.VERDICT_FILE), features_dir]
     reasons = [reason for folder in verdicts for reason in quality.blocking_failures(folder)]
     if reasons:
+        withdrawn = withdraw_labels(context, layout, key, reasons)
         raise dg.Failure(description=f"Refusing to label partition {key}: blocking quality checks failed: "
-                         + "; ".join(reasons), metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
+                         + "; ".join(reasons) + ("; its previous labels are withdrawn" if withdrawn else ""),
+                         metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
     labeller, scorer = labeller_and_scorer(spec.labeller)
@@ -342,6 +363,7 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
     summary = scores_summary(scored)
     where = layout.location(layout.labels_dir(key))
     return dg.MaterializeResult(metadata={
+        "status": "current",
         "labels_path": dg.MetadataValue.path(f"{where}/{LABELS_FILE}"),
         "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
         "n_labelled": len(labels), "n_scored": summary["n_scored"],

@@ -291,6 +291,12 @@ class LabelsSpec(_Strict):
     """`offline` (no network) or `llm` (endpoint, model and key from the environment)."""
     max_latents: Int = Field(0, ge=0)
     """Label at most this many live latents (highest max first); 0 = all."""
+    request_timeout: float = Field(60.0, gt=0.0, le=3600.0)
+    """`llm`: seconds one request may take, wall clock, to the last byte of the answer."""
+    retries: Int = Field(3, ge=0, le=10)
+    """`llm`: further attempts after a transient failure (no connection, timeout, HTTP 429 or 5xx)."""
+    step_timeout: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
+    """`llm`: seconds the whole labelling and scoring may take; labels obtained by then are kept for a rerun."""
 
 
 class CalibrationSpec(_Strict):

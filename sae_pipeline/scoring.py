@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, get_args
 
 import polars as pl
@@ -188,13 +188,16 @@ def best_worst_markdown(scored: pl.DataFrame, n: int = 5) -> str:
 LABELLER_KINDS: tuple[str, ...] = get_args(LabellerKind)
 
 
-def labeller_and_scorer(kind: str, environ: dict[str, str] | None = None):
-    """(labeller, scorer) for `offline` (no network) or `llm` (endpoint, model and key from the environment)."""
+def labeller_and_scorer(kind: str, environ: dict[str, str] | None = None, timeout: float = 60.0, retries: int = 3,
+                        step_seconds: float | None = None):
+    """(labeller, scorer) for `offline` (no network) or `llm` (endpoint, model and key from the environment;
+    `timeout` per request, `retries` after transient failures, every request done within `step_seconds`)."""
     from sae_pipeline.labelling import LLMLabeller, OfflineLabeller
 
     if kind == "offline":
         return OfflineLabeller(), OfflineScorer()
     if kind == "llm":
-        client = ChatClient.from_env(environ)
+        client = replace(ChatClient.from_env(environ), timeout=timeout, retries=retries)
+        client = client.with_deadline(step_seconds) if step_seconds is not None else client
         return LLMLabeller(client), LLMScorer(client)
     raise ValueError(f"labeller: {kind!r}; allowed {', '.join(LABELLER_KINDS)}")

@@ -121,6 +121,10 @@ class Layout:
     def labels_dir(self, key: str) -> Path:
         return self.root / "feature_labels" / validate_partition_key(key)
 
+    def labels_progress_dir(self, key: str) -> Path:
+        """Labels an interrupted `feature_labels` run obtained, for the next run to resume from."""
+        return self.root / "checkpoints" / "feature_labels" / validate_partition_key(key)
+
     @property
     def analysis_dir(self) -> Path:
         return self.root / "sweep_analysis"

@@ -5,6 +5,9 @@ pulls it, so no IO manager ever loads every partition into memory, and on object
 another machine (see storage.Layout).
 """
 
+import hashlib
+from collections.abc import Callable
+
 import dagster as dg
 import polars as pl
 from pydantic import Field
@@ -44,7 +47,15 @@ from sae_pipeline.features import (
     write_examples,
     write_features,
 )
-from sae_pipeline.labelling import label_features, labels_markdown, write_labels
+from sae_pipeline.labelling import (
+    LLMError,
+    PartialLabels,
+    label_features,
+    labels_markdown,
+    load_progress,
+    save_progress,
+    write_labels,
+)
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
@@ -314,6 +325,10 @@ class LabelsConfig(dg.Config):
     labeller: str = Field("offline", description="offline (no network) or llm (SAE_PIPELINE_LLM_BASE_URL, "
                                                   "SAE_PIPELINE_LLM_MODEL, SAE_PIPELINE_LLM_API_KEY)")
     max_latents: int = Field(0, description="Label at most this many live latents (highest max first); 0 = all")
+    request_timeout: float = Field(60.0, description="llm: seconds per request, wall clock, to the last byte")
+    retries: int = Field(3, description="llm: further attempts after a timeout, a lost connection, HTTP 429 or 5xx")
+    step_timeout: float = Field(3600.0, description="llm: seconds for all labelling and scoring; labels obtained "
+                                                    "by then are kept and a rerun resumes from them")
 
 
 def withdraw_labels(context: dg.AssetExecutionContext, layout: Layout, key: str, reasons: list[str]) -> bool:
@@ -332,6 +347,28 @@ def withdraw_labels(context: dg.AssetExecutionContext, layout: Layout, key: str,
         metadata={"status": "withdrawn", "reasons": "\n".join(reasons),
                   "withdrawn_path": dg.MetadataValue.path(layout.location(folder, WITHDRAWN_FILE))}))
     return True
+
+
+def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
+                    label: Callable[[pl.DataFrame | None], pl.DataFrame],
+                    score: Callable[[pl.DataFrame], pl.DataFrame]) -> pl.DataFrame:
+    """`score(label(done))`, where `done` are the labels a previous interrupted run kept (same features, same
+    labeller). When the endpoint fails part-way (or the step's deadline passes), every label obtained is kept
+    in the partition's progress folder and the run fails saying so; the next run asks only for the rest."""
+    folder = layout.labels_progress_dir(key)
+    layout.restore(folder)
+    labels = None
+    try:
+        labels = label(load_progress(folder, stamp))
+        return score(labels)
+    except LLMError as error:
+        kept = labels if labels is not None else error.labels if isinstance(error, PartialLabels) else None
+        if kept is not None and kept.height:
+            save_progress(folder, kept, stamp)
+            layout.push(folder)
+        n_kept = 0 if kept is None else kept.height
+        raise dg.Failure(description=f"Labelling partition {key} stopped: {error}. {n_kept} label(s) kept; a rerun "
+                         "resumes from them", metadata={"n_kept": n_kept}) from None
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
@@ -353,24 +390,29 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                          metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
-    labeller, scorer = labeller_and_scorer(spec.labeller)
-    labels = label_features(table, labeller, examples=examples, max_latents=spec.max_latents)
-    scored = with_scores(labels, score_labels(labels, examples, scorer))
+    labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
+                                           step_seconds=spec.step_timeout)
+    stamp = {"labeller": labeller.name,
+             "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
+    scored = label_resumably(layout, key, stamp, lambda done: label_features(
+        table, labeller, examples=examples, max_latents=spec.max_latents, done=done),
+        lambda labels: with_scores(labels, score_labels(labels, examples, scorer)))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:
         write_labels(scored, folder / LABELS_FILE)
         render_dashboard(table, examples, folder / DASHBOARD_DIR, f"features {key}", labels=scored, n_bands=n_bands)
+    layout.remove(layout.labels_progress_dir(key))
     summary = scores_summary(scored)
     where = layout.location(layout.labels_dir(key))
     return dg.MaterializeResult(metadata={
         "status": "current",
         "labels_path": dg.MetadataValue.path(f"{where}/{LABELS_FILE}"),
         "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
-        "n_labelled": len(labels), "n_scored": summary["n_scored"],
+        "n_labelled": len(scored), "n_scored": summary["n_scored"],
         "mean_detection_accuracy": summary["mean_detection_accuracy"],
         "mean_detection_f1": summary["mean_detection_f1"],
         "labeller": labeller.name, "scorer": scorer.name,
-        "best_labelled": dg.MetadataValue.md(labels_markdown(labels)),
+        "best_labelled": dg.MetadataValue.md(labels_markdown(scored)),
         "best_and_worst_scored": dg.MetadataValue.md(best_worst_markdown(scored)),
     })
 

@@ -338,9 +338,13 @@ def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None
         path.unlink(missing_ok=True)
         return None
     front = points.filter(pl.col("on_pareto_front")).sort("l0", "fvu")
+    failed, passing = _failed(points), _passing(points)
     fig = Figure(figsize=(7, 5), dpi=120)
     ax = fig.subplots()
-    ax.scatter(points["l0"].to_numpy(), points["fvu"].to_numpy(), s=20, color="0.6", label="config")
+    ax.scatter(passing["l0"].to_numpy(), passing["fvu"].to_numpy(), s=20, color="0.6", label="config")
+    if failed.height:
+        ax.scatter(failed["l0"].to_numpy(), failed["fvu"].to_numpy(), s=28, marker="x", color="C1",
+                   label="failed blocking checks")
     ax.step(front["l0"].to_numpy(), front["fvu"].to_numpy(), where="post", color="C3", linewidth=1)
     ax.scatter(front["l0"].to_numpy(), front["fvu"].to_numpy(), s=36, color="C3", label="Pareto front")
     fvu = points["fvu"]

@@ -258,6 +258,8 @@ def test_bad_partition_key_is_rejected(copy: tuple[Pipeline, str], key: str, mes
 @pytest.mark.parametrize(("stored", "field"), [
     ('{"architecture": "topk", "k": 8, "expansion_factr": 2}', "expansion_factr"),
     ('{"architecture": "topk", "k": 500, "expansion_factor": 1}', "k: 500 must be < d_sae = 384"),
+    ('{"architecture": "topk", "k": 8, "expansion_factor": 1024, "batch_size": 1048576}',
+     "batch_size: 1048576 x d_sae 393216 needs about"),
 ])
 def test_bad_registered_config_is_rejected_before_training(copy: tuple[Pipeline, str], stored: str,
                                                            field: str) -> None:

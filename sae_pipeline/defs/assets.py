@@ -214,7 +214,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
     store = ActivationStore(acts)
-    cfg.validate_for_model(store.d_model)
+    cfg.validate_for_model(store.d_model, device.memory_bytes())
     checkpoints = layout.checkpoint_dir(key)
     layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
     result = train_sae(cfg, store, device.resolve(), checkpoints,

@@ -3,6 +3,7 @@
 import os
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from sae_pipeline.config import EMBEDDED_MODEL
@@ -34,6 +35,12 @@ class DeviceResource(dg.ConfigurableResource):
 
     def resolve(self) -> str:
         return str(resolve_device(self.device))
+
+    def memory_bytes(self) -> int | None:
+        """Total memory of a CUDA device, which bounds what one training step may allocate; None elsewhere (the
+        config's check then uses this machine's physical memory)."""
+        device = resolve_device(self.device)
+        return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.resolve()  # a bad device fails the run before any asset computes or writes

@@ -19,6 +19,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -142,20 +143,15 @@ class ChatClient:
     def _post(self, body: bytes, seconds: float) -> tuple[int, bytes]:
         """(status, body) of one POST that must finish within `seconds`: a timer shuts the socket down at
         the limit, which also ends a read that keeps receiving a byte now and then."""
-        url = urllib.parse.urlsplit(f"{self.base_url}/chat/completions")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        if url.scheme == "https":
-            connection = http.client.HTTPSConnection(url.hostname, url.port, timeout=seconds,
-                                                     context=ssl.create_default_context())
-        else:
-            connection = http.client.HTTPConnection(url.hostname, url.port, timeout=seconds)
+        connection, target = _connection(f"{self.base_url}/chat/completions", seconds)
         cut = threading.Event()
         timer = threading.Timer(seconds, _shut_down, args=(connection, cut))
         timer.start()
         try:
-            connection.request("POST", url.path + (f"?{url.query}" if url.query else ""), body, headers)
+            connection.request("POST", target, body, headers)
             response = connection.getresponse()
             status, data = response.status, response.read()
         except (OSError, http.client.HTTPException) as error:
@@ -167,6 +163,24 @@ class ChatClient:
         if status == 429 or status >= 500:
             raise _Transient(f"HTTP {status}")
         return status, data
+
+
+def _connection(address: str, seconds: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection for `address` and the request target to send on it, through the proxy that the
+    environment (HTTP(S)_PROXY, NO_PROXY) names for it, as urllib would."""
+    url = urllib.parse.urlsplit(address)
+    target = url.path + (f"?{url.query}" if url.query else "")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and url.hostname and urllib.request.proxy_bypass(url.hostname):
+        proxy = None
+    via = urllib.parse.urlsplit(proxy) if proxy else url
+    if url.scheme == "https":
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            via.hostname, via.port, timeout=seconds, context=ssl.create_default_context())
+        if proxy:
+            connection.set_tunnel(url.hostname, url.port)
+        return connection, target
+    return http.client.HTTPConnection(via.hostname, via.port, timeout=seconds), address if proxy else target
 
 
 def _shut_down(connection: http.client.HTTPConnection, cut: threading.Event) -> None:

@@ -123,7 +123,7 @@ class Layout:
 
     def labels_progress_dir(self, key: str) -> Path:
         """Labels an interrupted `feature_labels` run obtained, for the next run to resume from."""
-        return self.root / "checkpoints" / "feature_labels" / validate_partition_key(key)
+        return self.root / "labels_progress" / validate_partition_key(key)
 
     @property
     def analysis_dir(self) -> Path:

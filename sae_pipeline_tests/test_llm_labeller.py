@@ -245,3 +245,13 @@ def test_labels_obtained_before_a_failure_are_kept_and_resumed(pipeline: Pipelin
     labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
     assert labels.height == n_live and labels["label"].to_list() == [LABEL] * n_live
     assert not pipeline.layout.labels_progress_dir(key).exists()
+
+
+def test_requests_go_through_the_environments_proxy(server, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", server.url.removesuffix("/v1"))  # the fake server plays the proxy
+    client = ChatClient("http://llm.example.invalid/v1", "fake-model", KEY, retries=0)
+    assert client.complete(PROMPT) == LABEL
+    assert server.requests[-1]["path"] == "http://llm.example.invalid/v1/chat/completions"
+    assert server.requests[-1]["headers"]["Authorization"] == f"Bearer {KEY}"

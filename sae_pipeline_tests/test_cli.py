@@ -87,3 +87,24 @@ def test_first_commands_at_once_share_one_instance(home: Path) -> None:
         instance.add_dynamic_partitions("sae_configs", ["a"])
     with dg.DagsterInstance.from_config(str(home / "home")) as instance:
         assert instance.get_dynamic_partitions("sae_configs") == ["a"]
+
+
+def test_activations_are_extracted_under_a_lock_on_the_root(tmp_path: Path) -> None:
+    """Two `run-sweep` on a fresh root: the second waits for the first's extraction, then finds the store."""
+    layout, locked = Layout(tmp_path / "data"), []
+
+    class Job:
+        def execute_in_process(self, **kwargs):
+            with open(layout.root / ".activations.lock", "a") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    locked.append(True)
+            (layout.activations_dir / "meta.json").parent.mkdir(parents=True)
+            (layout.activations_dir / "meta.json").write_text("{}")
+            return type("Result", (), {"success": True})()
+
+    defs = type("Defs", (), {"resolve_job_def": lambda self, name: Job()})()
+    assert cli.ensure_activations(defs, None, layout, refresh=False)
+    assert cli.ensure_activations(defs, None, layout, refresh=False)  # found: not extracted again
+    assert locked == [True]

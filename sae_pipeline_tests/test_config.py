@@ -14,6 +14,7 @@ from sae_pipeline.config import (
     SweepSpec,
     load_sweep,
     parse_sae_config,
+    parse_spec,
     validate_partition_key,
 )
 
@@ -80,7 +81,7 @@ def test_partition_key_format_and_determinism():
     "cfg",
     [
         SAEConfig(architecture="topk", k=1, lr=1.0, aux_coeff=0.0, target_l0=0.05, train_tokens=12345),
-        SAEConfig(architecture="relu", l1_alpha=1e-9, lr=1e-7, seed=-5, batch_size=1),
+        SAEConfig(architecture="relu", l1_alpha=1e-9, lr=1e-7, seed=5, batch_size=1),
         SAEConfig(architecture="relu", l1_alpha=123.0, expansion_factor=1024),
     ],
 )
@@ -223,3 +224,19 @@ def test_key_hash_covers_only_the_fields_that_differ_from_defaults():
     key = SAEConfig(architecture="topk", k=8, log_every=7).partition_key()
     assert key == f"topk_exp4_k8_lr3e-04_aux3e-02_h{digest}"
     assert SAEConfig(architecture="topk", k=8).partition_key() == "topk_exp4_k8_lr3e-04_aux3e-02"
+
+
+def test_sweep_size_is_bounded_before_expansion():
+    with pytest.raises(ConfigError, match=r"sweep size: 10001 configs .* at most 10000"):
+        parse_spec(SweepSpec, {"name": "big", "base": {"architecture": "topk", "k": 8},
+                               "points": [{"seed": i} for i in range(10_001)]}, where="sweep")
+    grid = {"lr": [1e-3] * 100, "seed": list(range(101))}  # 10,100 points, counted without a cross product
+    with pytest.raises(ConfigError, match=r"grid lr 100 x seed 101 = 10100"):
+        parse_spec(SweepSpec, {"name": "big", "base": {"architecture": "topk", "k": 8}, "grid": grid}, where="sweep")
+
+
+def test_memory_estimate_bounds_batch_size():
+    cfg = SAEConfig(architecture="topk", k=8, expansion_factor=4, batch_size=4096)
+    cfg.validate_for_model(384, memory_bytes=cfg.training_bytes(384))  # exactly fits
+    with pytest.raises(ConfigError, match=r"batch_size: 4096 .* allowed: 1 to \d+"):
+        cfg.validate_for_model(384, memory_bytes=cfg.training_bytes(384) - 1)

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import polars as pl
@@ -36,6 +37,10 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.statuses: list[int] = []
+        """Statuses to answer the next requests with (one each, in order) before answering normally."""
+        self.labels_before_failing: int | None = None
+        """Answer labelling prompts with HTTP 400 once this many have been answered normally."""
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,7 +48,13 @@ class FakeServer:
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode()
                 recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 messages = json.loads(body)["messages"]
-                if messages[1]["content"].startswith("Explanation:"):  # a detection (scoring) prompt
+                scoring = messages[1]["content"].startswith("Explanation:")
+                n_labels = len(recorder.labelling_requests())
+                if recorder.statuses or (not scoring and recorder.labels_before_failing is not None
+                                         and n_labels > recorder.labels_before_failing):
+                    self.send_error(recorder.statuses.pop(0) if recorder.statuses else 400)
+                    return
+                if scoring:  # a detection (scoring) prompt
                     n = len(re.findall(r"^Example \d+:", messages[1]["content"], flags=re.M))
                     content = json.dumps([1] * n)
                 else:
@@ -104,7 +115,7 @@ def test_scorer_parses_the_answer_and_endpoint_errors_hide_the_key(server):
     scorer = LLMScorer(ChatClient(server.url, "fake-model", KEY))
     assert scorer.predict("words", [["a"], ["b"], ["c"]]) == [True, True, True]
     _check_request_hygiene(server.requests[-1])
-    broken = ChatClient("http://127.0.0.1:9/v1", "fake-model", KEY, timeout=2)
+    broken = ChatClient("http://127.0.0.1:9/v1", "fake-model", KEY, timeout=2, retries=0)
     with pytest.raises(LLMError) as error:
         broken.complete([{"role": "user", "content": "hi"}])
     assert KEY not in str(error.value)
@@ -154,3 +165,93 @@ def test_feature_labels_with_the_llm_through_dagster(pipeline: Pipeline, server,
     refused = pipeline.materialize([feature_labels], partition_key=blocked, run_config=run_config)
     assert not refused.success and len(server.requests) == n_before
     assert not pipeline.layout.labels_dir(blocked).exists()
+
+
+PROMPT = [{"role": "system", "content": "You label latents."}, {"role": "user", "content": "Latent 1: import"}]
+
+
+def test_transient_failures_are_retried_with_backoff_and_others_are_not(server):
+    server.statuses = [503, 429]
+    client = ChatClient(server.url, "fake-model", KEY, retries=2, backoff=0.05)
+    started = time.monotonic()
+    assert client.complete(PROMPT) == LABEL
+    assert len(server.requests) == 3 and time.monotonic() - started >= 0.05 + 0.1  # backoff 0.05 s, then 0.1 s
+    server.statuses = [503, 503]
+    with pytest.raises(LLMError, match="failed 2 time"):
+        ChatClient(server.url, "fake-model", KEY, retries=1, backoff=0.01).complete(PROMPT)
+    n_before = len(server.requests)
+    server.statuses = [400]
+    with pytest.raises(LLMError, match="HTTP 400") as error:
+        client.complete(PROMPT)
+    assert len(server.requests) == n_before + 1 and KEY not in str(error.value)  # a client error is not retried
+
+
+@pytest.fixture
+def dripping_server():
+    """Answers every request one byte every 0.2 s, status line included (a stalled proxy or overloaded host)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_dripping_server_is_cut_off_per_request_and_per_step(dripping_server):
+    message = PROMPT
+    started = time.monotonic()
+    with pytest.raises(LLMError, match="no complete answer within 0.5 s"):
+        ChatClient(dripping_server, "fake-model", KEY, timeout=0.5, retries=0).complete(message)
+    assert time.monotonic() - started < 1.5  # the socket timeout alone would never fire: a byte comes every 0.2 s
+    patient = ChatClient(dripping_server, "fake-model", KEY, timeout=0.5, retries=10, backoff=0.01)
+    started = time.monotonic()
+    with pytest.raises(LLMError):
+        patient.with_deadline(1.2).complete(message)
+    assert time.monotonic() - started < 2.0  # 11 attempts of 0.5 s would take 5.5 s: the step deadline ends it
+
+
+def test_labels_obtained_before_a_failure_are_kept_and_resumed(pipeline: Pipeline, server, monkeypatch):
+    key = pipeline.register(tiny_topk(k=6))  # the partition the test above labels: trained once per session
+    if not (pipeline.layout.features_dir(key) / "features.parquet").exists():
+        assert pipeline.materialize([sae, features], partition_key=key).success
+    for name, value in ((ENV_BASE_URL, server.url), (ENV_MODEL, "fake-model"), (ENV_API_KEY, KEY)):
+        monkeypatch.setenv(name, value)
+    n_live = 10
+    run_config = {"ops": {"feature_labels": {"config": {"labeller": "llm", "retries": 0, "max_latents": n_live}}}}
+    assert int(pl.read_parquet(pipeline.layout.features_dir(key) / "features.parquet")["is_live"].sum()) > n_live
+    server.labels_before_failing = 3
+    failed = pipeline.materialize([feature_labels], partition_key=key, run_config=run_config)
+    assert not failed.success
+    message = "\n".join(e.step_failure_data.error.message for e in failed.all_events if e.is_step_failure)
+    assert "HTTP 400" in message and "3 label(s) kept" in message and KEY not in message
+    server.labels_before_failing, n_before = None, len(server.labelling_requests())
+    resumed = pipeline.materialize([feature_labels], partition_key=key, run_config=run_config)
+    assert resumed.success
+    assert len(server.labelling_requests()) - n_before == n_live - 3  # only the latents not labelled before
+    labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
+    assert labels.height == n_live and labels["label"].to_list() == [LABEL] * n_live
+    assert not pipeline.layout.labels_progress_dir(key).exists()
+
+
+def test_requests_go_through_the_environments_proxy(server, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", server.url.removesuffix("/v1"))  # the fake server plays the proxy
+    client = ChatClient("http://llm.example.invalid/v1", "fake-model", KEY, retries=0)
+    assert client.complete(PROMPT) == LABEL
+    assert server.requests[-1]["path"] == "http://llm.example.invalid/v1/chat/completions"
+    assert server.requests[-1]["headers"]["Authorization"] == f"Bearer {KEY}"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import sae_pipeline.activations as activations_module
 import sae_pipeline.defs.assets as assets_module
+from sae_pipeline import quality
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import activations, feature_labels, features, sae
 from sae_pipeline.training import train_sae
@@ -163,3 +164,21 @@ def test_features_with_1e_16_maxima_fail_near_zero_check(pipeline: Pipeline) -> 
     assert evaluation.metadata["share_not_live"].value == 1.0
     assert evaluation.metadata["live_threshold"].value == 1e-6
     assert evaluations(result)["features_table_valid"].passed  # the table itself is well formed
+
+
+def test_refused_relabel_withdraws_the_previous_labels(pipeline: Pipeline) -> None:
+    key = pipeline.register(healthy(seed=5))
+    assert pipeline.materialize([sae, features, feature_labels], partition_key=key).success
+    labels_dir = pipeline.layout.labels_dir(key)
+    assert (labels_dir / "labels.parquet").exists()
+    # the SAE is re-evaluated and now fails a blocking check: its old labels describe features that do not pass
+    quality.write_verdict(pipeline.layout.sae_dir(key), [quality.CheckOutcome(
+        "sae_not_collapsed", False, "ERROR", "collapsed at step 70")])
+    refused = pipeline.materialize([feature_labels], partition_key=key)
+    assert not refused.success and "previous labels are withdrawn" in failure_messages(refused)
+    assert sorted(p.name for p in labels_dir.iterdir()) == ["withdrawn.json"]
+    assert json.loads((labels_dir / "withdrawn.json").read_text())["reasons"] == [
+        "sae_not_collapsed: collapsed at step 70"]
+    latest = pipeline.instance.get_latest_materialization_event(dg.AssetKey("feature_labels"))
+    assert latest.run_id == refused.run_id and latest.asset_materialization.partition == key
+    assert latest.asset_materialization.metadata["status"].value == "withdrawn"

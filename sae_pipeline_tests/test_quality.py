@@ -174,6 +174,18 @@ def test_l0_collapse_alone_is_found() -> None:
     assert not outcome.passed and outcome.metadata["collapsed_at_step"] == 40
 
 
+@pytest.mark.parametrize(("l0", "dead"), [
+    pytest.param([0.0] * 4, [1.0] * 4, id="live latents peaked at 0"),
+    pytest.param([math.nan] * 4, [math.nan] * 4, id="NaN training"),
+    pytest.param([40.0, 45.0, math.nan, math.nan], [0.1, 0.1, math.nan, math.nan], id="NaN after a healthy start"),
+])
+def test_never_alive_or_nan_run_is_collapsed(l0: list[float], dead: list[float]) -> None:
+    outcome = quality.not_collapsed(_log([10, 20, 30, 40], l0, dead), 1000)
+    assert not outcome.passed and outcome.blocks
+    assert outcome.metadata["collapsed_at_step"] in (10, 30)
+    assert "collapsed at step" in outcome.description
+
+
 @pytest.mark.parametrize(("value", "passed", "severity"), [
     (0.0, True, "WARN"), (0.1, True, "WARN"), (0.155, False, "WARN"), (0.72, False, "WARN"),
     (0.9, False, "WARN"), (0.97, False, "ERROR"), (math.nan, False, "ERROR"),

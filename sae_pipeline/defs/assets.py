@@ -5,6 +5,9 @@ pulls it, so no IO manager ever loads every partition into memory, and on object
 another machine (see storage.Layout).
 """
 
+import hashlib
+from collections.abc import Callable
+
 import dagster as dg
 import polars as pl
 from pydantic import Field
@@ -20,7 +23,14 @@ from sae_pipeline.activations import (
 )
 from sae_pipeline.analysis import build_sweep_report, last_window_mean
 from sae_pipeline.calibration import calibration_png, plans_markdown
-from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec, parse_spec
+from sae_pipeline.config import (
+    EMBEDDED_CORPUS,
+    ActivationSpec,
+    CorpusSpec,
+    FeaturesSpec,
+    LabelsSpec,
+    parse_spec,
+)
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
 from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result, refuse_if_blocked
@@ -37,12 +47,19 @@ from sae_pipeline.features import (
     write_examples,
     write_features,
 )
-from sae_pipeline.labelling import label_features, labels_markdown, write_labels
+from sae_pipeline.labelling import (
+    LLMError,
+    PartialLabels,
+    label_features,
+    labels_markdown,
+    load_progress,
+    save_progress,
+    write_labels,
+)
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
-    LABELLER_KINDS,
     best_worst_markdown,
     labeller_and_scorer,
     score_labels,
@@ -72,6 +89,7 @@ EXAMPLES_FILE = "examples.parquet"
 FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
 LABELS_FILE = "labels.parquet"
+WITHDRAWN_FILE = "withdrawn.json"
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:
@@ -103,16 +121,36 @@ class ActivationsConfig(dg.Config):
     seed: int = Field(0, description="Seed of the train/eval split")
 
 
+def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None:
+    """The raw config this run gives `asset`, or None when the run does not materialise it."""
+    selection = context.dagster_run.asset_selection
+    if selection and dg.AssetKey(asset) not in selection:  # empty or None: the whole job
+        return None
+    return context.run_config.get("ops", {}).get(asset, {}).get("config", {})
+
+
 def validate_run_activations_config(context: dg.AssetExecutionContext, model: ModelResource) -> None:
     """In a run that also extracts activations, check their config (the layer above all) before the corpus is
     rewritten, so a bad value fails the run with nothing written."""
-    selection = context.dagster_run.asset_selection
-    if selection and dg.AssetKey("activations") not in selection:  # empty or None: the whole job
+    raw = _run_config_of(context, "activations")
+    if raw is None:
         return
-    raw = context.run_config.get("ops", {}).get("activations", {}).get("config", {})
     spec = parse_spec(ActivationSpec, {**raw, "model": model.name, "trust_remote_code": model.trust_remote_code},
                       where="activations config")
     validate_layer(spec)
+
+
+DOWNSTREAM_SPECS: dict[str, type[FeaturesSpec | LabelsSpec]] = {"features": FeaturesSpec,
+                                                                 "feature_labels": LabelsSpec}
+
+
+def validate_downstream_config(context: dg.AssetExecutionContext, *assets: str) -> None:
+    """Check the config of this run's later steps before this one computes, so a bad `features` or
+    `feature_labels` value fails the run before an SAE is trained, with nothing written."""
+    for asset in assets:
+        raw = _run_config_of(context, asset)
+        if raw is not None:
+            parse_spec(DOWNSTREAM_SPECS[asset], raw, where=f"{asset} config")
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
@@ -138,14 +176,15 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
           check_specs=ACTIVATIONS_CHECKS,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
-                model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
+                model: ModelResource, device: DeviceResource,
+                quality_thresholds: QualityResource) -> dg.MaterializeResult:
     spec = parse_spec(ActivationSpec, {"model": model.name, "trust_remote_code": model.trust_remote_code,
                                        **config.model_dump()}, where="activations config")
     thresholds = quality_thresholds.thresholds()
     validate_layer(spec)  # from the model's config alone: before any weights load or file write
     layout = storage.layout
     frame = read_corpus(layout)
-    tokenizer, transformer = load_tokenizer(spec), load_model(spec)
+    tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
     check_layer(transformer, spec.layer)
     with layout.publish(layout.activations_dir) as folder:
         meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
@@ -169,12 +208,13 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
         quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    validate_downstream_config(context, "features", "feature_labels")
     thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
     store = ActivationStore(acts)
-    cfg.validate_for_model(store.d_model)
+    cfg.validate_for_model(store.d_model, device.memory_bytes())
     checkpoints = layout.checkpoint_dir(key)
     layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
     result = train_sae(cfg, store, device.resolve(), checkpoints,
@@ -240,6 +280,8 @@ class FeaturesConfig(dg.Config):
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
              device: DeviceResource, model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    spec = parse_spec(FeaturesSpec, config.model_dump(), where="features config")
+    validate_downstream_config(context, "feature_labels")
     thresholds = quality_thresholds.thresholds()
     acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
     refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
@@ -247,10 +289,10 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
     autoencoder = load_sae(weights)
     store = ActivationStore(acts)
     tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
-    vocab = load_vocab_matrix(model.name, model.trust_remote_code) if config.vocab_projection else None
+    vocab = load_vocab_matrix(model.name, model.trust_remote_code) if spec.vocab_projection else None
     tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,
-                              top_n=config.top_n, window=config.window, n_bands=config.n_bands,
-                              per_band=config.per_band, n_random=config.n_random, vocab=vocab,
+                              top_n=spec.top_n, window=spec.window, n_bands=spec.n_bands,
+                              per_band=spec.per_band, n_random=spec.n_random, vocab=vocab,
                               device=device.resolve())
     frame = tables.latents
     vocab_kind = vocab[0] if vocab else "none"
@@ -258,9 +300,9 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
     with layout.publish(layout.features_dir(key)) as folder:
         write_features(frame, folder / FEATURES_FILE)
         write_examples(tables.examples, folder / EXAMPLES_FILE)
-        write_json_atomic(folder / FEATURES_META_FILE, {**config.model_dump(), "vocab_kind": vocab_kind,
+        write_json_atomic(folder / FEATURES_META_FILE, {**spec.model_dump(), "vocab_kind": vocab_kind,
                                                         "model": model.name})
-        render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=config.n_bands)
+        render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=spec.n_bands)
         quality.write_verdict(folder, outcomes)
     summary = features_summary(frame)
     where = layout.location(layout.features_dir(key))
@@ -283,6 +325,50 @@ class LabelsConfig(dg.Config):
     labeller: str = Field("offline", description="offline (no network) or llm (SAE_PIPELINE_LLM_BASE_URL, "
                                                   "SAE_PIPELINE_LLM_MODEL, SAE_PIPELINE_LLM_API_KEY)")
     max_latents: int = Field(0, description="Label at most this many live latents (highest max first); 0 = all")
+    request_timeout: float = Field(60.0, description="llm: seconds per request, wall clock, to the last byte")
+    retries: int = Field(3, description="llm: further attempts after a timeout, a lost connection, HTTP 429 or 5xx")
+    step_timeout: float = Field(3600.0, description="llm: seconds for all labelling and scoring; labels obtained "
+                                                    "by then are kept and a rerun resumes from them")
+
+
+def withdraw_labels(context: dg.AssetExecutionContext, layout: Layout, key: str, reasons: list[str]) -> bool:
+    """On a refused relabel, replace the partition's previous labels (made from features that no longer pass)
+    by a `withdrawn.json` naming the reasons, and record that as the latest materialisation; False when there
+    were no labels to withdraw."""
+    folder = layout.labels_dir(key)
+    if not (layout.pull(folder, LABELS_FILE) / LABELS_FILE).exists():
+        return False
+    with layout.publish(folder) as fresh:
+        write_json_atomic(fresh / WITHDRAWN_FILE, {"partition": key, "reasons": reasons,
+                                                    "why": "blocking quality checks failed upstream"})
+    context.log_event(dg.AssetMaterialization(
+        asset_key=context.asset_key, partition=key,
+        description="labels withdrawn: blocking quality checks failed upstream",
+        metadata={"status": "withdrawn", "reasons": "\n".join(reasons),
+                  "withdrawn_path": dg.MetadataValue.path(layout.location(folder, WITHDRAWN_FILE))}))
+    return True
+
+
+def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
+                    label: Callable[[pl.DataFrame | None], pl.DataFrame],
+                    score: Callable[[pl.DataFrame], pl.DataFrame]) -> pl.DataFrame:
+    """`score(label(done))`, where `done` are the labels a previous interrupted run kept (same features, same
+    labeller). When the endpoint fails part-way (or the step's deadline passes), every label obtained is kept
+    in the partition's progress folder and the run fails saying so; the next run asks only for the rest."""
+    folder = layout.labels_progress_dir(key)
+    layout.restore(folder)
+    labels = None
+    try:
+        labels = label(load_progress(folder, stamp))
+        return score(labels)
+    except LLMError as error:
+        kept = labels if labels is not None else error.labels if isinstance(error, PartialLabels) else None
+        if kept is not None and kept.height:
+            save_progress(folder, kept, stamp)
+            layout.push(folder)
+        n_kept = 0 if kept is None else kept.height
+        raise dg.Failure(description=f"Labelling partition {key} stopped: {error}. {n_kept} label(s) kept; a rerun "
+                         "resumes from them", metadata={"n_kept": n_kept}) from None
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
@@ -291,36 +377,42 @@ class LabelsConfig(dg.Config):
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
     features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
                                quality.VERDICT_FILE)
     verdicts = [layout.pull(layout.activations_dir, quality.VERDICT_FILE),
                 layout.pull(layout.sae_dir(key), quality.VERDICT_FILE), features_dir]
     reasons = [reason for folder in verdicts for reason in quality.blocking_failures(folder)]
     if reasons:
+        withdrawn = withdraw_labels(context, layout, key, reasons)
         raise dg.Failure(description=f"Refusing to label partition {key}: blocking quality checks failed: "
-                         + "; ".join(reasons), metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
-    if config.labeller not in LABELLER_KINDS:
-        raise dg.Failure(description=f"labeller: {config.labeller!r}; allowed {', '.join(LABELLER_KINDS)}",
-                         allow_retries=False)
+                         + "; ".join(reasons) + ("; its previous labels are withdrawn" if withdrawn else ""),
+                         metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
-    labeller, scorer = labeller_and_scorer(config.labeller)
-    labels = label_features(table, labeller, examples=examples, max_latents=config.max_latents)
-    scored = with_scores(labels, score_labels(labels, examples, scorer))
+    labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
+                                           step_seconds=spec.step_timeout)
+    stamp = {"labeller": labeller.name,
+             "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
+    scored = label_resumably(layout, key, stamp, lambda done: label_features(
+        table, labeller, examples=examples, max_latents=spec.max_latents, done=done),
+        lambda labels: with_scores(labels, score_labels(labels, examples, scorer)))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:
         write_labels(scored, folder / LABELS_FILE)
         render_dashboard(table, examples, folder / DASHBOARD_DIR, f"features {key}", labels=scored, n_bands=n_bands)
+    layout.remove(layout.labels_progress_dir(key))
     summary = scores_summary(scored)
     where = layout.location(layout.labels_dir(key))
     return dg.MaterializeResult(metadata={
+        "status": "current",
         "labels_path": dg.MetadataValue.path(f"{where}/{LABELS_FILE}"),
         "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
-        "n_labelled": len(labels), "n_scored": summary["n_scored"],
+        "n_labelled": len(scored), "n_scored": summary["n_scored"],
         "mean_detection_accuracy": summary["mean_detection_accuracy"],
         "mean_detection_f1": summary["mean_detection_f1"],
         "labeller": labeller.name, "scorer": scorer.name,
-        "best_labelled": dg.MetadataValue.md(labels_markdown(labels)),
+        "best_labelled": dg.MetadataValue.md(labels_markdown(scored)),
         "best_and_worst_scored": dg.MetadataValue.md(best_worst_markdown(scored)),
     })
 
@@ -340,7 +432,7 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
     return dg.MaterializeResult(metadata={
         "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
         "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
-        "n_configs": report.n_configs, "n_missing": len(missing),
+        "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
         "best_balanced": report.best_balanced or "none",
         "top_configs": dg.MetadataValue.md(report.top_markdown),
         "pareto_l0_dead": list(report.pareto_dead),

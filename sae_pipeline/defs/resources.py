@@ -3,6 +3,7 @@
 import os
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from sae_pipeline.config import EMBEDDED_MODEL
@@ -23,6 +24,9 @@ class StorageResource(dg.ConfigurableResource):
     def layout(self) -> Layout:
         return Layout.at(self.root, self.cache)
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.layout.check_writable()  # a read-only or full root fails the run before any asset computes
+
 
 class DeviceResource(dg.ConfigurableResource):
     """Where GPU-capable steps run: `auto` picks CUDA when present, else CPU."""
@@ -31,6 +35,12 @@ class DeviceResource(dg.ConfigurableResource):
 
     def resolve(self) -> str:
         return str(resolve_device(self.device))
+
+    def memory_bytes(self) -> int | None:
+        """Total memory of a CUDA device, which bounds what one training step may allocate; None elsewhere (the
+        config's check then uses this machine's physical memory)."""
+        device = resolve_device(self.device)
+        return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.resolve()  # a bad device fails the run before any asset computes or writes

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sae_pipeline import bench
+from sae_pipeline_tests.synthetic import planted_sparse_data, write_store
 
 TINY = ["--shape", "16x64:k4:b32", "--rounds", "2", "--steps", "1", "--warmup", "1", "--no-memory"]
 
@@ -70,3 +71,15 @@ def test_bench_imports_with_torch_alone():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| 8x32 k2 B16 | sae_pipeline sparse |" in done.stdout
+
+
+def test_train_sae_loop_is_timed_on_a_real_store(tmp_path):
+    data, _ = planted_sparse_data(3_000, 16, 32, 2, seed=0)
+    write_store(tmp_path / "acts", data[:2_500], data[2_500:], shard_tokens=500)
+    args = bench.parse_args(["--store", str(tmp_path / "acts"), "--loop-tokens", "1000", "--loop-repeats", "2",
+                             "--device", "cpu"])
+    rows = bench.bench_loop(tmp_path / "acts", bench.Shape.parse("16x64:k4:b100"), args)
+    assert [row["contestant"].split(",")[1].split("(")[0].strip() for row in rows] == ["sparse kernel",
+                                                                                        "dense kernel"]
+    assert all(row["tokens_s"] > 0 and "median of 2 runs" in row["note"] for row in rows)
+    assert "16x64 k4 B100, 1,000 tokens" in rows[0]["contestant"]

@@ -10,13 +10,18 @@ The eval shards hold whole held-out sequences: nothing in them is ever trained o
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +31,10 @@ from torch import nn
 from sae_pipeline.config import EMBEDDED_MODEL, ActivationSpec, ConfigError
 
 META_FILE = "meta.json"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                       "BF16": (np.int16, torch.bfloat16)}
+"""safetensors dtype -> (numpy type the memory map is read as, torch type it is viewed as)."""
 T = TypeVar("T")
 
 
@@ -224,7 +233,8 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
     d_model = check_layer(model, spec.layer)
     eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else [])
-    writers = {split: _ShardWriter(folder, split, spec.shard_tokens, torch.float32) for split in ("train", "eval")}
+    storage_dtype = STORAGE_DTYPES[spec.dtype]
+    writers = {split: _ShardWriter(folder, split, spec.shard_tokens, storage_dtype) for split in ("train", "eval")}
     train_norms: list[torch.Tensor] = []
     n_nonfinite = 0
     pad_id = tokenizer.pad_token_id
@@ -260,7 +270,7 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
         "model": model_name,
         "layer": spec.layer,
         "hook": f"output of transformer block {spec.layer} (residual stream)",
-        "dtype": "float32",
+        "dtype": spec.dtype,
         "d_model": d_model,
         "n_tokens": sum(s["n_tokens"] for split in shards.values() for s in split),
         "n_train_tokens": sum(s["n_tokens"] for s in shards["train"]),
@@ -319,10 +329,33 @@ class ActivationStore:
         """Rows [start, stop) of one shard, read through the memory map."""
         path = str(self.folder / self.shards(split)[shard_index]["file"])
         with safe_open(path, framework="pt") as handle:
-            acts = handle.get_slice("activations")[start:stop]
+            acts = handle.get_slice("activations")[start:stop].to(torch.float32)  # 16-bit shards are upcast
             if with_locations:
                 return acts, handle.get_slice("locations")[start:stop]
         return acts
+
+    def memory_map(self, split: str, shard_index: int) -> np.memmap:
+        """A shard's `activations` as a read-only memory map [n, d_model] in its storage type (bfloat16 as int16
+        bits): rows can be gathered at random without reading the rest of the shard."""
+        path = self.folder / self.shards(split)[shard_index]["file"]
+        try:
+            with path.open("rb") as handle:
+                header_size = int.from_bytes(handle.read(8), "little")
+                entry = json.loads(handle.read(header_size))["activations"]
+            np_dtype, _ = _SAFETENSORS_DTYPES[entry["dtype"]]
+            return np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_size + entry["data_offsets"][0],
+                             shape=tuple(entry["shape"]))
+        except (OSError, ValueError, KeyError) as error:
+            raise StoreError(f"{path}: cannot be memory-mapped as a safetensors shard ({error!r}); rerun "
+                             "`prepare_activations`") from None
+
+    def gather(self, split: str, shard_index: int, rows: torch.Tensor, mapped: np.memmap | None = None
+               ) -> torch.Tensor:
+        """Rows (any order) of one shard as float32, read through its memory map."""
+        mapped = self.memory_map(split, shard_index) if mapped is None else mapped
+        _, torch_dtype = next(v for v in _SAFETENSORS_DTYPES.values() if v[0] == mapped.dtype)
+        picked = torch.from_numpy(mapped[rows.numpy()])
+        return picked.view(torch_dtype).to(torch.float32)
 
     def iter_split(self, split: str, chunk: int = 8192, with_locations: bool = False) -> Iterator:
         """Stream a split in order, `chunk` rows at a time (memory flat in n_tokens)."""
@@ -345,52 +378,139 @@ class ActivationStore:
 
 
 class BatchSampler:
-    """Shuffled training batches across shards with a resumable position.
+    """Shuffled training batches mixed across many shards, with a resumable position and flat memory.
 
-    Each epoch visits the shards in a seeded random order and each shard's rows in a seeded permutation;
-    a batch may span shards. The state (epoch, shard position, row position) is all a checkpoint needs to
-    resume the exact same sequence of batches.
+    Each epoch visits the shards in a seeded random order, `mix_shards` at a time (a window); the rows of a
+    window are drawn in one seeded permutation, so a batch mixes tokens of many documents from up to
+    `mix_shards` shards (one shard holds whole documents in a row). Rows are gathered through memory maps of the
+    window's shards only, so memory does not grow with the store. The state (epoch, window, row position) is all
+    a checkpoint needs to resume the exact same sequence of batches.
     """
 
-    def __init__(self, store: ActivationStore, batch_size: int, seed: int):
-        self.store, self.batch_size, self.seed = store, batch_size, seed
-        self.epoch, self.shard_pos, self.row_pos = 0, 0, 0
-        self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
+    def __init__(self, store: ActivationStore, batch_size: int, seed: int, mix_shards: int = 16):
+        if mix_shards < 1:
+            raise ConfigError(f"mix_shards: {mix_shards} must be >= 1")
+        self.store, self.batch_size, self.seed, self.mix_shards = store, batch_size, seed, mix_shards
+        self.epoch, self.window_pos, self.row_pos = 0, 0, 0
+        self._window: tuple[tuple[int, int], _Window] | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "row_pos": self.row_pos}
+        return {"epoch": self.epoch, "window_pos": self.window_pos, "row_pos": self.row_pos}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.shard_pos, self.row_pos = state["epoch"], state["shard_pos"], state["row_pos"]
+        self.epoch, self.window_pos, self.row_pos = state["epoch"], state["window_pos"], state["row_pos"]
 
     def _generator(self, *salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self.seed, *salt)) & 0x7FFF_FFFF)
 
-    def _shard_rows(self) -> torch.Tensor:
-        """The current shard of the current epoch, rows permuted (one shard in memory at a time)."""
-        order = torch.randperm(len(self.store.shards("train")), generator=self._generator(self.epoch))
-        shard = int(order[self.shard_pos])
-        key = (self.epoch, shard)
-        if self._cache is None or self._cache[0] != key:
-            rows = self.store.read("train", shard)
-            perm = torch.randperm(len(rows), generator=self._generator(self.epoch, shard))
-            self._cache = (key, rows[perm])
-        return self._cache[1]
+    def _n_windows(self) -> int:
+        return -(-len(self.store.shards("train")) // self.mix_shards)
+
+    def _current(self) -> _Window:
+        """The current window of the current epoch (its memory maps and row permutation), built once."""
+        key = (self.epoch, self.window_pos)
+        if self._window is None or self._window[0] != key:
+            order = torch.randperm(len(self.store.shards("train")), generator=self._generator(self.epoch))
+            shards = order[self.window_pos * self.mix_shards:(self.window_pos + 1) * self.mix_shards].tolist()
+            self._window = (key, _Window.open(self.store, shards, self._generator(*key, -1)))
+        return self._window[1]
 
     def next_batch(self) -> torch.Tensor:
         pieces, needed = [], self.batch_size
         while needed:
-            rows = self._shard_rows()
-            take = rows[self.row_pos: self.row_pos + needed]
+            window = self._current()
+            take = window.rows(self.row_pos, self.row_pos + needed)
             pieces.append(take)
             needed -= len(take)
             self.row_pos += len(take)
-            if self.row_pos >= len(rows):
+            if self.row_pos >= window.n_rows:
                 self.row_pos = 0
-                self.shard_pos += 1
-                if self.shard_pos >= len(self.store.shards("train")):
-                    self.shard_pos, self.epoch = 0, self.epoch + 1
+                self.window_pos += 1
+                if self.window_pos >= self._n_windows():
+                    self.window_pos, self.epoch = 0, self.epoch + 1
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@dataclass
+class _Window:
+    """Shards of one mixing window: their memory maps, row offsets, and the permutation of their rows."""
+
+    store: ActivationStore
+    shards: list[int]
+    maps: list[np.memmap]
+    offsets: torch.Tensor
+    order: torch.Tensor
+
+    @classmethod
+    def open(cls, store: ActivationStore, shards: list[int], generator: torch.Generator) -> _Window:
+        maps = [store.memory_map("train", shard) for shard in shards]
+        offsets = torch.tensor([0, *itertools.accumulate(len(m) for m in maps)])
+        return cls(store, shards, maps, offsets, torch.randperm(int(offsets[-1]), generator=generator))
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.order)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the permutation, gathered shard by shard (sorted, for locality), in order."""
+        picked = self.order[start:stop]
+        owner = torch.searchsorted(self.offsets, picked, right=True) - 1
+        out = torch.empty(len(picked), self.store.d_model)
+        for index in owner.unique().tolist():
+            mask = owner == index
+            local, where = (picked[mask] - self.offsets[index]).sort()
+            out[mask.nonzero().squeeze(1)[where]] = self.store.gather("train", self.shards[index], local,
+                                                                       self.maps[index])
+        return out
+
+
+class Prefetcher:
+    """Batches from a sampler produced `depth` ahead by a background thread, in the sampler's exact order.
+
+    `state_dict` is the sampler state after the last batch handed out (not the thread's position), so a
+    checkpoint taken between steps resumes exactly. An error in the thread is raised by `next_batch`.
+    """
+
+    def __init__(self, sampler: BatchSampler, depth: int = 2):
+        self.sampler, self._state = sampler, sampler.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="sae-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._put((self.sampler.next_batch(), self.sampler.state_dict()))
+        except Exception as error:  # handed to the consumer, which raises it
+            self._put((error, None))
+
+    def _put(self, item: tuple) -> None:
+        """Queue an item, waiting for room, unless the consumer has closed the prefetcher."""
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=0.1)
+                return
+
+    def next_batch(self) -> torch.Tensor:
+        batch, state = self._queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        self._state = state
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def model_width(model: str, trust_remote_code: bool = False) -> tuple[int, int]:

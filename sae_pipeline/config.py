@@ -98,6 +98,9 @@ class ActivationSpec(_Strict):
     """Passed to transformers; off unless the user opts in for a model that needs it."""
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the train/eval split of sequences."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage type of the activation shards: 16-bit halves the disk and page cache; training and evaluation
+    upcast every batch to float32 (norm statistics are computed before the cast)."""
 
 
 class SAEConfig(_Strict):

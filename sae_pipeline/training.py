@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from sae_pipeline.activations import ActivationStore, BatchSampler
+from sae_pipeline.activations import ActivationStore, BatchSampler, Prefetcher
 from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.resampling import resample_dead_latents
 from sae_pipeline.saes import SparseAutoencoder, build_sae
@@ -199,52 +199,53 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
     forward = torch.compile(sae) if cfg.torch_compile else sae
     autocast = autocast_context(cfg, dev)
     sae.train()
-    for step in range(start_step, total_steps):
-        x = transform(sampler.next_batch()).to(dev, non_blocking=True)
-        dead_mask = tokens_since_fired >= dead_window if step >= aux_from else None
-        out = training_step(sae, forward, optimizer, x, sparsity_coefficient(cfg, step), dead_mask, cfg.grad_clip,
-                            autocast)
-        scheduler.step()
+    with Prefetcher(sampler) as loader:  # the next batches are read while this step computes
+        for step in range(start_step, total_steps):
+            x = transform(loader.next_batch()).to(dev, non_blocking=True)
+            dead_mask = tokens_since_fired >= dead_window if step >= aux_from else None
+            out = training_step(sae, forward, optimizer, x, sparsity_coefficient(cfg, step), dead_mask, cfg.grad_clip,
+                                autocast)
+            scheduler.step()
 
-        with torch.no_grad():
-            update_firing(tokens_since_fired, out, x.shape[0])
-            terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
-            window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
-            window_steps += 1
+            with torch.no_grad():
+                update_firing(tokens_since_fired, out, x.shape[0])
+                terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
+                window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
+                window_steps += 1
 
-        done = step + 1
-        if resample_due(cfg, done, total_steps):
-            dead = tokens_since_fired >= min(dead_window, cfg.resample_every * cfg.batch_size)
-            sample = transform(store.sample(RESAMPLE_INPUTS, seed=cfg.seed + done)).to(dev)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
-            if resample_dead_latents(sae, optimizer, dead, sample, generator):
-                tokens_since_fired.masked_fill_(dead, 0)
-        if done % cfg.log_every == 0 or done == total_steps:
-            seen = done * cfg.batch_size
-            dead = (tokens_since_fired >= min(dead_window, seen)).float().mean()
-            wait = steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size)
-            *means, dead, wait = torch.cat([window / window_steps, dead[None], wait[None].float()]).tolist()
-            aux_from = done + int(wait)
-            row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / store.d_model,
-                   "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead,
-                   "lr": scheduler.get_last_lr()[0]}
-            rows.append(row)
-            if log:
-                log(row)
-            window.zero_()
-            window_steps = 0
-            if is_stable(rows, cfg.early_stop_window, cfg.early_stop_tolerance):
-                break
-        if checkpoint_path and done % cfg.checkpoint_every == 0 and done < total_steps:
-            _save_checkpoint(checkpoint_path, {
-                "config": cfg.model_dump_json(), "step": done, "sae": sae.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(), "tokens_since_fired": tokens_since_fired.cpu(),
-                "rng": torch.get_rng_state(), "rows": rows,
-                "window": window.cpu(), "window_steps": window_steps,
-            })
-            if on_checkpoint:
-                on_checkpoint()
+            done = step + 1
+            if resample_due(cfg, done, total_steps):
+                dead = tokens_since_fired >= min(dead_window, cfg.resample_every * cfg.batch_size)
+                sample = transform(store.sample(RESAMPLE_INPUTS, seed=cfg.seed + done)).to(dev)
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
+                if resample_dead_latents(sae, optimizer, dead, sample, generator):
+                    tokens_since_fired.masked_fill_(dead, 0)
+            if done % cfg.log_every == 0 or done == total_steps:
+                seen = done * cfg.batch_size
+                dead = (tokens_since_fired >= min(dead_window, seen)).float().mean()
+                wait = steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size)
+                *means, dead, wait = torch.cat([window / window_steps, dead[None], wait[None].float()]).tolist()
+                aux_from = done + int(wait)
+                row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / store.d_model,
+                       "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead,
+                       "lr": scheduler.get_last_lr()[0]}
+                rows.append(row)
+                if log:
+                    log(row)
+                window.zero_()
+                window_steps = 0
+                if is_stable(rows, cfg.early_stop_window, cfg.early_stop_tolerance):
+                    break
+            if checkpoint_path and done % cfg.checkpoint_every == 0 and done < total_steps:
+                _save_checkpoint(checkpoint_path, {
+                    "config": cfg.model_dump_json(), "step": done, "sae": sae.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "sampler": loader.state_dict(), "tokens_since_fired": tokens_since_fired.cpu(),
+                    "rng": torch.get_rng_state(), "rows": rows,
+                    "window": window.cpu(), "window_steps": window_steps,
+                })
+                if on_checkpoint:
+                    on_checkpoint()
 
     sae = sae.cpu().eval()
     if cfg.normalize == "dataset":

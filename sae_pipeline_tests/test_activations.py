@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from sae_pipeline.activations import ActivationStore, BatchSampler, StoreError, norm_statistics, split_sequences
-from sae_pipeline.config import ConfigError
+from sae_pipeline.activations import (
+    ActivationStore,
+    BatchSampler,
+    Prefetcher,
+    StoreError,
+    norm_statistics,
+    split_sequences,
+)
+from sae_pipeline.config import ActivationSpec, ConfigError
 from sae_pipeline_tests.synthetic import write_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -193,3 +200,82 @@ def test_write_store_norm_stats_match_numpy(store):
     mean = np.linalg.norm(train, axis=1).mean()
     assert store.meta["norm_stats"]["scaling_factor"] == pytest.approx(math.sqrt(5) / mean, rel=1e-6)
     assert store.meta["n_train_tokens"] == 103 and store.meta["n_eval_tokens"] == 37
+
+
+# ---------------------------------------------------------------- mixing across shards, prefetch, 16-bit shards
+
+def _distinct_sequences_per_batch(store: ActivationStore, sampler: BatchSampler, n_batches: int) -> float:
+    """Mean number of distinct documents (sequence ids, from the shards' locations) per batch."""
+    seq_of = {}
+    for index in range(len(store.shards("train"))):
+        acts, locs = store.read("train", index, with_locations=True)
+        seq_of.update(zip(acts[:, 0].tolist(), locs[:, 0].tolist(), strict=True))
+    counts = [len({seq_of[v] for v in sampler.next_batch()[:, 0].tolist()}) for _ in range(n_batches)]
+    return sum(counts) / len(counts)
+
+
+def test_batches_mix_many_documents_across_shards(tmp_path):
+    """One shard holds whole documents in a row (16 tokens each here); drawing from one shard at a time, as the
+    sampler did before, a batch of 64 sees at most the 8 documents of a 128-row shard."""
+    store = write_store(tmp_path, _data(4096), _data(64, seed=1, offset=10_000), shard_tokens=128)
+    one_shard = _distinct_sequences_per_batch(store, BatchSampler(store, 64, seed=0, mix_shards=1), 40)
+    mixed = _distinct_sequences_per_batch(store, BatchSampler(store, 64, seed=0), 40)
+    assert one_shard <= 8
+    assert mixed > 3 * one_shard  # measured: 8.0 vs 51.8 distinct documents per batch
+    print(f"distinct documents per batch of 64: one shard {one_shard:.1f}, mixed over 16 shards {mixed:.1f}")
+
+
+def test_mixing_keeps_only_one_window_of_shards_open(tmp_path):
+    store = write_store(tmp_path, _data(600), _data(20, seed=1, offset=10_000), shard_tokens=20)  # 30 shards
+    sampler = BatchSampler(store, 50, seed=2, mix_shards=4)
+    seen = torch.cat([sampler.next_batch() for _ in range(12)])  # one epoch
+    assert sorted(seen[:, 0].tolist()) == list(range(600))
+    _, window = sampler._window
+    assert len(window.maps) <= 4  # memory: the window's shards, never the store
+
+
+@pytest.mark.parametrize("stop_after", [1, 5, 13])
+def test_prefetcher_yields_the_samplers_batches_and_resumes_exactly(tmp_path, stop_after):
+    store = write_store(tmp_path, _data(150), _data(20, seed=1, offset=10_000), shard_tokens=20)
+    reference = BatchSampler(store, 9, seed=5, mix_shards=3)
+    expected = [reference.next_batch() for _ in range(25)]
+    with Prefetcher(BatchSampler(store, 9, seed=5, mix_shards=3), depth=3) as loader:
+        got = [loader.next_batch() for _ in range(stop_after)]
+        state = loader.state_dict()  # the thread is ahead; the state is the consumer's
+    resumed = BatchSampler(ActivationStore(tmp_path), 9, seed=5, mix_shards=3)
+    resumed.load_state_dict(state)
+    with Prefetcher(resumed) as loader:
+        got += [loader.next_batch() for _ in range(25 - stop_after)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_prefetcher_raises_the_threads_error(tmp_path):
+    store = write_store(tmp_path, _data(60), _data(20, seed=1, offset=10_000), shard_tokens=20)
+    (tmp_path / store.shards("train")[0]["file"]).write_bytes(b"")  # the shard vanishes under the run
+    with Prefetcher(BatchSampler(store, 10, seed=0, mix_shards=3)) as loader, \
+            pytest.raises(StoreError, match="train_00000.safetensors: cannot be memory-mapped"):
+        loader.next_batch()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_shards_halve_the_files_and_read_back_as_float32(pipeline, tmp_path, dtype):
+    from sae_pipeline.activations import extract_activations, load_model, load_tokenizer
+    from sae_pipeline.defs.assets import read_corpus
+
+    reference = ActivationStore(pipeline.layout.activations_dir)
+    spec = ActivationSpec(shard_tokens=1024, dtype=dtype)  # as the session fixture's store, in 16 bits
+    meta = extract_activations(read_corpus(pipeline.layout), load_model(spec), load_tokenizer(spec), spec, tmp_path,
+                               spec.model)
+    store = ActivationStore(tmp_path)
+    assert meta["dtype"] == dtype and meta["n_tokens"] == reference.meta["n_tokens"]
+    assert meta["norm_stats"] == reference.meta["norm_stats"]  # computed before the cast
+    size = sum((tmp_path / s["file"]).stat().st_size for s in store.shards("train"))
+    size_32 = sum((reference.folder / s["file"]).stat().st_size for s in reference.shards("train"))
+    n = reference.n_tokens("train")
+    assert size - 8 * n == pytest.approx((size_32 - 8 * n) / 2, rel=0.01)  # activations halve; locations stay
+    rows, rows_32 = store.read("train", 0), reference.read("train", 0)
+    assert rows.dtype == torch.float32
+    tolerance = 2**-8 if dtype == "float16" else 2**-6  # relative precision of the 16-bit type
+    assert torch.allclose(rows, rows_32, rtol=tolerance, atol=1e-3)
+    picked = torch.tensor([5, 0, 17])
+    assert torch.equal(store.gather("train", 0, picked), rows[picked])  # memory-mapped rows: the same values

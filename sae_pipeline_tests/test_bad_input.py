@@ -185,6 +185,7 @@ DAGSTER_CASES = [
     ("batch size 0", [activations], _ops("activations", batch_size=0), {}, "batch_size"),
     ("outlier ratio below 1", [activations], _ops("activations", exclude_norm_outliers=0.5), {},
      "exclude_norm_outliers"),
+    ("unknown shard dtype", [activations], _ops("activations", dtype="float8"), {}, "dtype"),
     ("unknown threshold", [activations], {}, {"quality_thresholds": QualityResource(overrides={"fvu_eror": 1.0})},
      "fvu_eror"),
     ("threshold out of range", [activations], {},

@@ -119,6 +119,8 @@ class ActivationsConfig(dg.Config):
         None, description="Drop tokens with norm > this x the median train-token norm (attention sinks); "
                           "unset keeps all")
     seed: int = Field(0, description="Seed of the train/eval split")
+    dtype: str = Field("float32", description="Shard storage type: float32, float16 or bfloat16 (16-bit halves "
+                                              "the disk; training and evaluation upcast)")
 
 
 def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None:
@@ -197,7 +199,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         metadata={"activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
                   "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
                   "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
-                  "layer": spec.layer, "norm_stats": meta["norm_stats"]},
+                  "layer": spec.layer, "dtype": meta["dtype"], "norm_stats": meta["norm_stats"]},
         check_results=[check_result(o) for o in outcomes],
     )
 

@@ -222,13 +222,15 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
                     tokens_since_fired.masked_fill_(dead, 0)
             if done % cfg.log_every == 0 or done == total_steps:
                 seen = done * cfg.batch_size
-                dead = (tokens_since_fired >= min(dead_window, seen)).float().mean()
+                dead_share = (tokens_since_fired >= min(dead_window, seen)).float().mean()
                 wait = steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size)
-                *means, dead, wait = torch.cat([window / window_steps, dead[None], wait[None].float()]).tolist()
+                # the row's one host read: interval means, dead share, and how long AuxK can still be skipped
+                *means, dead_share, wait = torch.cat([window / window_steps, dead_share[None],
+                                                      wait[None].float()]).tolist()
                 aux_from = done + int(wait)
                 row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / store.d_model,
-                       "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead,
-                       "lr": scheduler.get_last_lr()[0]}
+                       "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4],
+                       "dead_fraction": dead_share, "lr": scheduler.get_last_lr()[0]}
                 rows.append(row)
                 if log:
                     log(row)

@@ -18,16 +18,16 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import torch
 
 from sae_pipeline.activations import ActivationStore, BatchSampler, Prefetcher
-from sae_pipeline.config import ConfigError, SAEConfig
+from sae_pipeline.config import ConfigError, SAEConfig, physical_memory_bytes
 from sae_pipeline.resampling import resample_dead_latents
-from sae_pipeline.saes import SparseAutoencoder, build_sae
+from sae_pipeline.saes import ForwardOutput, SparseAutoencoder, build_sae
 from sae_pipeline.saes.base import normalize_per_token
 from sae_pipeline.step import make_optimizer, training_step, update_firing
 
@@ -99,6 +99,11 @@ def resample_due(cfg: SAEConfig, done: int, total_steps: int) -> bool:
     return bool(cfg.resample_every) and done % cfg.resample_every == 0 and done < decay_start
 
 
+def total_steps(cfg: SAEConfig) -> int:
+    """Optimiser steps of a run: train_tokens // batch_size, at least 1."""
+    return max(1, cfg.train_tokens // cfg.batch_size)
+
+
 def steps_until_dead_possible(tokens_since_fired: torch.Tensor, dead_window: int, batch_size: int) -> torch.Tensor:
     """Steps for which no latent can reach `dead_window` tokens without firing (each step adds at most one batch
     to every count); rounded down and capped at 2**24 so that it stays exact as a float32 in the log-row read."""
@@ -151,6 +156,219 @@ def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict | None:
     return state
 
 
+@dataclass
+class _Member:
+    """One config's training state in a group: SAE, optimiser, schedule, firing statistics, log, checkpoint."""
+
+    cfg: SAEConfig
+    store: ActivationStore
+    sae: SparseAutoencoder
+    forward: Callable[..., ForwardOutput]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    factor: float
+    device: torch.device
+    checkpoint_path: Path | None
+    log: Callable[[dict], None] | None
+    on_checkpoint: Callable[[], None] | None
+    tokens_since_fired: torch.Tensor
+    window: torch.Tensor
+    """loss, recon, sparsity, aux, l0 summed since the last log row."""
+    window_steps: int = 0
+    rows: list[dict] = field(default_factory=list)
+    step: int = 0
+    start_step: int = 0
+    sampler_state: dict | None = None
+    """Where the data stream stood at the checkpoint this member resumed from."""
+    finished: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return total_steps(self.cfg)
+
+    @property
+    def dead_window(self) -> int:
+        return min(self.cfg.dead_tokens, self.total_steps * self.cfg.batch_size)
+
+    @classmethod
+    def start(cls, cfg: SAEConfig, store: ActivationStore, dev: torch.device, checkpoint_dir: Path | None,
+              log: Callable[[dict], None] | None, on_checkpoint: Callable[[], None] | None) -> _Member:
+        """A fresh SAE for `cfg`, or the state of its checkpoint in `checkpoint_dir`."""
+        cfg.validate_for_model(store.d_model)
+        torch.manual_seed(cfg.seed)
+        transform, factor = input_transform(cfg, store)
+        sae = build_sae(cfg, store.d_model)
+        sample = transform(store.sample(8192, seed=cfg.seed))
+        sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=sample.mean(dim=0))
+        sae.to(dev)
+        optimizer = make_optimizer(sae, cfg.lr, dev)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps(cfg)))
+        member = cls(cfg, store, sae, torch.compile(sae) if cfg.torch_compile else sae, optimizer, scheduler,
+                     transform, factor, dev, checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, log,
+                     on_checkpoint, torch.zeros(sae.d_sae, dtype=torch.long, device=dev), torch.zeros(5, device=dev))
+        state = _load_checkpoint(member.checkpoint_path, cfg) if member.checkpoint_path else None
+        if state is not None:
+            member.resume(state)
+        member.sae.train()
+        return member
+
+    def resume(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        torch.set_rng_state(state["rng"])
+        self.rows, self.step, self.start_step = state["rows"], state["step"], state["step"]
+        self.sampler_state = state["sampler"]
+        if "window" in state:  # a checkpoint between two log rows carries the partial sums
+            self.window.copy_(state["window"])
+            self.window_steps = int(state["window_steps"])
+
+    def train_on(self, raw: torch.Tensor, aux_from: int, sampler_state: dict) -> int:
+        """One step on a batch of raw activations; returns the new first step at which AuxK may be needed."""
+        cfg, step = self.cfg, self.step
+        x = self.transform(raw).to(self.device, non_blocking=True)
+        dead_mask = self.tokens_since_fired >= self.dead_window if step >= aux_from else None
+        out = training_step(self.sae, self.forward, self.optimizer, x, sparsity_coefficient(cfg, step), dead_mask,
+                            cfg.grad_clip, self.autocast)
+        self.scheduler.step()
+        with torch.no_grad():
+            update_firing(self.tokens_since_fired, out, x.shape[0])
+            terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
+            self.window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
+            self.window_steps += 1
+        self.step = done = step + 1
+        self._maybe_resample(done)
+        if done % cfg.log_every == 0 or done == self.total_steps:
+            aux_from = self._log_row(done)
+        if done == self.total_steps:
+            self.finished = True
+        elif self.checkpoint_path and done % cfg.checkpoint_every == 0 and not self.finished:
+            self._checkpoint(sampler_state)
+        return aux_from
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.cfg, self.device)
+
+    def _maybe_resample(self, done: int) -> None:
+        cfg = self.cfg
+        if resample_due(cfg, done, self.total_steps):
+            dead = self.tokens_since_fired >= min(self.dead_window, cfg.resample_every * cfg.batch_size)
+            sample = self.transform(self.store.sample(RESAMPLE_INPUTS, seed=cfg.seed + done)).to(self.device)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
+            if resample_dead_latents(self.sae, self.optimizer, dead, sample, generator):
+                self.tokens_since_fired.masked_fill_(dead, 0)
+
+    def _log_row(self, done: int) -> int:
+        """Append a metrics row (the one host read since the last row); stops the member on a stable log.
+        Returns the first step at which a latent could be dead."""
+        cfg, seen = self.cfg, done * self.cfg.batch_size
+        dead_share = (self.tokens_since_fired >= min(self.dead_window, seen)).float().mean()
+        wait = steps_until_dead_possible(self.tokens_since_fired, self.dead_window, cfg.batch_size)
+        *means, dead_share, wait = torch.cat([self.window / self.window_steps, dead_share[None],
+                                              wait[None].float()]).tolist()
+        row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / self.store.d_model,
+               "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead_share,
+               "lr": self.scheduler.get_last_lr()[0]}
+        self.rows.append(row)
+        if self.log:
+            self.log(row)
+        self.window.zero_()
+        self.window_steps = 0
+        self.finished = is_stable(self.rows, cfg.early_stop_window, cfg.early_stop_tolerance)
+        return done + int(wait)
+
+    def _checkpoint(self, sampler_state: dict) -> None:
+        _save_checkpoint(self.checkpoint_path, {
+            "config": self.cfg.model_dump_json(), "step": self.step, "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "sampler": sampler_state, "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "rng": torch.get_rng_state(), "rows": self.rows,
+            "window": self.window.cpu(), "window_steps": self.window_steps,
+        })
+        if self.on_checkpoint:
+            self.on_checkpoint()
+
+    def result(self, wall_seconds: float) -> TrainResult:
+        """The trained SAE on CPU, taking raw activations (the dataset factor folded in)."""
+        sae = self.sae.cpu().eval()
+        if self.cfg.normalize == "dataset":
+            sae.fold_scaling_factor(self.factor)
+        metrics = pl.DataFrame(self.rows, schema={c: (pl.Int64 if c in ("step", "tokens") else pl.Float64)
+                                                  for c in METRIC_COLUMNS})
+        return TrainResult(sae, metrics, self.rows[-1]["tokens"] if self.rows else 0, wall_seconds,
+                           self.start_step, self.factor)
+
+
+def group_key(cfg: SAEConfig, start_step: int = 0) -> tuple[int, int, int]:
+    """Configs with equal keys can share one data stream: the same batch size and data order (seed), at the same
+    step."""
+    return cfg.batch_size, cfg.seed, start_step
+
+
+def plan_groups(cfgs: list[SAEConfig], d_model: int, memory_bytes: int | None = None) -> list[list[int]]:
+    """Indices of `cfgs` in groups that can train together: equal `group_key`, and together within
+    `memory_bytes` (default: this machine's memory) by `SAEConfig.training_bytes`; a group that would not fit
+    is split. A single config that does not fit alone is refused by its own validation."""
+    memory = physical_memory_bytes() if memory_bytes is None else memory_bytes
+    groups: list[list[int]] = []
+    by_key: dict[tuple, list[int]] = {}
+    for index, cfg in enumerate(cfgs):
+        by_key.setdefault(group_key(cfg), []).append(index)
+    for members in by_key.values():
+        current, used = [], 0
+        for index in members:
+            need = cfgs[index].training_bytes(d_model)
+            if current and used + need > memory:
+                groups.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += need
+        groups.append(current)
+    return groups
+
+
+def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "auto",
+                checkpoint_dirs: list[Path | None] | None = None,
+                logs: list[Callable[[dict], None] | None] | None = None,
+                on_checkpoints: list[Callable[[], None] | None] | None = None) -> list[TrainResult | Exception]:
+    """Train several SAEs in lockstep on one shuffled stream: each batch is read once and stepped by every
+    config, which keeps its own optimiser, schedule, statistics, early stop, log and checkpoint, so a config
+    trained in a group equals the same config trained alone. A config whose step raises is dropped from the
+    group and its exception returned in its place; the others go on. `group_key` must agree for all."""
+    n = len(cfgs)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = all(cfg.allow_tf32 for cfg in cfgs)
+    started = time.perf_counter()
+    members = [_Member.start(cfg, store, dev, directory, log, hook) for cfg, directory, log, hook in
+               zip(cfgs, checkpoint_dirs or [None] * n, logs or [None] * n, on_checkpoints or [None] * n,
+                   strict=True)]
+    keys = {group_key(m.cfg, m.start_step) for m in members}
+    if len(keys) > 1:
+        raise ConfigError(f"group: configs must share batch_size, seed and resume step to train together; got "
+                          f"{sorted(keys)} (train them in separate groups)")
+    results: list[TrainResult | Exception | None] = [None] * n
+    sampler = BatchSampler(store, cfgs[0].batch_size, cfgs[0].seed)
+    if members[0].sampler_state is not None:
+        sampler.load_state_dict(members[0].sampler_state)
+    aux_from = {i: m.step + int(steps_until_dead_possible(m.tokens_since_fired, m.dead_window, m.cfg.batch_size))
+                for i, m in enumerate(members)}
+    with Prefetcher(sampler) as loader:  # the next batches are read while this step computes
+        while active := [i for i, m in enumerate(members) if not m.finished and results[i] is None]:
+            raw, state = loader.next_batch(), loader.state_dict()
+            for i in active:
+                try:
+                    aux_from[i] = members[i].train_on(raw, aux_from[i], state)
+                except Exception as error:  # one bad config fails alone; its group mates train on
+                    results[i] = error
+    wall = time.perf_counter() - started
+    return [result if result is not None else member.result(wall) for result, member in
+            zip(results, members, strict=True)]
+
+
 def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", checkpoint_dir: Path | None = None,
               log: Callable[[dict], None] | None = None,
               on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
@@ -158,101 +376,7 @@ def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", chec
 
     `on_checkpoint` runs after each checkpoint is written (the asset commits it to object storage there).
     """
-    started = time.perf_counter()
-    cfg.validate_for_model(store.d_model)
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
-    torch.manual_seed(cfg.seed)
-    transform, factor = input_transform(cfg, store)
-    total_steps = max(1, cfg.train_tokens // cfg.batch_size)
-    dead_window = min(cfg.dead_tokens, total_steps * cfg.batch_size)
-
-    sae = build_sae(cfg, store.d_model)
-    sample = transform(store.sample(8192, seed=cfg.seed))
-    sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=sample.mean(dim=0))
-    sae.to(dev)
-    optimizer = make_optimizer(sae, cfg.lr, dev)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    sampler = BatchSampler(store, cfg.batch_size, cfg.seed)
-    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)
-    rows: list[dict] = []
-    start_step = 0
-
-    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None
-    state = _load_checkpoint(checkpoint_path, cfg) if checkpoint_path else None
-    if state is not None:
-        sae.load_state_dict(state["sae"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        tokens_since_fired.copy_(state["tokens_since_fired"])
-        torch.set_rng_state(state["rng"])
-        rows, start_step = state["rows"], state["step"]
-
-    window = torch.zeros(5, device=dev)  # loss, recon, sparsity, aux, l0 summed since the last log row
-    window_steps = 0
-    if state is not None and "window" in state:  # a checkpoint between two log rows carries the partial sums
-        window.copy_(state["window"])
-        window_steps = int(state["window_steps"])
-    aux_from = start_step + int(steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size))
-    forward = torch.compile(sae) if cfg.torch_compile else sae
-    autocast = autocast_context(cfg, dev)
-    sae.train()
-    with Prefetcher(sampler) as loader:  # the next batches are read while this step computes
-        for step in range(start_step, total_steps):
-            x = transform(loader.next_batch()).to(dev, non_blocking=True)
-            dead_mask = tokens_since_fired >= dead_window if step >= aux_from else None
-            out = training_step(sae, forward, optimizer, x, sparsity_coefficient(cfg, step), dead_mask, cfg.grad_clip,
-                                autocast)
-            scheduler.step()
-
-            with torch.no_grad():
-                update_firing(tokens_since_fired, out, x.shape[0])
-                terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
-                window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
-                window_steps += 1
-
-            done = step + 1
-            if resample_due(cfg, done, total_steps):
-                dead = tokens_since_fired >= min(dead_window, cfg.resample_every * cfg.batch_size)
-                sample = transform(store.sample(RESAMPLE_INPUTS, seed=cfg.seed + done)).to(dev)
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
-                if resample_dead_latents(sae, optimizer, dead, sample, generator):
-                    tokens_since_fired.masked_fill_(dead, 0)
-            if done % cfg.log_every == 0 or done == total_steps:
-                seen = done * cfg.batch_size
-                dead_share = (tokens_since_fired >= min(dead_window, seen)).float().mean()
-                wait = steps_until_dead_possible(tokens_since_fired, dead_window, cfg.batch_size)
-                # the row's one host read: interval means, dead share, and how long AuxK can still be skipped
-                *means, dead_share, wait = torch.cat([window / window_steps, dead_share[None],
-                                                      wait[None].float()]).tolist()
-                aux_from = done + int(wait)
-                row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / store.d_model,
-                       "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4],
-                       "dead_fraction": dead_share, "lr": scheduler.get_last_lr()[0]}
-                rows.append(row)
-                if log:
-                    log(row)
-                window.zero_()
-                window_steps = 0
-                if is_stable(rows, cfg.early_stop_window, cfg.early_stop_tolerance):
-                    break
-            if checkpoint_path and done % cfg.checkpoint_every == 0 and done < total_steps:
-                _save_checkpoint(checkpoint_path, {
-                    "config": cfg.model_dump_json(), "step": done, "sae": sae.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "sampler": loader.state_dict(), "tokens_since_fired": tokens_since_fired.cpu(),
-                    "rng": torch.get_rng_state(), "rows": rows,
-                    "window": window.cpu(), "window_steps": window_steps,
-                })
-                if on_checkpoint:
-                    on_checkpoint()
-
-    sae = sae.cpu().eval()
-    if cfg.normalize == "dataset":
-        sae.fold_scaling_factor(factor)
-    metrics = pl.DataFrame(rows, schema={c: (pl.Int64 if c in ("step", "tokens") else pl.Float64)
-                                         for c in METRIC_COLUMNS})
-    return TrainResult(sae, metrics, rows[-1]["tokens"] if rows else 0, time.perf_counter() - started,
-                       start_step, factor)
+    (result,) = train_group([cfg], store, device, [checkpoint_dir], [log], [on_checkpoint])
+    if isinstance(result, Exception):
+        raise result
+    return result

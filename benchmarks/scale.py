@@ -1,0 +1,97 @@
+"""Training at scale: build an activation store of N tokens from the embedded model and corpus, then train a group
+of configs on it in one pass; report wall time, tokens/s, peak RSS and disk use.
+
+    .venv/bin/python benchmarks/scale.py --tokens 1000000 --dtype float16 --out /tmp/scale_1m
+    .venv/bin/python benchmarks/scale.py --tokens 10000000 --out /tmp/scale_10m
+
+The embedded corpus (the standard library's docstrings, about 140k tokens at 128 per sequence) is repeated to
+reach N tokens: repeats are the same text at new sequence ids, so the store grows without new documents (said
+in the output). Extraction is reported apart from training; peak RSS is read from /proc (VmHWM), reset before
+training so that the two phases are measured separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from sae_pipeline.activations import ActivationStore, extract_activations, load_model, load_tokenizer
+from sae_pipeline.config import ActivationSpec, CorpusSpec, SAEConfig
+from sae_pipeline.corpus import build_corpus
+from sae_pipeline.training import plan_groups, train_group
+
+GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},
+         {"architecture": "topk", "k": 32, "expansion_factor": 8}, {"architecture": "batchtopk", "k": 32}]
+
+
+def _peak_rss_mib(reset: bool = False) -> float:
+    """Peak RSS of this process so far (MiB); `reset` sets the peak to the current RSS first (Linux)."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def repeated_corpus(tokens: int) -> tuple[pl.DataFrame, int]:
+    """The embedded corpus repeated (new sequence ids) until it holds at least `tokens` tokens; and the repeats."""
+    corpus = build_corpus(CorpusSpec(max_sequences=100_000), load_tokenizer(ActivationSpec()))
+    per_copy = int(corpus["input_ids"].list.len().sum())
+    copies = -(-tokens // per_copy)
+    frames = [corpus.with_columns(pl.col("seq_id") + i * len(corpus)) for i in range(copies)]
+    return pl.concat(frames), copies
+
+
+def build_store(folder: Path, tokens: int, dtype: str) -> tuple[ActivationStore, dict]:
+    corpus, copies = repeated_corpus(tokens)
+    spec = ActivationSpec(dtype=dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    extract_activations(corpus, load_model(spec), load_tokenizer(spec), spec, folder, spec.model)
+    store = ActivationStore(folder)
+    disk = sum(f.stat().st_size for f in folder.iterdir())
+    return store, {"corpus_copies": copies, "store_tokens": store.meta["n_tokens"], "dtype": dtype,
+                   "disk_mib": disk / 2**20, "extract_seconds": time.perf_counter() - started,
+                   "extract_peak_rss_mib": _peak_rss_mib()}
+
+
+def train(store: ActivationStore, train_tokens: int) -> dict:
+    cfgs = [SAEConfig(**point, batch_size=1024, lr=1e-3, train_tokens=train_tokens, dead_tokens=1_000_000,
+                      log_every=100, checkpoint_every=10**9) for point in GROUP]
+    groups = plan_groups(cfgs, store.d_model)
+    _peak_rss_mib(reset=True)
+    started = time.perf_counter()
+    results = [r for group in groups for r in train_group([cfgs[i] for i in group], store, "auto")]
+    wall = time.perf_counter() - started
+    failed = [str(r) for r in results if isinstance(r, Exception)]
+    trained = sum(r.train_tokens for r in results if not isinstance(r, Exception))
+    return {"configs": len(cfgs), "groups": len(groups), "train_tokens_each": train_tokens, "train_seconds": wall,
+            "tokens_per_second_all_configs": trained / wall, "stream_tokens_per_second": train_tokens / wall,
+            "train_peak_rss_mib": _peak_rss_mib(), "failed": failed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="activation tokens in the store")
+    parser.add_argument("--train-tokens", type=int, help="training tokens per config (default: the store's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the store (replaced)")
+    parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shutil.rmtree(args.out, ignore_errors=True)
+    store, built = build_store(args.out, args.tokens, args.dtype)
+    report = {**built, **train(store, args.train_tokens or store.n_tokens("train")),
+              "torch_threads": torch.get_num_threads()}
+    print(json.dumps(report, indent=2))
+    if not args.keep:
+        shutil.rmtree(args.out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

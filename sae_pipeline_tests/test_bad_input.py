@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -126,6 +127,46 @@ def test_missing_sweep_file_is_named(data_home: Path, capsys: pytest.CaptureFixt
     before = tree_digest(data_home)
     assert cli.main(["register-sweep", str(data_home / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+    assert tree_digest(data_home) == before
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+"""The billion-laughs shape: nine levels of nine aliases each (9^9 leaves once expanded)."""
+HOSTILE_SPECS = [
+    ("name escapes", "name: ../escape\nbase: {architecture: topk, k: 8}\n", "name:"),
+    ("name with a slash", "name: a/b\nbase: {architecture: topk, k: 8}\n", "name:"),
+    ("name with a space", "name: x y\nbase: {architecture: topk, k: 8}\n", "name:"),
+    ("alias bomb", "name: bomb\nbase: {architecture: topk, k: 8}\n" + BOMB, "line 4: not valid YAML"),
+    ("alias in base", "name: x\nk: &k 8\nbase: {architecture: topk, k: *k}\n", "line 3: not valid YAML"),
+    ("oversized file", "name: big\nbase: {architecture: topk, k: 8}\n" + "#" * 300_000 + "\n", "bytes"),
+    ("grid too large", "name: g\nbase: {architecture: topk}\ngrid: {k: [" + ",".join(map(str, range(1, 200)))
+     + "], seed: [" + ",".join(map(str, range(100))) + "]}\n", "grid: 19900 points"),
+]
+
+
+@pytest.mark.parametrize(("text", "field"), [pytest.param(t, f, id=n) for n, t, f in HOSTILE_SPECS])
+def test_hostile_spec_is_rejected_within_a_second_naming_file_and_line(
+        data_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, text: str, field: str) -> None:
+    spec = tmp_path / "hostile.yaml"
+    spec.write_text(text)
+    before = tree_digest(data_home)
+    started = time.perf_counter()
+    assert cli.main(["register-sweep", str(spec)]) == 2
+    assert time.perf_counter() - started < 1.0
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and field in error and str(spec) in error, error
+    assert tree_digest(data_home) == before
+
+
+@pytest.mark.parametrize("name", ["my sweep.yaml", "a..b.yaml", "a;b.yaml"])
+def test_spec_file_name_follows_the_key_rule(data_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            name: str) -> None:
+    spec = tmp_path / name
+    spec.write_text("name: fine\nbase: {architecture: topk, k: 8}\n")
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(spec)]) == 2
+    assert "file name" in capsys.readouterr().err
     assert tree_digest(data_home) == before
 
 

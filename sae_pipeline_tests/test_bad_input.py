@@ -224,10 +224,56 @@ def test_bad_asset_config_or_resource_is_rejected_before_any_write(
         copy: tuple[Pipeline, str], selection: list, run_config: dict, resources: dict, field: str) -> None:
     pipe, key = copy
     before = tree_digest(pipe.root)
-    result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
-    assert not result.success
-    assert field in error_text(result), error_text(result)
+    try:
+        result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
+        assert not result.success
+        text = error_text(result)
+    except dg.DagsterInvalidConfigError as error:  # refused at launch, before the run started
+        text = str(error)
+    assert field in text, text
     assert tree_digest(pipe.root) == before
+
+
+LAUNCH_CASES = [
+    ("context length 1", "corpus", {"context_length": 1}, "context_length"),
+    ("min words 0", "corpus", {"min_words": 0}, "min_words"),
+    ("max sequences 0", "corpus", {"max_sequences": 0}, "max_sequences"),
+    ("source empty", "corpus", {"source": ""}, "source: '' is empty"),
+    ("source blank", "corpus", {"source": "  "}, "source: '  ' is empty"),
+    ("source a missing file", "corpus", {"source": "./no/such/corpus.txt"}, "does not exist"),
+    ("eval fraction 0", "activations", {"eval_fraction": 0.0}, "eval_fraction"),
+    ("shard tokens 1", "activations", {"shard_tokens": 1}, "shard_tokens"),
+    ("outlier ratio 1", "activations", {"exclude_norm_outliers": 1.0}, "exclude_norm_outliers"),
+]
+
+
+@pytest.mark.parametrize(("asset", "config", "field"), [pytest.param(*c[1:], id=c[0]) for c in LAUNCH_CASES])
+def test_bad_run_config_is_refused_at_launch(copy: tuple[Pipeline, str], asset: str, config: dict,
+                                            field: str) -> None:
+    """Refused while the run config is resolved: no run, no step, nothing written, well under a second."""
+    pipe, _ = copy
+    before, runs = tree_digest(pipe.root), len(pipe.instance.get_runs())
+    started = time.perf_counter()
+    with pytest.raises(dg.DagsterInvalidConfigError) as refused:
+        _run(pipe, [corpus, activations], run_config=_ops(asset, **config))
+    assert time.perf_counter() - started < 1.0
+    assert field in str(refused.value) and f"ops.{asset}.config" in str(refused.value), str(refused.value)
+    assert len(pipe.instance.get_runs()) == runs
+    assert tree_digest(pipe.root) == before
+
+
+def test_dagster_job_execute_refuses_bad_run_config_before_any_step(tmp_path: Path) -> None:
+    root, home = tmp_path / "root", tmp_path / "home"
+    home.mkdir()
+    run_config = tmp_path / "bad.yaml"
+    run_config.write_text("ops:\n  corpus:\n    config:\n      context_length: 1\n")
+    env = {**os.environ, "SAE_PIPELINE_ROOT": str(root), "DAGSTER_HOME": str(home)}
+    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m",
+                           "sae_pipeline.definitions", "-j", "prepare_activations", "-c", str(run_config)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "context_length" in done.stderr + done.stdout and "STEP_START" not in done.stderr + done.stdout
+    assert not root.exists()
 
 
 def test_empty_corpus_is_rejected(copy: tuple[Pipeline, str], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ another machine (see storage.Layout).
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sae_pipeline import quality
 from sae_pipeline.activations import (
@@ -21,9 +21,10 @@ from sae_pipeline.activations import (
 from sae_pipeline.analysis import build_sweep_report, last_window_mean
 from sae_pipeline.calibration import calibration_png, plans_markdown
 from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec, parse_spec
-from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.corpus import check_source, iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
 from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result, refuse_if_blocked
+from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
@@ -88,6 +89,11 @@ class CorpusConfig(dg.Config):
     max_sequences: int = Field(4096, description="Sequences kept")
     min_words: int = Field(8, description="Shorter documents are skipped")
 
+    @model_validator(mode="after")
+    def _valid(self) -> "CorpusConfig":
+        check_source(parse_spec(CorpusSpec, self.model_dump(), where="corpus config").source)
+        return self
+
 
 class ActivationsConfig(dg.Config):
     """Which layer to read and how to store it (see ActivationSpec)."""
@@ -101,6 +107,11 @@ class ActivationsConfig(dg.Config):
         None, description="Drop tokens with norm > this x the median train-token norm (attention sinks); "
                           "unset keeps all")
     seed: int = Field(0, description="Seed of the train/eval split")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ActivationsConfig":
+        parse_spec(ActivationSpec, self.model_dump(), where="activations config")  # the layer: at the step
+        return self
 
 
 def validate_run_activations_config(context: dg.AssetExecutionContext, model: ModelResource) -> None:
@@ -134,6 +145,9 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
     })
 
 
+corpus = validated_at_launch(corpus, CorpusConfig)
+
+
 @dg.asset(deps=[corpus], group_name="data", kinds={"pytorch", "safetensors"},
           check_specs=ACTIVATIONS_CHECKS,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
@@ -161,6 +175,9 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                   "layer": spec.layer, "norm_stats": meta["norm_stats"]},
         check_results=[check_result(o) for o in outcomes],
     )
+
+
+activations = validated_at_launch(activations, ActivationsConfig)
 
 
 @dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},

@@ -165,7 +165,8 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
         scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
         outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
-                    quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"])]
+                    quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"]),
+                    quality.activations_duplicates(scan, thresholds)]
         quality.write_verdict(folder, outcomes)
     context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
     return dg.MaterializeResult(

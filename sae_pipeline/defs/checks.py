@@ -20,6 +20,8 @@ ACTIVATIONS_CHECKS = [
               "No shard with too many all-zero or constant token rows; token norms vary (ERROR)"),
     _blocking("activations_norm_outliers", "activations",
               "Norm statistics; tokens with norm > N x median counted (WARN above a share), optionally excluded"),
+    _blocking("activations_duplicates", "activations",
+              "Token rows identical to another row: WARN > 1 %, ERROR > 10 % (positions in the metadata)"),
 ]
 
 SAE_CHECKS = [

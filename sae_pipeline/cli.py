@@ -42,9 +42,28 @@ def register(path: str, dry_run: bool) -> list[str]:
     return keys
 
 
+def activations_are_usable(layout: Layout) -> bool:
+    """An activation store exists and was made from the corpus now on disk (and the configured model)."""
+    from sae_pipeline.defs.resources import default_resources
+    from sae_pipeline.lineage import LINEAGE_FILE, LineageError, lineage_mismatch
+    from sae_pipeline.storage import CORPUS_FILE
+
+    if not (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
+        return False
+    try:
+        problem = lineage_mismatch(layout.pull(layout.activations_dir, LINEAGE_FILE),
+                                   layout.pull(layout.corpus_dir, CORPUS_FILE), default_resources()["model"].name)
+    except LineageError as error:
+        problem = str(error)
+    if problem:
+        print(f"== activations out of date: {problem}", flush=True)
+    return problem is None
+
+
 def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
-    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed."""
-    if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
+    """Run `prepare_activations` when asked to or when no usable activation store exists; False if that run
+    failed."""
+    if not refresh and activations_are_usable(layout):
         return True
     print("== prepare_activations: corpus + activations", flush=True)
     return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from sae_pipeline import quality
 from sae_pipeline.activations import (
+    META_FILE,
     ActivationStore,
     check_layer,
     extract_activations,
@@ -23,7 +24,14 @@ from sae_pipeline.calibration import calibration_png, plans_markdown
 from sae_pipeline.config import EMBEDDED_CORPUS, ActivationSpec, CorpusSpec, parse_spec
 from sae_pipeline.corpus import check_source, iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
-from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result, refuse_if_blocked
+from sae_pipeline.defs.checks import (
+    ACTIVATIONS_CHECKS,
+    FEATURES_CHECKS,
+    SAE_CHECKS,
+    check_result,
+    refuse_if_blocked,
+    refuse_if_other_lineage,
+)
 from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
@@ -39,6 +47,7 @@ from sae_pipeline.features import (
     write_features,
 )
 from sae_pipeline.labelling import label_features, labels_markdown, write_labels
+from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
@@ -73,6 +82,9 @@ EXAMPLES_FILE = "examples.parquet"
 FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
 LABELS_FILE = "labels.parquet"
+CODE_VERSION = "1"
+"""Code version of the assets that compute (bump when a change alters what they write): with the data versions
+of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:
@@ -126,7 +138,8 @@ def validate_run_activations_config(context: dg.AssetExecutionContext, model: Mo
     validate_layer(spec)
 
 
-@dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
+@dg.asset(group_name="data", kinds={"parquet"}, code_version=CODE_VERSION,
+          description="Tokenised text sequences from the configured corpus.")
 def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: StorageResource,
            model: ModelResource) -> dg.MaterializeResult:
     spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
@@ -138,8 +151,9 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
         write_parquet_atomic(frame, folder / CORPUS_FILE)
     n_tokens = int(frame["input_ids"].list.len().sum())
     context.log.info(f"corpus: {len(frame)} sequences, {n_tokens} tokens from {spec.source}")
-    return dg.MaterializeResult(metadata={
-        "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens,
+    fingerprint = file_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE) / CORPUS_FILE)
+    return dg.MaterializeResult(data_version=dg.DataVersion(fingerprint), metadata={
+        "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens, "corpus_sha256": fingerprint,
         "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
         "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
     })
@@ -149,7 +163,7 @@ corpus = validated_at_launch(corpus, CorpusConfig)
 
 
 @dg.asset(deps=[corpus], group_name="data", kinds={"pytorch", "safetensors"},
-          check_specs=ACTIVATIONS_CHECKS,
+          check_specs=ACTIVATIONS_CHECKS, code_version=CODE_VERSION,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
                 model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
@@ -158,6 +172,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
     thresholds = quality_thresholds.thresholds()
     validate_layer(spec)  # from the model's config alone: before any weights load or file write
     layout = storage.layout
+    lineage = lineage_record(corpus_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE)), spec.model, spec.layer)
     frame = read_corpus(layout)
     tokenizer, transformer = load_tokenizer(spec), load_model(spec)
     check_layer(transformer, spec.layer)
@@ -168,9 +183,12 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                     quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"]),
                     quality.activations_duplicates(scan, thresholds)]
         quality.write_verdict(folder, outcomes)
+        write_lineage(folder, lineage)
     context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
     return dg.MaterializeResult(
-        metadata={"activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
+        data_version=dg.DataVersion(file_fingerprint(layout.pull(layout.activations_dir, META_FILE) / META_FILE)),
+        metadata={"corpus_sha256": str(lineage["corpus_sha256"]),
+                  "activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
                   "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
                   "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
                   "layer": spec.layer, "norm_stats": meta["norm_stats"]},
@@ -182,13 +200,14 @@ activations = validated_at_launch(activations, ActivationsConfig)
 
 
 @dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},
-          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(),
+          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(), code_version=CODE_VERSION,
           description="One SAE per config partition, in the SAELens file layout.")
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
         quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
     thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
+    refuse_if_other_lineage("sae", layout, model.name)
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
     store = ActivationStore(acts)
@@ -252,13 +271,14 @@ class FeaturesConfig(dg.Config):
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
-          check_specs=FEATURES_CHECKS,
+          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION,
           description="Per-latent statistics, top/quantile contexts with per-token activations, vocabulary "
                       "projection and a static HTML dashboard, on held-out tokens.")
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
              device: DeviceResource, model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
     thresholds = quality_thresholds.thresholds()
+    refuse_if_other_lineage("features", layout, model.name)
     acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
     refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
                       + quality.blocking_failures(weights, missing_ok=True))
@@ -304,11 +324,13 @@ class LabelsConfig(dg.Config):
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
+          code_version=CODE_VERSION,
           description="A label and a detection score per live latent, and the dashboard with them; refuses "
                       "partitions whose blocking checks failed.")
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
+    refuse_if_other_lineage("feature_labels", layout)
     features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
                                quality.VERDICT_FILE)
     verdicts = [layout.pull(layout.activations_dir, quality.VERDICT_FILE),

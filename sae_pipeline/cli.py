@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae_pipeline.config import ConfigError, load_sweep
 from sae_pipeline.storage import Layout, default_root
+
+if TYPE_CHECKING:
+    from sae_pipeline.defs.runs import StopSignals
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 """Run config for in-process runs: step-level INFO on the console (the UI keeps every event)."""
@@ -60,52 +64,59 @@ def activations_are_usable(layout: Layout) -> bool:
     return problem is None
 
 
-def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
+def ensure_activations(defs, instance, layout: Layout, refresh: bool, stop: StopSignals) -> bool:
     """Run `prepare_activations` when asked to or when no usable activation store exists; False if that run
     failed."""
     if not refresh and activations_are_usable(layout):
         return True
     print("== prepare_activations: corpus + activations", flush=True)
-    return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance, run_config=QUIET).success
+    return stop.execute(defs.resolve_job_def("prepare_activations"), instance, run_config=QUIET).success
 
 
-def run_sweep(path: str, refresh: bool) -> int:
-    """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
+def open_instance():
+    """The instance under DAGSTER_HOME, with the runs of dead processes marked failed and their slots freed."""
     import dagster as dg
 
+    from sae_pipeline.defs.runs import release_dead_runs
+
+    instance = dg.DagsterInstance.get()
+    for run_id in release_dead_runs(instance):
+        print(f"== run {run_id}: its process is gone; marked failed, pool slots freed", flush=True)
+    return instance
+
+
+def run_sweep(path: str, refresh: bool, stop: StopSignals) -> int:
+    """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
     from sae_pipeline.definitions import defs
 
     keys = register(path, dry_run=False)
-    instance = dg.DagsterInstance.get()
+    instance = open_instance()
     layout = Layout.at(default_root())
-    if not ensure_activations(defs, instance, layout, refresh):
+    if not ensure_activations(defs, instance, layout, refresh, stop):
         return 1
     failed = []
     for index, key in enumerate(keys, 1):
         print(f"== train_sweep [{index}/{len(keys)}] {key}", flush=True)
-        result = defs.resolve_job_def("train_sweep").execute_in_process(
-            instance=instance, partition_key=key, run_config=QUIET, raise_on_error=False)
+        result = stop.execute(defs.resolve_job_def("train_sweep"), instance, partition_key=key, run_config=QUIET)
         if not result.success:
             failed.append(key)
     print("== analyze_sweep", flush=True)
-    defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET)
+    analysis = stop.execute(defs.resolve_job_def("analyze_sweep"), instance, run_config=QUIET)
     _print_results(layout, keys, failed)
-    return 1 if failed else 0
+    return 1 if failed or not analysis.success else 0
 
 
-def calibrate(path: str) -> int:
+def calibrate(path: str, stop: StopSignals) -> int:
     """Register the sweep, extract activations if needed, then run the l1_alpha calibration loop in process."""
-    import dagster as dg
-
     from sae_pipeline.definitions import defs
     from sae_pipeline.defs.sensors import calibrate_in_process
 
     register(path, dry_run=False)
-    instance, layout = dg.DagsterInstance.get(), Layout.at(default_root())
-    if not ensure_activations(defs, instance, layout, refresh=False):
+    instance, layout = open_instance(), Layout.at(default_root())
+    if not ensure_activations(defs, instance, layout, False, stop):
         return 1
     plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,
-                                 log=lambda line: print(f"== {line}", flush=True))
+                                 log=lambda line: print(f"== {line}", flush=True), execute=stop.execute)
     print(f"\nCalibration report: {layout.location(layout.calibration_dir, 'report.md')}")
     return 0 if all(plan.status == "converged" for plan in plans) else 1
 
@@ -139,12 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
-        if args.command == "calibrate":
-            return calibrate(args.file)
-        return run_sweep(args.file, args.refresh_activations)
+        return run_with_stop_signals(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run_with_stop_signals(args: argparse.Namespace) -> int:
+    """`run-sweep` / `calibrate` under SIGINT/SIGTERM handling: the current run is cancelled, nothing later
+    starts, and the exit code is 128 + the signal number (130 for Ctrl-C)."""
+    from sae_pipeline.defs.runs import Stopped, StopSignals
+
+    try:
+        with StopSignals().installed() as stop:
+            if args.command == "calibrate":
+                return calibrate(args.file, stop)
+            return run_sweep(args.file, args.refresh_activations, stop)
+    except Stopped as stopped:
+        print(f"\n{stopped}: the current run is marked cancelled and its checkpoint kept; run the same command "
+              "again to resume", file=sys.stderr, flush=True)
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

@@ -85,19 +85,44 @@ def open_instance():
     return instance
 
 
-def run_sweep(path: str, refresh: bool, stop: StopSignals) -> int:
-    """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
+SWEEP_ASSETS = ("sae", "features", "feature_labels")
+"""What `train_sweep` materialises per partition, in order."""
+
+
+def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> dict[str, list[str]]:
+    """Per key, the train_sweep assets from the first one that is not current (never materialised, or made with
+    another code version or from other upstream data) on; all of them with `refresh`."""
+    from sae_pipeline.defs.freshness import is_current, stale_resolver
+
+    resolver = stale_resolver(instance, defs)
+    todo = {}
+    for key in keys:
+        stale = [i for i, asset in enumerate(SWEEP_ASSETS) if refresh or not is_current(resolver, asset, key)]
+        todo[key] = list(SWEEP_ASSETS[stale[0]:]) if stale else []
+    return todo
+
+
+def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: bool = False) -> int:
+    """Register the sweep, extract activations if needed, run every partition that is not current (all with
+    `refresh`), then the sweep report."""
+    import dagster as dg
+
     from sae_pipeline.definitions import defs
 
     keys = register(path, dry_run=False)
     instance = open_instance()
     layout = Layout.at(default_root())
-    if not ensure_activations(defs, instance, layout, refresh, stop):
+    if not ensure_activations(defs, instance, layout, refresh_activations, stop):
         return 1
     failed = []
-    for index, key in enumerate(keys, 1):
-        print(f"== train_sweep [{index}/{len(keys)}] {key}", flush=True)
-        result = stop.execute(defs.resolve_job_def("train_sweep"), instance, partition_key=key, run_config=QUIET)
+    for index, (key, todo) in enumerate(assets_to_run(defs, instance, keys, refresh).items(), 1):
+        if not todo:
+            print(f"== train_sweep [{index}/{len(keys)}] {key}: skipped, current (same config, code version and "
+                  "activations; --refresh retrains)", flush=True)
+            continue
+        print(f"== train_sweep [{index}/{len(keys)}] {key}: {', '.join(todo)}", flush=True)
+        result = stop.execute(defs.resolve_job_def("train_sweep"), instance, partition_key=key, run_config=QUIET,
+                              asset_selection=[dg.AssetKey(asset) for asset in todo])
         if not result.success:
             failed.append(key)
     print("== analyze_sweep", flush=True)
@@ -141,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run-sweep", help="register a sweep and materialise every partition + the report")
     run.add_argument("file")
     run.add_argument("--refresh-activations", action="store_true", help="re-extract even if activations exist")
+    run.add_argument("--refresh", action="store_true", help="retrain partitions that are already current")
     cal = commands.add_parser("calibrate", help="run a sweep's relu configs with target_l0 and propose l1_alpha "
                               "runs until L0 is on target (in process; see the calibration sensor)")
     cal.add_argument("file")
@@ -165,7 +191,7 @@ def run_with_stop_signals(args: argparse.Namespace) -> int:
         with StopSignals().installed() as stop:
             if args.command == "calibrate":
                 return calibrate(args.file, stop)
-            return run_sweep(args.file, args.refresh_activations, stop)
+            return run_sweep(args.file, args.refresh_activations, stop, refresh=args.refresh)
     except Stopped as stopped:
         print(f"\n{stopped}: the current run is marked cancelled and its checkpoint kept; run the same command "
               "again to resume", file=sys.stderr, flush=True)

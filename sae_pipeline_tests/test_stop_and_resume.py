@@ -125,3 +125,24 @@ def test_rerun_after_sigkill_releases_the_dead_run_resumes_and_matches_an_uninte
     for name in ("fvu", "l0", "mse", "dead_fraction", "explained_variance", "cosine"):
         assert resumed["metrics"][name] == pytest.approx(expected["metrics"][name], abs=1e-4), name
     assert resumed["final_loss"] == pytest.approx(expected["final_loss"], abs=1e-4)
+
+
+def test_rerun_skips_current_partitions_and_refresh_retrains(pipeline: Pipeline, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from sae_pipeline import cli
+
+    env, spec, (key,) = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0])
+    for name in ("SAE_PIPELINE_ROOT", "DAGSTER_HOME", "SAE_PIPELINE_DEVICE"):
+        monkeypatch.setenv(name, env[name])
+    assert cli.main(["run-sweep", str(spec)]) == 0
+    assert len(_runs(env, "train_sweep")) == 1
+    capsys.readouterr()
+
+    assert cli.main(["run-sweep", str(spec)]) == 0
+    assert f"{key}: skipped, current" in capsys.readouterr().out
+    assert len(_runs(env, "train_sweep")) == 1  # nothing retrained
+
+    assert cli.main(["run-sweep", "--refresh", str(spec)]) == 0
+    assert f"{key}: sae, features, feature_labels" in capsys.readouterr().out
+    assert len(_runs(env, "train_sweep")) == 2

@@ -159,6 +159,20 @@ def test_hostile_spec_is_rejected_within_a_second_naming_file_and_line(
     assert tree_digest(data_home) == before
 
 
+def test_sweep_files_sensor_reads_hostile_specs_with_the_same_bounds(tmp_path: Path) -> None:
+    from sae_pipeline.sweeps import scan_sweeps
+
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    (folder / "bomb.yaml").write_text("name: bomb\nbase: {architecture: topk, k: 8}\n" + BOMB)
+    (folder / "big.yaml").write_text("name: big\n" + "#" * 2_000_000 + "\n")
+    started = time.perf_counter()
+    found = {sweep.path.name: sweep for sweep in scan_sweeps(folder)}
+    assert time.perf_counter() - started < 1.0
+    assert found["bomb.yaml"].spec is None and "line 4" in found["bomb.yaml"].error
+    assert found["big.yaml"].spec is None and "bytes" in found["big.yaml"].error
+
+
 @pytest.mark.parametrize("name", ["my sweep.yaml", "a..b.yaml", "a;b.yaml"])
 def test_spec_file_name_follows_the_key_rule(data_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                             name: str) -> None:

@@ -32,6 +32,16 @@ grid: {{seed: {seeds}}}
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_defs_state_storage():
+    """Some earlier tests leave Dagster's current defs-state storage pointing at a deleted temporary instance;
+    in-process runs here (which build Definitions) must not read it."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
+
+
 def _home(pipeline: Pipeline, tmp_path: Path, tokens: int, seeds: list[int]) -> tuple[dict, Path, list[str]]:
     """A storage root holding the session's corpus + activations, an instance with the shipped dagster.yaml
     (gpu pool limit 1), and a sweep spec; returns the environment, the spec and its keys."""

@@ -137,22 +137,18 @@ def test_rerun_after_sigkill_releases_the_dead_run_resumes_and_matches_an_uninte
     assert resumed["final_loss"] == pytest.approx(expected["final_loss"], abs=1e-4)
 
 
-def test_rerun_skips_current_partitions_and_refresh_retrains(pipeline: Pipeline, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture) -> None:
-    from sae_pipeline import cli
+def _run_sweep(env: dict, spec: Path, *flags: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "sae_pipeline.cli", "run-sweep", *flags, str(spec)], env=env,
+                          cwd=spec.parent, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
 
+
+def test_rerun_skips_current_partitions_and_refresh_retrains(pipeline: Pipeline, tmp_path: Path) -> None:
     env, spec, (key,) = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0])
-    for name in ("SAE_PIPELINE_ROOT", "DAGSTER_HOME", "SAE_PIPELINE_DEVICE"):
-        monkeypatch.setenv(name, env[name])
-    assert cli.main(["run-sweep", str(spec)]) == 0
+    _run_sweep(env, spec)
     assert len(_runs(env, "train_sweep")) == 1
-    capsys.readouterr()
-
-    assert cli.main(["run-sweep", str(spec)]) == 0
-    assert f"{key}: skipped, current" in capsys.readouterr().out
+    assert f"{key}: skipped, current" in _run_sweep(env, spec)
     assert len(_runs(env, "train_sweep")) == 1  # nothing retrained
-
-    assert cli.main(["run-sweep", "--refresh", str(spec)]) == 0
-    assert f"{key}: sae, features, feature_labels" in capsys.readouterr().out
+    assert f"{key}: sae, features, feature_labels" in _run_sweep(env, spec, "--refresh")
     assert len(_runs(env, "train_sweep")) == 2

@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae_pipeline.config import ConfigError, load_sweep
 from sae_pipeline.storage import Layout, default_root, exclusive
+
+if TYPE_CHECKING:
+    from sae_pipeline.defs.runs import StopSignals
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 """Run config for in-process runs: step-level INFO on the console (the UI keeps every event)."""
@@ -21,18 +25,6 @@ def _default_dagster_home() -> None:
 
 
 INSTANCE_LOCK = ".sae_pipeline_instance.lock"
-
-
-def open_instance():
-    """The Dagster instance under DAGSTER_HOME, created and migrated by one command at a time.
-
-    Opening an instance creates its SQLite databases and stamps their schema version; two first commands on a
-    fresh home doing that at once can crash or leave two alembic heads that every later command fails on.
-    """
-    import dagster as dg
-
-    with exclusive(Path(os.environ["DAGSTER_HOME"]) / INSTANCE_LOCK):
-        return dg.DagsterInstance.get()
 
 
 def register(path: str, dry_run: bool) -> list[str]:
@@ -57,39 +49,98 @@ def register(path: str, dry_run: bool) -> list[str]:
     return keys
 
 
-def ensure_activations(defs, instance, layout: Layout, refresh: bool) -> bool:
-    """Run `prepare_activations` when asked to or when no activation store exists; False if that run failed.
+def activations_are_usable(layout: Layout) -> bool:
+    """An activation store exists and was made from the corpus now on disk (and the configured model)."""
+    from sae_pipeline.defs.resources import default_resources
+    from sae_pipeline.lineage import LINEAGE_FILE, LineageError, lineage_mismatch
+    from sae_pipeline.storage import CORPUS_FILE
+
+    if not (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
+        return False
+    try:
+        problem = lineage_mismatch(layout.pull(layout.activations_dir, LINEAGE_FILE),
+                                   layout.pull(layout.corpus_dir, CORPUS_FILE), default_resources()["model"].name)
+    except LineageError as error:
+        problem = str(error)
+    if problem:
+        print(f"== activations out of date: {problem}", flush=True)
+    return problem is None
+
+
+def ensure_activations(defs, instance, layout: Layout, refresh: bool, stop: StopSignals) -> bool:
+    """Run `prepare_activations` when asked to or when no usable activation store exists; False if that run
+    failed.
 
     Under a lock on the storage root: of two commands started at once on a fresh root, one extracts and the
     other waits, then finds the store."""
     layout.root.mkdir(parents=True, exist_ok=True)
     with exclusive(layout.root / ".activations.lock"):
-        if not refresh and (layout.pull(layout.activations_dir, "meta.json") / "meta.json").exists():
+        if not refresh and activations_are_usable(layout):
             return True
         print("== prepare_activations: corpus + activations", flush=True)
-        return defs.resolve_job_def("prepare_activations").execute_in_process(instance=instance,
-                                                                              run_config=QUIET).success
+        return stop.execute(defs.resolve_job_def("prepare_activations"), instance, run_config=QUIET).success
 
 
-def run_sweep(path: str, refresh: bool) -> int:
-    """Register the sweep, extract activations if needed, run every partition, then the sweep report."""
+def open_instance():
+    """The instance under DAGSTER_HOME, created and migrated by one command at a time, with the runs of dead
+    processes marked failed and their slots freed.
+
+    Opening an instance creates its SQLite databases and stamps their schema version; two first commands on a
+    fresh home doing that at once can crash or leave two alembic heads that every later command fails on.
+    """
+    import dagster as dg
+
+    from sae_pipeline.defs.runs import release_dead_runs
+
+    with exclusive(Path(os.environ["DAGSTER_HOME"]) / INSTANCE_LOCK):
+        instance = dg.DagsterInstance.get()
+    for run_id in release_dead_runs(instance):
+        print(f"== run {run_id}: its process is gone; marked failed, pool slots freed", flush=True)
+    return instance
+
+
+SWEEP_ASSETS = ("sae", "features", "feature_labels")
+"""What `train_sweep` materialises per partition, in order."""
+
+
+def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> dict[str, list[str]]:
+    """Per key, the train_sweep assets from the first one that is not current (never materialised, or made with
+    another code version or from other upstream data) on; all of them with `refresh`."""
+    from sae_pipeline.defs.freshness import is_current, stale_resolver
+
+    resolver = stale_resolver(instance, defs)
+    todo = {}
+    for key in keys:
+        stale = [i for i, asset in enumerate(SWEEP_ASSETS) if refresh or not is_current(resolver, asset, key)]
+        todo[key] = list(SWEEP_ASSETS[stale[0]:]) if stale else []
+    return todo
+
+
+def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: bool = False) -> int:
+    """Register the sweep, extract activations if needed, run every partition that is not current (all with
+    `refresh`), then the sweep report."""
+    import dagster as dg
+
     from sae_pipeline.definitions import defs
 
     keys = register(path, dry_run=False)
     instance = open_instance()
     layout = Layout.at(default_root())
-    if not ensure_activations(defs, instance, layout, refresh):
+    if not ensure_activations(defs, instance, layout, refresh_activations, stop):
         return 1
     failed = []
-    for index, key in enumerate(keys, 1):
-        print(f"== train_sweep [{index}/{len(keys)}] {key}", flush=True)
-        result = defs.resolve_job_def("train_sweep").execute_in_process(
-            instance=instance, partition_key=key, run_config=QUIET, raise_on_error=False)
+    for index, (key, todo) in enumerate(assets_to_run(defs, instance, keys, refresh).items(), 1):
+        if not todo:
+            print(f"== train_sweep [{index}/{len(keys)}] {key}: skipped, current (same config, code version and "
+                  "activations; --refresh retrains)", flush=True)
+            continue
+        print(f"== train_sweep [{index}/{len(keys)}] {key}: {', '.join(todo)}", flush=True)
+        result = stop.execute(defs.resolve_job_def("train_sweep"), instance, partition_key=key, run_config=QUIET,
+                              asset_selection=[dg.AssetKey(asset) for asset in todo])
         if not result.success:
             failed.append(key)
     print("== analyze_sweep", flush=True)
-    analysis = defs.resolve_job_def("analyze_sweep").execute_in_process(instance=instance, run_config=QUIET,
-                                                                        raise_on_error=False)
+    analysis = stop.execute(defs.resolve_job_def("analyze_sweep"), instance, run_config=QUIET)
     _print_results(layout, keys, failed)
     if not analysis.success:
         print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
@@ -106,17 +157,17 @@ def failure_message(result) -> str:
     return "see the run in the UI"
 
 
-def calibrate(path: str) -> int:
+def calibrate(path: str, stop: StopSignals) -> int:
     """Register the sweep, extract activations if needed, then run the l1_alpha calibration loop in process."""
     from sae_pipeline.definitions import defs
     from sae_pipeline.defs.sensors import calibrate_in_process
 
     register(path, dry_run=False)
     instance, layout = open_instance(), Layout.at(default_root())
-    if not ensure_activations(defs, instance, layout, refresh=False):
+    if not ensure_activations(defs, instance, layout, False, stop):
         return 1
     plans = calibrate_in_process(path, instance, defs, layout, run_config=QUIET,
-                                 log=lambda line: print(f"== {line}", flush=True))
+                                 log=lambda line: print(f"== {line}", flush=True), execute=stop.execute)
     print(f"\nCalibration report: {layout.location(layout.calibration_dir, 'report.md')}")
     return 0 if all(plan.status == "converged" for plan in plans) else 1
 
@@ -141,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run-sweep", help="register a sweep and materialise every partition + the report")
     run.add_argument("file")
     run.add_argument("--refresh-activations", action="store_true", help="re-extract even if activations exist")
+    run.add_argument("--refresh", action="store_true", help="retrain partitions that are already current")
     cal = commands.add_parser("calibrate", help="run a sweep's relu configs with target_l0 and propose l1_alpha "
                               "runs until L0 is on target (in process; see the calibration sensor)")
     cal.add_argument("file")
@@ -150,12 +202,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
-        if args.command == "calibrate":
-            return calibrate(args.file)
-        return run_sweep(args.file, args.refresh_activations)
+        return run_with_stop_signals(args)
     except (ConfigError, OSError) as error:  # bad input, or a root/home that cannot be written: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run_with_stop_signals(args: argparse.Namespace) -> int:
+    """`run-sweep` / `calibrate` under SIGINT/SIGTERM handling: the current run is cancelled, nothing later
+    starts, and the exit code is 128 + the signal number (130 for Ctrl-C)."""
+    from sae_pipeline.defs.runs import Stopped, StopSignals
+
+    try:
+        with StopSignals().installed() as stop:
+            if args.command == "calibrate":
+                return calibrate(args.file, stop)
+            return run_sweep(args.file, args.refresh_activations, stop, refresh=args.refresh)
+    except Stopped as stopped:
+        print(f"\n{stopped}: the current run is marked cancelled and its checkpoint kept; run the same command "
+              "again to resume", file=sys.stderr, flush=True)
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

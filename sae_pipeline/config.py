@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -27,6 +27,8 @@ EMBEDDED_CORPUS = "embedded:stdlib-docstrings"
 """Name of the default corpus: docstrings of the Python standard library installed on this machine."""
 
 PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
+MAX_SPEC_BYTES = 256 * 1024
+"""Sweep files larger than this are refused before parsing (a real spec is a few hundred bytes)."""
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 
 
@@ -36,8 +38,6 @@ MAX_BATCH_TOKENS = 2**20
 """Upper bound on SAE batch_size (tokens per step); memory is checked against the machine separately."""
 MAX_SWEEP_CONFIGS = 10_000
 """Upper bound on the configs one sweep expands to, checked before the cross product is built."""
-MAX_SWEEP_FILE_BYTES = 16 * 2**20
-"""Upper bound on a sweep file's size, checked before it is read."""
 
 
 class ConfigError(ValueError):
@@ -267,11 +267,17 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def validate_name(name: str, what: str) -> str:
+    """The one rule for every name that becomes a path (partition key, sweep name, sweep file name):
+    only [A-Za-z0-9_.+-], no `..`, at most 200 characters."""
+    if not isinstance(name, str) or not PARTITION_KEY_PATTERN.match(name) or ".." in name:
+        raise ConfigError(f"{what}: {name!r} must match [A-Za-z0-9_.+-]{{1,200}} and not contain '..'")
+    return name
+
+
 def validate_partition_key(key: str) -> str:
-    """Keys become file names: only [A-Za-z0-9_.+-], no `..`, at most 200 characters."""
-    if not PARTITION_KEY_PATTERN.match(key) or ".." in key:
-        raise ConfigError(f"partition key: {key!r} must match [A-Za-z0-9_.+-]{{1,200}} and not contain '..'")
-    return key
+    """Keys become file names (see validate_name)."""
+    return validate_name(key, "partition key")
 
 
 LabellerKind = Literal["offline", "llm"]
@@ -324,7 +330,7 @@ class SweepSpec(_Strict):
     """A grid of SAE configs: `base` fields shared by all, `grid` values crossed, `points` added as they are."""
 
     name: str = Field(min_length=1)
-    """Sweep name (shown in reports)."""
+    """Sweep name (shown in reports); the file-name rule of partition keys applies (see validate_name)."""
     description: str = ""
     """Free text."""
     base: dict[str, Any] = Field(default_factory=dict)
@@ -346,6 +352,14 @@ class SweepSpec(_Strict):
             raise ValueError(f"sweep size: {total} configs (grid {sizes} = {n_grid}, plus {len(self.points)} "
                              f"points); allowed: at most {MAX_SWEEP_CONFIGS}")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, name: str) -> str:
+        try:
+            return validate_name(name, "name")
+        except ConfigError as error:
+            raise ValueError(str(error).removeprefix("name: ")) from None
 
     def expand(self) -> list[SAEConfig]:
         """All configs of the sweep, de-duplicated by key, in a stable order; ConfigError on any bad point."""
@@ -409,27 +423,53 @@ def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
         raise _format_validation_error(error, where, model) from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (`*a`): a few lines of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a sweep file", mark)
+        return super().compose_node(parent, index)
+
+
+def read_spec_yaml(path: Path) -> Any:
+    """Parse a spec file: at most MAX_SPEC_BYTES, no aliases; ConfigError names the file (and the line)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {path}: does not exist") from None
+    if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
+        raise ConfigError(f"sweep file {path}: not a regular file")
+    if size > MAX_SPEC_BYTES:
+        raise ConfigError(f"sweep file {path}: {size} bytes; at most {MAX_SPEC_BYTES} bytes")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_SPEC_BYTES + 1)  # the file may grow between stat and read
+    if len(data) > MAX_SPEC_BYTES:
+        raise ConfigError(f"sweep file {path}: more than {MAX_SPEC_BYTES} bytes")
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"sweep file {path}: not UTF-8 text ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"sweep file {path}{line}: not valid YAML ({error})") from None
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep YAML file; ConfigError names the file and the field."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file {path}: does not exist")
-    if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
-        raise ConfigError(f"sweep file {path}: not a regular file")
-    if path.stat().st_size > MAX_SWEEP_FILE_BYTES:
-        raise ConfigError(f"sweep file {path}: {path.stat().st_size} bytes; allowed: at most "
-                          f"{MAX_SWEEP_FILE_BYTES}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"sweep file {path}: cannot be read ({error})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"sweep file {path}: not valid YAML ({error})") from None
+    validate_name(path.stem, f"sweep file {path}: file name")
+    raw = read_spec_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path}: top level must be a mapping with name/base/grid/points")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
         raise _format_validation_error(error, f"sweep file {path}", SweepSpec) from None
-    spec.expand()
+    try:
+        spec.expand()
+    except ConfigError as error:
+        raise ConfigError(f"sweep file {path}: {error}") from None
     return spec

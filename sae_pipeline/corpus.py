@@ -72,8 +72,25 @@ def _dataset_texts(spec: CorpusSpec) -> Iterator[str]:
             yield row[spec.text_column]
 
 
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def check_source(source: str) -> None:
+    """Refuse a source that cannot be what the user meant: empty (it would read the working folder) or a local
+    path that does not exist; a `datasets` name (`owner/name`) is only resolved when read."""
+    if not source.strip():
+        raise ConfigError(f"source: {source!r} is empty; give {EMBEDDED_CORPUS}, a datasets name, or a local "
+                          f"{'/'.join(LOCAL_SUFFIXES)} file or folder")
+    if source == EMBEDDED_CORPUS:
+        return
+    looks_local = source.startswith(("/", ".", "~")) or source.lower().endswith(LOCAL_SUFFIXES)
+    if looks_local and not Path(source).expanduser().exists():
+        raise ConfigError(f"source: {source!r} is a local path that does not exist")
+
+
 def iter_texts(spec: CorpusSpec) -> Iterator[str]:
     """Documents of the configured source."""
+    check_source(spec.source)
     if spec.source == EMBEDDED_CORPUS:
         paragraphs = list(stdlib_docstrings(spec.min_words))
         random.Random(0).shuffle(paragraphs)  # mix modules; fixed seed keeps the corpus reproducible

@@ -77,11 +77,17 @@ class QualityThresholds(BaseModel):
     """A latent whose max held-out activation is below this is not live for labelling (seed 003's 1e-16)."""
     near_zero_error_share: float = Field(0.5, ge=0.0, le=1.0)
     """ERROR when more than this share of latents is not live."""
+    duplicate_row_fraction_warn: float = Field(0.01, ge=0.0, le=1.0)
+    """WARN when more than this share of token rows is identical to another row (an attention-sink-like vector
+    repeated at ordinary norm, or a corpus of repeated documents)."""
+    duplicate_row_fraction_error: float = Field(0.1, ge=0.0, le=1.0)
+    """ERROR when more than this share of token rows is identical to another row."""
 
     @model_validator(mode="after")
     def _ordered(self) -> QualityThresholds:
         pairs = (("dead_fraction_warn", "dead_fraction_error"), ("dense_fraction_warn", "dense_fraction_error"),
-                 ("l0_error_low", "l0_warn_low"), ("l0_warn_high", "l0_error_high"), ("fvu_warn", "fvu_error"))
+                 ("l0_error_low", "l0_warn_low"), ("l0_warn_high", "l0_error_high"), ("fvu_warn", "fvu_error"),
+                 ("duplicate_row_fraction_warn", "duplicate_row_fraction_error"))
         for low, high in pairs:
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low}: {getattr(self, low)} must be <= {high} ({getattr(self, high)})")
@@ -139,12 +145,63 @@ class ShardScan:
 
 
 @dataclass(frozen=True)
+class DuplicateScan:
+    """Token rows that are bit-identical to another row, over both splits."""
+
+    n_rows: int
+    """Finite rows identical to at least one other row (every member of a group counts)."""
+    largest_group: int
+    """Rows sharing the most frequent repeated vector."""
+    examples: list[dict[str, Any]]
+    """Where some of them are: shard file, row, seq_id and token position; the largest groups first."""
+
+
+DUPLICATE_EXAMPLES = 20
+"""Positions of duplicated rows kept in the check's metadata."""
+
+
+def _row_keys(x: torch.Tensor) -> torch.Tensor:
+    """One int64 per row, equal for identical rows: two fixed float64 projections' bits, mixed. A collision
+    between distinct rows needs both 64-bit projections to agree exactly."""
+    generator = torch.Generator().manual_seed(12345)
+    projections = torch.randn(x.shape[-1], 2, generator=generator, dtype=torch.float64)
+    bits = (x @ projections).contiguous().view(torch.int64)
+    return bits[:, 0] * 1_000_003 + bits[:, 1]
+
+
+def find_duplicates(store: ActivationStore, keys: torch.Tensor, rows: torch.Tensor,
+                    where: list[tuple[str, int, int]]) -> DuplicateScan:
+    """Group finite rows by key (`rows`: their global index; `where`: (split, shard index, first global row)
+    per shard, in order) and locate up to DUPLICATE_EXAMPLES members, largest groups first."""
+    if keys.numel() == 0:
+        return DuplicateScan(0, 0, [])
+    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    sizes = counts[inverse]
+    duplicated = sizes > 1
+    if not bool(duplicated.any()):
+        return DuplicateScan(0, 1, [])
+    order = torch.argsort(-sizes[duplicated] * (keys.numel() + 1) + inverse[duplicated])  # largest groups first
+    picked = rows[duplicated][order][:DUPLICATE_EXAMPLES].tolist()
+    examples = []
+    starts = [first for _, _, first in where]
+    for row in picked:
+        shard = max(i for i, first in enumerate(starts) if first <= row)
+        split, index, first = where[shard]
+        _, location = store.read(split, index, row - first, row - first + 1, with_locations=True)
+        examples.append({"shard": store.shards(split)[index]["file"], "row": row - first,
+                         "seq_id": int(location[0, 0]), "position": int(location[0, 1])})
+    return DuplicateScan(int(duplicated.sum()), int(counts.max()), examples)
+
+
+@dataclass(frozen=True)
 class ActivationScan:
     """What the activation checks measure: per-shard counts and the token-norm distribution of every split."""
 
     shards: list[ShardScan]
     norms: torch.Tensor
     """Finite token norms, float64, train and eval shards together."""
+    duplicates: DuplicateScan | None = None
+    """Rows identical to another row (None: not measured)."""
 
     @property
     def n_tokens(self) -> int:
@@ -160,11 +217,13 @@ class ActivationScan:
 
 
 def scan_activations(store: ActivationStore, chunk: int = 65536) -> ActivationScan:
-    """Read every shard of both splits once and count non-finite, all-zero and constant rows; collect norms."""
-    shards, norms = [], []
+    """Read every shard of both splits once and count non-finite, all-zero, constant and duplicated rows; collect
+    norms."""
+    shards, norms, keys, rows, where, offset = [], [], [], [], [], 0
     for split in ("train", "eval"):
         for index, shard in enumerate(store.shards(split)):
             counts = [0, 0, 0]
+            where.append((split, index, offset))
             for start in range(0, shard["n_tokens"], chunk):
                 x = store.read(split, index, start, min(start + chunk, shard["n_tokens"])).double()
                 finite = torch.isfinite(x).all(dim=-1)
@@ -172,8 +231,14 @@ def scan_activations(store: ActivationStore, chunk: int = 65536) -> ActivationSc
                 counts[1] += int((x == 0).all(dim=-1).sum())
                 counts[2] += int((x.amax(dim=-1) == x.amin(dim=-1)).sum())
                 norms.append(x[finite].norm(dim=-1))
+                keys.append(_row_keys(x[finite]))
+                rows.append(offset + start + finite.nonzero().squeeze(1))
             shards.append(ShardScan(shard["file"], shard["n_tokens"], *counts))
-    return ActivationScan(shards, torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64))
+            offset += shard["n_tokens"]
+    empty = torch.empty(0, dtype=torch.int64)
+    duplicates = find_duplicates(store, torch.cat(keys) if keys else empty, torch.cat(rows) if rows else empty,
+                                 where)
+    return ActivationScan(shards, torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64), duplicates)
 
 
 def activations_finite(scan: ActivationScan) -> CheckOutcome:
@@ -228,6 +293,18 @@ def activations_norm_outliers(scan: ActivationScan, thresholds: QualityThreshold
         {"n_outlier_tokens": n_outliers, "outlier_fraction": share, "outlier_norm_ratio": thresholds.outlier_norm_ratio,
          "outlier_norm_limit": limit, "max_outlier_fraction": thresholds.max_outlier_fraction,
          "n_excluded_at_extraction": n_excluded, **{f"norm_{k}": v for k, v in stats.items()}})
+
+
+def activations_duplicates(scan: ActivationScan, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
+                           ) -> CheckOutcome:
+    """Share of token rows identical to another row: WARN / ERROR above the thresholds; the metadata says where
+    some of them are (seq_id and position in corpus.parquet)."""
+    found = scan.duplicates or DuplicateScan(0, 0, [])
+    share = found.n_rows / max(scan.n_tokens, 1)
+    return _graded("activations_duplicates", share, thresholds.duplicate_row_fraction_warn,
+                   thresholds.duplicate_row_fraction_error, "duplicate row fraction",
+                   {"n_duplicate_rows": found.n_rows, "n_tokens": scan.n_tokens,
+                    "largest_duplicate_group": found.largest_group, "duplicate_positions": found.examples})
 
 
 # ------------------------------------------------------------------------------------------------------- sae

@@ -14,6 +14,7 @@ import polars as pl
 from sae_pipeline.analysis import FAILED_CHECKS, HYPERPARAMETERS, METRICS, last_window_mean
 from sae_pipeline.calibration import GroupPlan, calibratable, plan_groups
 from sae_pipeline.config import (
+    MAX_SPEC_BYTES,
     CalibrationSpec,
     ConfigError,
     SAEConfig,
@@ -148,7 +149,8 @@ class SweepFile:
 def read_sweep_file(path: Path) -> SweepFile:
     """One sweep file, validated; an invalid one carries its error instead of a spec."""
     path = Path(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as handle:  # bounded: load_sweep refuses anything larger
+        digest = hashlib.sha256(handle.read(MAX_SPEC_BYTES + 1)).hexdigest()
     try:
         spec = load_sweep(path)
         return SweepFile(path, digest, spec, None, tuple(spec.expand()))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -147,6 +148,60 @@ def test_missing_sweep_file_is_named(data_home: Path, capsys: pytest.CaptureFixt
     assert tree_digest(data_home) == before
 
 
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+"""The billion-laughs shape: nine levels of nine aliases each (9^9 leaves once expanded)."""
+HOSTILE_SPECS = [
+    ("name escapes", "name: ../escape\nbase: {architecture: topk, k: 8}\n", "name:"),
+    ("name with a slash", "name: a/b\nbase: {architecture: topk, k: 8}\n", "name:"),
+    ("name with a space", "name: x y\nbase: {architecture: topk, k: 8}\n", "name:"),
+    ("alias bomb", "name: bomb\nbase: {architecture: topk, k: 8}\n" + BOMB, "line 4: not valid YAML"),
+    ("alias in base", "name: x\nk: &k 8\nbase: {architecture: topk, k: *k}\n", "line 3: not valid YAML"),
+    ("oversized file", "name: big\nbase: {architecture: topk, k: 8}\n" + "#" * 300_000 + "\n", "bytes"),
+    ("grid too large", "name: g\nbase: {architecture: topk}\ngrid: {k: [" + ",".join(map(str, range(1, 200)))
+     + "], seed: [" + ",".join(map(str, range(100))) + "]}\n", "grid: 19900 points"),
+]
+
+
+@pytest.mark.parametrize(("text", "field"), [pytest.param(t, f, id=n) for n, t, f in HOSTILE_SPECS])
+def test_hostile_spec_is_rejected_within_a_second_naming_file_and_line(
+        data_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, text: str, field: str) -> None:
+    spec = tmp_path / "hostile.yaml"
+    spec.write_text(text)
+    before = tree_digest(data_home)
+    started = time.perf_counter()
+    assert cli.main(["register-sweep", str(spec)]) == 2
+    assert time.perf_counter() - started < 1.0
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and field in error and str(spec) in error, error
+    assert tree_digest(data_home) == before
+
+
+def test_sweep_files_sensor_reads_hostile_specs_with_the_same_bounds(tmp_path: Path) -> None:
+    from sae_pipeline.sweeps import scan_sweeps
+
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    (folder / "bomb.yaml").write_text("name: bomb\nbase: {architecture: topk, k: 8}\n" + BOMB)
+    (folder / "big.yaml").write_text("name: big\n" + "#" * 2_000_000 + "\n")
+    started = time.perf_counter()
+    found = {sweep.path.name: sweep for sweep in scan_sweeps(folder)}
+    assert time.perf_counter() - started < 1.0
+    assert found["bomb.yaml"].spec is None and "line 4" in found["bomb.yaml"].error
+    assert found["big.yaml"].spec is None and "bytes" in found["big.yaml"].error
+
+
+@pytest.mark.parametrize("name", ["my sweep.yaml", "a..b.yaml", "a;b.yaml"])
+def test_spec_file_name_follows_the_key_rule(data_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            name: str) -> None:
+    spec = tmp_path / name
+    spec.write_text("name: fine\nbase: {architecture: topk, k: 8}\n")
+    before = tree_digest(data_home)
+    assert cli.main(["register-sweep", str(spec)]) == 2
+    assert "file name" in capsys.readouterr().err
+    assert tree_digest(data_home) == before
+
+
 # ------------------------------------------------------------------- asset config and resources via Dagster
 
 
@@ -205,9 +260,13 @@ def test_bad_asset_config_or_resource_is_rejected_before_any_write(
         copy: tuple[Pipeline, str], selection: list, run_config: dict, resources: dict, field: str) -> None:
     pipe, key = copy
     before = tree_digest(pipe.root)
-    result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
-    assert not result.success
-    assert field in error_text(result), error_text(result)
+    try:
+        result = _run(pipe, selection, key if selection == [sae] else None, run_config, **resources)
+        assert not result.success
+        text = error_text(result)
+    except dg.DagsterInvalidConfigError as error:  # refused at launch, before the run started
+        text = str(error)
+    assert field in text, text
     assert tree_digest(pipe.root) == before
 
 
@@ -230,6 +289,48 @@ def test_bad_downstream_config_fails_before_training(copy: tuple[Pipeline, str],
     assert not result.success and f"{asset} config" in error_text(result) and field in error_text(result)
     assert not result.asset_materializations_for_node("sae")  # failed at the first step: nothing retrained
     assert tree_digest(pipe.root) == before
+
+
+LAUNCH_CASES = [
+    ("context length 1", "corpus", {"context_length": 1}, "context_length"),
+    ("min words 0", "corpus", {"min_words": 0}, "min_words"),
+    ("max sequences 0", "corpus", {"max_sequences": 0}, "max_sequences"),
+    ("source empty", "corpus", {"source": ""}, "source: '' is empty"),
+    ("source blank", "corpus", {"source": "  "}, "source: '  ' is empty"),
+    ("source a missing file", "corpus", {"source": "./no/such/corpus.txt"}, "does not exist"),
+    ("eval fraction 0", "activations", {"eval_fraction": 0.0}, "eval_fraction"),
+    ("shard tokens 1", "activations", {"shard_tokens": 1}, "shard_tokens"),
+    ("outlier ratio 1", "activations", {"exclude_norm_outliers": 1.0}, "exclude_norm_outliers"),
+]
+
+
+@pytest.mark.parametrize(("asset", "config", "field"), [pytest.param(*c[1:], id=c[0]) for c in LAUNCH_CASES])
+def test_bad_run_config_is_refused_at_launch(copy: tuple[Pipeline, str], asset: str, config: dict,
+                                            field: str) -> None:
+    """Refused while the run config is resolved: no run, no step, nothing written, well under a second."""
+    pipe, _ = copy
+    before, runs = tree_digest(pipe.root), len(pipe.instance.get_runs())
+    started = time.perf_counter()
+    with pytest.raises(dg.DagsterInvalidConfigError) as refused:
+        _run(pipe, [corpus, activations], run_config=_ops(asset, **config))
+    assert time.perf_counter() - started < 1.0
+    assert field in str(refused.value) and f"ops.{asset}.config" in str(refused.value), str(refused.value)
+    assert len(pipe.instance.get_runs()) == runs
+    assert tree_digest(pipe.root) == before
+
+
+def test_dagster_job_execute_refuses_bad_run_config_before_any_step(tmp_path: Path) -> None:
+    root, home = tmp_path / "root", tmp_path / "home"
+    home.mkdir()
+    run_config = tmp_path / "bad.yaml"
+    run_config.write_text("ops:\n  corpus:\n    config:\n      context_length: 1\n")
+    env = {**os.environ, "SAE_PIPELINE_ROOT": str(root), "DAGSTER_HOME": str(home)}
+    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m",
+                           "sae_pipeline.definitions", "-j", "prepare_activations", "-c", str(run_config)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "context_length" in done.stderr + done.stdout and "STEP_START" not in done.stderr + done.stdout
+    assert not root.exists()
 
 
 def test_empty_corpus_is_rejected(copy: tuple[Pipeline, str], tmp_path: Path) -> None:

@@ -77,6 +77,9 @@ def test_healthy_control_passes_every_check_and_is_labelled(pipeline: Pipeline) 
     table = pl.read_parquet(pipeline.layout.features_dir(key) / "features.parquet")
     labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
     assert len(labels) == int(table["is_live"].sum()) > 0
+    upstream = json.loads((pipeline.layout.activations_dir / "quality.json").read_text())["checks"]
+    assert all(check["passed"] for check in upstream.values()), upstream  # real text: few identical token rows
+    assert "activations_duplicates" in upstream
     verdict = json.loads((pipeline.layout.sae_dir(key) / "quality.json").read_text())
     assert verdict["blocked"] is False and set(verdict["checks"]) == expected - {"features_not_near_zero",
                                                                                   "features_table_valid"}
@@ -108,6 +111,32 @@ def test_nan_activations_fail_finite_check_and_block_everything_downstream(
     assert not pipe.layout.sae_dir(key).exists()
     again = pipe.materialize([sae], partition_key=key)  # and in a later run
     assert not again.success and "activations_finite" in failure_messages(again)
+    assert not pipe.layout.sae_dir(key).exists()
+
+
+def test_sink_vector_on_30_percent_of_tokens_fails_duplicates_check_and_blocks_downstream(
+        pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
+    shutil.copytree(pipeline.layout.corpus_dir, pipe.layout.corpus_dir)
+    original = activations_module.layer_activations
+
+    def sink(model, layer, input_ids, mask):  # every 10th position of 3 is one fixed vector at the row's norm
+        acts = original(model, layer, input_ids, mask)
+        positions = torch.arange(acts.shape[1]) % 10 < 3
+        vector = torch.ones(acts.shape[-1]).index_fill_(0, torch.arange(0, acts.shape[-1], 2), -1.0)
+        acts[:, positions] = vector * acts.norm(dim=-1).median() / vector.norm()
+        return acts
+
+    monkeypatch.setattr(activations_module, "layer_activations", sink)
+    key = pipe.register(healthy())
+    result = pipe.materialize([activations, sae, features, feature_labels], partition_key=key,
+                              run_config={"ops": {"activations": TINY_RUN_CONFIG["ops"]["activations"]}})
+    checks = evaluations(result)
+    assert checks["activations_not_degenerate"].passed and checks["activations_norm_outliers"].passed
+    evaluation = assert_faulty(pipe, key, result, "activations_duplicates")
+    assert evaluation.metadata["duplicate_row_fraction"].value > 0.2
+    positions = evaluation.metadata["duplicate_positions"].value
+    assert positions and all(p["position"] % 10 < 3 for p in positions)
     assert not pipe.layout.sae_dir(key).exists()
 
 

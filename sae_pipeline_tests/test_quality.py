@@ -128,6 +128,43 @@ def test_store_of_identical_rows_is_degenerate(tmp_path) -> None:
     assert not outcome.metadata["degenerate_shards"]
 
 
+def test_sink_like_repeated_vector_fails_the_duplicates_check_with_its_positions(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(2)
+    train, eval_ = torch.randn(200, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    sink = torch.randn(8, generator=generator)  # an ordinary-norm vector, not constant within the row
+    planted = sorted(torch.randperm(250, generator=generator)[:75].tolist())  # 30 % of all rows, both splits
+    rows = torch.cat([train, eval_])
+    rows[planted] = sink
+    store = write_store(tmp_path / "acts", rows[:200], rows[200:], shard_tokens=64)
+    scan = quality.scan_activations(store, chunk=29)
+    assert quality.activations_not_degenerate(scan).passed  # what the existing checks see: nothing
+    assert quality.activations_norm_outliers(scan).passed
+    outcome = quality.activations_duplicates(scan)
+    assert not outcome.passed and outcome.severity == "ERROR"
+    assert outcome.metadata["n_duplicate_rows"] == 75 and outcome.metadata["largest_duplicate_group"] == 75
+    assert outcome.metadata["duplicate_row_fraction"] == pytest.approx(0.3)
+    examples = outcome.metadata["duplicate_positions"]
+    assert len(examples) == quality.DUPLICATE_EXAMPLES
+    for example in examples:  # each names a planted row; write_store: 16 tokens per sequence, eval from seq 13
+        train_split = example["shard"].startswith("train")
+        in_split = int(example["shard"].split("_")[1].split(".")[0]) * 64 + example["row"]
+        assert (0 if train_split else 200) + in_split in planted
+        assert example["seq_id"] == (0 if train_split else 13) + in_split // 16
+        assert example["position"] == in_split % 16
+    graded = quality.activations_duplicates(scan, parse_thresholds({"duplicate_row_fraction_error": 0.5}))
+    assert not graded.passed and graded.severity == "WARN"
+
+
+def test_a_few_repeated_rows_pass_and_distinct_rows_are_not_duplicates(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(3)
+    train = torch.randn(500, 8, generator=generator)
+    train[10] = train[20]  # one pair: 2 of 600 rows = 0.33 %, under the 1 % warning
+    store = write_store(tmp_path / "acts", train, torch.randn(100, 8, generator=generator), shard_tokens=128)
+    outcome = quality.activations_duplicates(quality.scan_activations(store))
+    assert outcome.passed and outcome.metadata["n_duplicate_rows"] == 2
+    assert sorted(e["row"] for e in outcome.metadata["duplicate_positions"]) == [10, 20]
+
+
 def test_exclude_outliers_rewrites_shards_without_them(tmp_path) -> None:
     store, train, _ = _planted_store(tmp_path)
     folder = store.folder

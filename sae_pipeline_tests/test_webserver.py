@@ -17,7 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_ASSETS = {"corpus", "activations", "sae", "features", "feature_labels", "sweep_analysis"}
 EXPECTED_CHECKS = {
-    "activations": {"activations_finite", "activations_not_degenerate", "activations_norm_outliers"},
+    "activations": {"activations_finite", "activations_not_degenerate", "activations_norm_outliers",
+                    "activations_duplicates"},
     "sae": {"sae_finite_weights", "sae_not_collapsed", "sae_dead_fraction", "sae_dense_fraction",
             "sae_l0_in_target_band", "sae_fvu", "sae_l0_trend"},
     "features": {"features_not_near_zero", "features_table_valid"},

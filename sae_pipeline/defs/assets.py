@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sae_pipeline import quality
 from sae_pipeline.activations import (
+    META_FILE,
     ActivationStore,
     check_layer,
     extract_activations,
@@ -31,9 +32,17 @@ from sae_pipeline.config import (
     LabelsSpec,
     parse_spec,
 )
-from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.corpus import check_source, iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
-from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS, check_result, refuse_if_blocked
+from sae_pipeline.defs.checks import (
+    ACTIVATIONS_CHECKS,
+    FEATURES_CHECKS,
+    SAE_CHECKS,
+    check_result,
+    refuse_if_blocked,
+    refuse_if_other_lineage,
+)
+from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
@@ -56,6 +65,7 @@ from sae_pipeline.labelling import (
     save_progress,
     write_labels,
 )
+from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
@@ -90,6 +100,9 @@ FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
 LABELS_FILE = "labels.parquet"
 WITHDRAWN_FILE = "withdrawn.json"
+CODE_VERSION = "1"
+"""Code version of the assets that compute (bump when a change alters what they write): with the data versions
+of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:
@@ -105,6 +118,11 @@ class CorpusConfig(dg.Config):
     context_length: int = Field(128, description="Tokens per sequence, special tokens included")
     max_sequences: int = Field(4096, description="Sequences kept")
     min_words: int = Field(8, description="Shorter documents are skipped")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "CorpusConfig":
+        check_source(parse_spec(CorpusSpec, self.model_dump(), where="corpus config").source)
+        return self
 
 
 class ActivationsConfig(dg.Config):
@@ -129,6 +147,11 @@ def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None
     if selection and dg.AssetKey(asset) not in selection:  # empty or None: the whole job
         return None
     return context.run_config.get("ops", {}).get(asset, {}).get("config", {})
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ActivationsConfig":
+        parse_spec(ActivationSpec, self.model_dump(), where="activations config")  # the layer: at the step
+        return self
 
 
 def validate_run_activations_config(context: dg.AssetExecutionContext, model: ModelResource) -> None:
@@ -155,7 +178,8 @@ def validate_downstream_config(context: dg.AssetExecutionContext, *assets: str) 
             parse_spec(DOWNSTREAM_SPECS[asset], raw, where=f"{asset} config")
 
 
-@dg.asset(group_name="data", kinds={"parquet"}, description="Tokenised text sequences from the configured corpus.")
+@dg.asset(group_name="data", kinds={"parquet"}, code_version=CODE_VERSION,
+          description="Tokenised text sequences from the configured corpus.")
 def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: StorageResource,
            model: ModelResource) -> dg.MaterializeResult:
     spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
@@ -167,15 +191,19 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
         write_parquet_atomic(frame, folder / CORPUS_FILE)
     n_tokens = int(frame["input_ids"].list.len().sum())
     context.log.info(f"corpus: {len(frame)} sequences, {n_tokens} tokens from {spec.source}")
-    return dg.MaterializeResult(metadata={
-        "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens,
+    fingerprint = file_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE) / CORPUS_FILE)
+    return dg.MaterializeResult(data_version=dg.DataVersion(fingerprint), metadata={
+        "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens, "corpus_sha256": fingerprint,
         "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
         "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
     })
 
 
+corpus = validated_at_launch(corpus, CorpusConfig)
+
+
 @dg.asset(deps=[corpus], group_name="data", kinds={"pytorch", "safetensors"},
-          check_specs=ACTIVATIONS_CHECKS,
+          check_specs=ACTIVATIONS_CHECKS, code_version=CODE_VERSION,
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
                 model: ModelResource, device: DeviceResource,
@@ -185,6 +213,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
     thresholds = quality_thresholds.thresholds()
     validate_layer(spec)  # from the model's config alone: before any weights load or file write
     layout = storage.layout
+    lineage = lineage_record(corpus_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE)), spec.model, spec.layer)
     frame = read_corpus(layout)
     tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
     check_layer(transformer, spec.layer)
@@ -192,11 +221,15 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
         scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
         outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
-                    quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"])]
+                    quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"]),
+                    quality.activations_duplicates(scan, thresholds)]
         quality.write_verdict(folder, outcomes)
+        write_lineage(folder, lineage)
     context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
     return dg.MaterializeResult(
-        metadata={"activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
+        data_version=dg.DataVersion(file_fingerprint(layout.pull(layout.activations_dir, META_FILE) / META_FILE)),
+        metadata={"corpus_sha256": str(lineage["corpus_sha256"]),
+                  "activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
                   "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
                   "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
                   "layer": spec.layer, "dtype": meta["dtype"], "norm_stats": meta["norm_stats"]},
@@ -204,8 +237,11 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
     )
 
 
+activations = validated_at_launch(activations, ActivationsConfig)
+
+
 @dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},
-          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(),
+          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(), code_version=CODE_VERSION,
           description="One SAE per config partition, in the SAELens file layout.")
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
         quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
@@ -213,6 +249,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
     validate_downstream_config(context, "features", "feature_labels")
     thresholds = quality_thresholds.thresholds()
     cfg = load_config(layout, key)
+    refuse_if_other_lineage("sae", layout, model.name)
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
     store = ActivationStore(acts)
@@ -276,7 +313,7 @@ class FeaturesConfig(dg.Config):
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
-          check_specs=FEATURES_CHECKS,
+          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION,
           description="Per-latent statistics, top/quantile contexts with per-token activations, vocabulary "
                       "projection and a static HTML dashboard, on held-out tokens.")
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
@@ -285,6 +322,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
     spec = parse_spec(FeaturesSpec, config.model_dump(), where="features config")
     validate_downstream_config(context, "feature_labels")
     thresholds = quality_thresholds.thresholds()
+    refuse_if_other_lineage("features", layout, model.name)
     acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
     refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
                       + quality.blocking_failures(weights, missing_ok=True))
@@ -374,12 +412,14 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
+          code_version=CODE_VERSION,
           description="A label and a detection score per live latent, and the dashboard with them; refuses "
                       "partitions whose blocking checks failed.")
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     key, layout = context.partition_key, storage.layout
     spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
+    refuse_if_other_lineage("feature_labels", layout)
     features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
                                quality.VERDICT_FILE)
     verdicts = [layout.pull(layout.activations_dir, quality.VERDICT_FILE),

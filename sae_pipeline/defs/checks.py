@@ -7,7 +7,9 @@ from typing import Any
 
 import dagster as dg
 
+from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch
 from sae_pipeline.quality import CheckOutcome
+from sae_pipeline.storage import CORPUS_FILE, Layout
 
 
 def _blocking(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
@@ -20,6 +22,8 @@ ACTIVATIONS_CHECKS = [
               "No shard with too many all-zero or constant token rows; token norms vary (ERROR)"),
     _blocking("activations_norm_outliers", "activations",
               "Norm statistics; tokens with norm > N x median counted (WARN above a share), optionally excluded"),
+    _blocking("activations_duplicates", "activations",
+              "Token rows identical to another row: WARN > 1 %, ERROR > 10 % (positions in the metadata)"),
 ]
 
 SAE_CHECKS = [
@@ -68,3 +72,11 @@ def refuse_if_blocked(asset: str, key: str | None, reasons: list[str]) -> None:
         raise dg.Failure(description=f"Refusing to materialise {asset} for {where}: blocking quality checks "
                          "failed upstream: " + "; ".join(reasons),
                          metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
+
+
+def refuse_if_other_lineage(asset: str, layout: Layout, model: str | None = None) -> None:
+    """Raise a Failure at the asset's start when the activation store was made from another corpus (or model)."""
+    problem = lineage_mismatch(layout.pull(layout.activations_dir, LINEAGE_FILE),
+                               layout.pull(layout.corpus_dir, CORPUS_FILE), model)
+    if problem:
+        raise dg.Failure(description=f"Refusing to materialise {asset}: {problem}", allow_retries=False)

@@ -134,8 +134,13 @@ def calibration_sensor(context: dg.SensorEvaluationContext, storage: StorageReso
 # --- the same loop in one process (the `sae-pipeline calibrate` command) ----------------------------------
 
 
+def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs) -> dg.ExecuteInProcessResult:
+    return job.execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+
+
 def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: dg.Definitions, layout: Layout,
-                         run_config: dict | None = None, log: Callable[[str], None] = print) -> list[GroupPlan]:
+                         run_config: dict | None = None, log: Callable[[str], None] = print,
+                         execute: Callable[..., dg.ExecuteInProcessResult] = _execute) -> list[GroupPlan]:
     """Run the sweep's unfinished relu/target_l0 configs, then proposals, one at a time, until every base config
     is converged, at its round limit or stalled; then `analyze_sweep`. Returns the final plans.
 
@@ -165,11 +170,10 @@ def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: d
         if not todo:
             for plan in state.plans:
                 log(f"done {plan.group}: {plan.status}: {plan.reason}")
-            defs.resolve_job_def(analysis_job.name).execute_in_process(instance=instance, run_config=run_config)
+            execute(defs.resolve_job_def(analysis_job.name), instance, run_config=run_config)
             return state.plans
         for key in todo:
-            result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
-                                            raise_on_error=False)
+            result = execute(job, instance, partition_key=key, run_config=run_config)
             summary = read_summary(layout, key)
             l0 = summary["metrics"]["l0_fraction"] if summary else None
             if l0 is None:

@@ -1,0 +1,130 @@
+"""Runs executed in this process by the CLI: stopped cleanly by SIGINT/SIGTERM, and dead ones released.
+
+Dagster turns a signal during a step into a step failure and returns; the CLI would then start the next run.
+A wakeup fd records every signal at C level, whichever Python handler Dagster has installed at that moment,
+so after each run the CLI knows it was told to stop: it marks the run cancelled by the user (the checkpoint
+stays for the next run), starts nothing more and exits 128 + the signal number.
+
+Each run carries the pid and host of the process executing it. At start-up, a run still STARTING/STARTED
+whose process is gone (SIGKILL, OOM, power loss) is marked failed and its concurrency-pool slots freed, so the
+next run never waits on a dead one ("blocked by limit for pool gpu").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+
+PID_TAG = "sae_pipeline/pid"
+HOST_TAG = "sae_pipeline/host"
+STOPPED_TAG = "sae_pipeline/stopped_by"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(Exception):  # noqa: N818 (a request, not an error)
+    """The user asked the process to stop (SIGINT/SIGTERM); `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that executes a run (read back by `release_dead_runs`)."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+class StopSignals:
+    """Records SIGINT/SIGTERM through a wakeup fd; between runs a signal raises `Stopped` at once."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self._received: int | None = None
+
+    def _raise(self, signum: int, _frame: Any) -> None:
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        previous_fd = signal.set_wakeup_fd(self._write)
+        previous = {s: signal.signal(s, self._raise) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(previous_fd)
+            os.close(self._read)
+            os.close(self._write)
+
+    def received(self) -> int | None:
+        """The first SIGINT/SIGTERM received so far, if any."""
+        with contextlib.suppress(BlockingIOError):
+            for number in os.read(self._read, 512):
+                if number in STOP_SIGNALS and self._received is None:
+                    self._received = number
+        return self._received
+
+    def execute(self, job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs: Any
+                ) -> dg.ExecuteInProcessResult:
+        """`job.execute_in_process`, tagged with this process; if a stop signal arrived meanwhile, the run is
+        marked cancelled by the user (when it did not finish) and `Stopped` is raised."""
+        result = job.execute_in_process(instance=instance, tags={**kwargs.pop("tags", {}), **process_tags()},
+                                        raise_on_error=False, **kwargs)
+        signum = self.received()
+        if signum is not None:
+            if not result.success:
+                mark_cancelled(instance, result.run_id, signum)
+            raise Stopped(signum)
+        return result
+
+
+def mark_cancelled(instance: dg.DagsterInstance, run_id: str, signum: int) -> None:
+    """Record an interrupted run as CANCELED by the user, not as a failure, and free its pool slots."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        return
+    name = signal.Signals(signum).name
+    instance.add_run_tags(run_id, {STOPPED_TAG: name})
+    instance.report_run_canceled(run, message=f"Stopped by the user ({name}); its checkpoint is kept for the "
+                                              "next run")
+    instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed, and free the pool slots of, every unfinished run started by a process of this host that is
+    gone; returns their run ids. Runs of live processes and of other hosts are left alone."""
+    released = []
+    statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses, tags={HOST_TAG: socket.gethostname()})):
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or _alive(int(pid)) or int(pid) == os.getpid():
+            continue
+        instance.report_run_failed(run, message=f"The process that executed this run (pid {pid}) is gone "
+                                                 "(killed?); marked failed so its pool slots are freed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released

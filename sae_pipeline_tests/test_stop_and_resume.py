@@ -1,0 +1,154 @@
+"""`sae-pipeline run-sweep` as a user drives it: Ctrl-C (or SIGTERM to the process group) stops it within
+seconds with the run cancelled and its checkpoint kept; after SIGKILL a rerun releases the dead run, resumes
+from the checkpoint and reaches the uninterrupted result. Real subprocesses, bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from sae_pipeline.config import load_sweep
+from sae_pipeline.defs.assets import sae
+from sae_pipeline.defs.runs import STOPPED_TAG
+from sae_pipeline.storage import Layout
+from sae_pipeline.sweeps import SUMMARY_FILE
+from sae_pipeline.training import CHECKPOINT_FILE
+from sae_pipeline_tests.conftest import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = """name: stop_test
+base: {{architecture: topk, expansion_factor: 2, k: 8, lr: 0.001, batch_size: 256, train_tokens: {tokens},
+       log_every: 5, checkpoint_every: 5, dead_tokens: 5120}}
+grid: {{seed: {seeds}}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_defs_state_storage():
+    """Some earlier tests leave Dagster's current defs-state storage pointing at a deleted temporary instance;
+    in-process runs here (which build Definitions) must not read it."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
+
+
+def _home(pipeline: Pipeline, tmp_path: Path, tokens: int, seeds: list[int]) -> tuple[dict, Path, list[str]]:
+    """A storage root holding the session's corpus + activations, an instance with the shipped dagster.yaml
+    (gpu pool limit 1), and a sweep spec; returns the environment, the spec and its keys."""
+    root, home = tmp_path / "root", tmp_path / "home"
+    for folder in ("corpus", "activations"):
+        shutil.copytree(pipeline.root / folder, root / folder)
+    home.mkdir()
+    shutil.copy(REPO / "data/dagster_home/dagster.yaml", home / "dagster.yaml")
+    spec = tmp_path / "stop_test.yaml"
+    spec.write_text(SWEEP.format(tokens=tokens, seeds=seeds))
+    keys = [config.partition_key() for config in load_sweep(spec).expand()]
+    env = {**os.environ, "SAE_PIPELINE_ROOT": str(root), "DAGSTER_HOME": str(home), "SAE_PIPELINE_DEVICE": "cpu",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return env, spec, keys
+
+
+def _start(env: dict, spec: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sae_pipeline.cli", "run-sweep", str(spec)], env=env,
+                            cwd=spec.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"{path} never appeared:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+
+
+def _runs(env: dict, job: str) -> list[dg.DagsterRun]:
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        return list(instance.get_runs(filters=dg.RunsFilter(job_name=job)))
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM to the process group"])
+def test_stop_signal_cancels_the_run_keeps_the_checkpoint_and_starts_nothing_else(
+        pipeline: Pipeline, tmp_path: Path, how: str) -> None:
+    env, spec, keys = _home(pipeline, tmp_path, tokens=256 * 100_000, seeds=[0, 1])
+    checkpoint = Path(env["SAE_PIPELINE_ROOT"]) / "checkpoints" / keys[0] / CHECKPOINT_FILE
+    process = _start(env, spec)
+    _wait_for(checkpoint, process)  # training is under way
+    sent = time.monotonic()
+    if how == "SIGINT":
+        process.send_signal(signal.SIGINT)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 10, output[-3000:]
+    signum = signal.SIGINT if how == "SIGINT" else signal.SIGTERM
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert "marked cancelled" in output
+    (run,) = _runs(env, "train_sweep")  # nothing later started
+    assert run.status == dg.DagsterRunStatus.CANCELED and run.tags[STOPPED_TAG] == signum.name
+    assert run.tags["dagster/partition"] == keys[0]
+    assert not _runs(env, "analyze_sweep")
+    assert checkpoint.exists()
+
+
+def test_rerun_after_sigkill_releases_the_dead_run_resumes_and_matches_an_uninterrupted_run(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    env, spec, (key,) = _home(pipeline, tmp_path / "killed", tokens=256 * 300, seeds=[0])
+    reference = Pipeline(tmp_path / "reference", dg.DagsterInstance.ephemeral())
+    for folder in ("corpus", "activations"):
+        shutil.copytree(pipeline.root / folder, reference.root / folder)
+    assert reference.register(load_sweep(spec).expand()[0]) == key
+    assert reference.materialize([sae], partition_key=key).success
+    root = Path(env["SAE_PIPELINE_ROOT"])
+    process = _start(env, spec)
+    _wait_for(root / "checkpoints" / key / CHECKPOINT_FILE, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    (dead,) = _runs(env, "train_sweep")
+    assert dead.status == dg.DagsterRunStatus.STARTED  # what a kill leaves behind
+
+    rerun = subprocess.run([sys.executable, "-m", "sae_pipeline.cli", "run-sweep", str(spec)], env=env,
+                           cwd=spec.parent, capture_output=True, text=True, timeout=150)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert f"run {dead.run_id}: its process is gone" in rerun.stdout
+    statuses = {run.run_id: run.status for run in _runs(env, "train_sweep")}
+    assert statuses.pop(dead.run_id) == dg.DagsterRunStatus.FAILURE
+    assert list(statuses.values()) == [dg.DagsterRunStatus.SUCCESS]
+    resumed = json.loads((Layout(root).sae_dir(key) / SUMMARY_FILE).read_text())
+    expected = json.loads((reference.layout.sae_dir(key) / SUMMARY_FILE).read_text())
+    assert resumed["resumed_from_step"] > 0
+    for name in ("fvu", "l0", "mse", "dead_fraction", "explained_variance", "cosine"):
+        assert resumed["metrics"][name] == pytest.approx(expected["metrics"][name], abs=1e-4), name
+    assert resumed["final_loss"] == pytest.approx(expected["final_loss"], abs=1e-4)
+
+
+def _run_sweep(env: dict, spec: Path, *flags: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "sae_pipeline.cli", "run-sweep", *flags, str(spec)], env=env,
+                          cwd=spec.parent, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
+
+
+def test_rerun_skips_current_partitions_and_refresh_retrains(pipeline: Pipeline, tmp_path: Path) -> None:
+    env, spec, (key,) = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0])
+    _run_sweep(env, spec)
+    assert len(_runs(env, "train_sweep")) == 1
+    assert f"{key}: skipped, current" in _run_sweep(env, spec)
+    assert len(_runs(env, "train_sweep")) == 1  # nothing retrained
+    assert f"{key}: sae, features, feature_labels" in _run_sweep(env, spec, "--refresh")
+    assert len(_runs(env, "train_sweep")) == 2

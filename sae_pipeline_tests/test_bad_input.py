@@ -159,7 +159,7 @@ HOSTILE_SPECS = [
     ("alias in base", "name: x\nk: &k 8\nbase: {architecture: topk, k: *k}\n", "line 3: not valid YAML"),
     ("oversized file", "name: big\nbase: {architecture: topk, k: 8}\n" + "#" * 300_000 + "\n", "bytes"),
     ("grid too large", "name: g\nbase: {architecture: topk}\ngrid: {k: [" + ",".join(map(str, range(1, 200)))
-     + "], seed: [" + ",".join(map(str, range(100))) + "]}\n", "grid: 19900 points"),
+     + "], seed: [" + ",".join(map(str, range(100))) + "]}\n", "sweep size: 19900 configs"),
 ]
 
 

@@ -140,6 +140,11 @@ class ActivationsConfig(dg.Config):
     dtype: str = Field("float32", description="Shard storage type: float32, float16 or bfloat16 (16-bit halves "
                                               "the disk; training and evaluation upcast)")
 
+    @model_validator(mode="after")
+    def _valid(self) -> "ActivationsConfig":
+        parse_spec(ActivationSpec, self.model_dump(), where="activations config")  # the layer: at the step
+        return self
+
 
 def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None:
     """The raw config this run gives `asset`, or None when the run does not materialise it."""
@@ -147,11 +152,6 @@ def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None
     if selection and dg.AssetKey(asset) not in selection:  # empty or None: the whole job
         return None
     return context.run_config.get("ops", {}).get(asset, {}).get("config", {})
-
-    @model_validator(mode="after")
-    def _valid(self) -> "ActivationsConfig":
-        parse_spec(ActivationSpec, self.model_dump(), where="activations config")  # the layer: at the step
-        return self
 
 
 def validate_run_activations_config(context: dg.AssetExecutionContext, model: ModelResource) -> None:

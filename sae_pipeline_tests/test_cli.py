@@ -105,6 +105,7 @@ def test_activations_are_extracted_under_a_lock_on_the_root(tmp_path: Path) -> N
             return type("Result", (), {"success": True})()
 
     defs = type("Defs", (), {"resolve_job_def": lambda self, name: Job()})()
-    assert cli.ensure_activations(defs, None, layout, refresh=False)
-    assert cli.ensure_activations(defs, None, layout, refresh=False)  # found: not extracted again
+    stop = type("Stop", (), {"execute": lambda self, job, instance, **kwargs: job.execute_in_process(**kwargs)})()
+    assert cli.ensure_activations(defs, None, layout, False, stop)
+    assert cli.ensure_activations(defs, None, layout, False, stop)  # found: not extracted again
     assert locked == [True]

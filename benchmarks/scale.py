@@ -23,7 +23,7 @@ import torch
 
 from sae_pipeline.activations import ActivationStore, extract_activations, load_model, load_tokenizer
 from sae_pipeline.config import ActivationSpec, CorpusSpec, SAEConfig
-from sae_pipeline.corpus import build_corpus
+from sae_pipeline.corpus import iter_texts, tokenize_corpus
 from sae_pipeline.training import plan_groups, train_group
 
 GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},
@@ -40,7 +40,8 @@ def _peak_rss_mib(reset: bool = False) -> float:
 
 def repeated_corpus(tokens: int) -> tuple[pl.DataFrame, int]:
     """The embedded corpus repeated (new sequence ids) until it holds at least `tokens` tokens; and the repeats."""
-    corpus = build_corpus(CorpusSpec(max_sequences=100_000), load_tokenizer(ActivationSpec()))
+    spec = CorpusSpec(max_sequences=100_000)
+    corpus = tokenize_corpus(iter_texts(spec), load_tokenizer(ActivationSpec()), spec)
     per_copy = int(corpus["input_ids"].list.len().sum())
     copies = -(-tokens // per_copy)
     frames = [corpus.with_columns(pl.col("seq_id") + i * len(corpus)) for i in range(copies)]

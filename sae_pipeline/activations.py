@@ -465,18 +465,23 @@ class _Window:
 
 
 class Prefetcher:
-    """Batches from a sampler produced `depth` ahead by a background thread, in the sampler's exact order.
+    """Batches from a sampler produced `depth` ahead by a background thread, in the sampler's exact order;
+    `depth=0` reads each batch when it is asked for, in the caller's thread.
 
-    `state_dict` is the sampler state after the last batch handed out (not the thread's position), so a
-    checkpoint taken between steps resumes exactly. An error in the thread is raised by `next_batch`.
+    The trainer prefetches when it trains on an accelerator, whose steps leave the CPU idle. On a CPU the
+    reading thread competes with the compute threads: on 2 cores a 200k-token TopK run took 5.5 s with it and
+    3.9 s without (benchmarks/RESULTS.md). `state_dict` is the sampler state after the last batch handed out
+    (not the thread's position), so a checkpoint taken between steps resumes exactly. An error in the thread is
+    raised by `next_batch`.
     """
 
     def __init__(self, sampler: BatchSampler, depth: int = 2):
         self.sampler, self._state = sampler, sampler.state_dict()
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="sae-prefetch", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._produce, name="sae-prefetch", daemon=True) if depth else None
+        if self._thread is not None:
+            self._thread.start()
 
     def _produce(self) -> None:
         try:
@@ -493,6 +498,10 @@ class Prefetcher:
                 return
 
     def next_batch(self) -> torch.Tensor:
+        if self._thread is None:
+            batch = self.sampler.next_batch()
+            self._state = self.sampler.state_dict()
+            return batch
         batch, state = self._queue.get()
         if isinstance(batch, Exception):
             raise batch
@@ -504,7 +513,8 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def __enter__(self) -> Prefetcher:
         return self

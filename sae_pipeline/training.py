@@ -356,7 +356,8 @@ def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "au
         sampler.load_state_dict(members[0].sampler_state)
     aux_from = {i: m.step + int(steps_until_dead_possible(m.tokens_since_fired, m.dead_window, m.cfg.batch_size))
                 for i, m in enumerate(members)}
-    with Prefetcher(sampler) as loader:  # the next batches are read while this step computes
+    # on an accelerator the next batches are read while a step computes; on a CPU that would slow the step
+    with Prefetcher(sampler, depth=0 if dev.type == "cpu" else 2) as loader:
         while active := [i for i, m in enumerate(members) if not m.finished and results[i] is None]:
             raw, state = loader.next_batch(), loader.state_dict()
             for i in active:

@@ -234,17 +234,18 @@ def test_mixing_keeps_only_one_window_of_shards_open(tmp_path):
     assert len(window.maps) <= 4  # memory: the window's shards, never the store
 
 
+@pytest.mark.parametrize("depth", [0, 3])
 @pytest.mark.parametrize("stop_after", [1, 5, 13])
-def test_prefetcher_yields_the_samplers_batches_and_resumes_exactly(tmp_path, stop_after):
+def test_prefetcher_yields_the_samplers_batches_and_resumes_exactly(tmp_path, stop_after, depth):
     store = write_store(tmp_path, _data(150), _data(20, seed=1, offset=10_000), shard_tokens=20)
     reference = BatchSampler(store, 9, seed=5, mix_shards=3)
     expected = [reference.next_batch() for _ in range(25)]
-    with Prefetcher(BatchSampler(store, 9, seed=5, mix_shards=3), depth=3) as loader:
+    with Prefetcher(BatchSampler(store, 9, seed=5, mix_shards=3), depth=depth) as loader:
         got = [loader.next_batch() for _ in range(stop_after)]
-        state = loader.state_dict()  # the thread is ahead; the state is the consumer's
+        state = loader.state_dict()  # a thread is ahead; the state is the consumer's
     resumed = BatchSampler(ActivationStore(tmp_path), 9, seed=5, mix_shards=3)
     resumed.load_state_dict(state)
-    with Prefetcher(resumed) as loader:
+    with Prefetcher(resumed, depth=depth) as loader:
         got += [loader.next_batch() for _ in range(25 - stop_after)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 

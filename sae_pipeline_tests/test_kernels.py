@@ -170,8 +170,8 @@ def test_compiled_step_agrees_with_eager(kernel):
 
 # ---------------------------------------------------------------- kernel choice and config
 
-@pytest.mark.parametrize(("k", "d_sae", "expected"), [(32, 3072, True), (192, 3072, True), (193, 3072, False),
-                                                      (512, 3072, False), (16, 1536, True)])
+@pytest.mark.parametrize(("k", "d_sae", "expected"), [(32, 3072, True), (256, 3072, True), (257, 3072, False),
+                                                      (512, 3072, False), (16, 1536, True), (128, 1536, True)])
 def test_auto_kernel_rule(k, d_sae, expected):
     assert TopKSAE(8, d_sae, k=k).uses_sparse_kernel() is expected
     assert expected == (k <= SPARSE_MAX_DENSITY * d_sae)

@@ -6,8 +6,9 @@ Two training paths compute the same loss and gradients (pinned within 1e-5 by `t
 - `sparse`: one dense encoder matmul, then only the selected (token, latent) pairs in the decode and in every
   backward (`sae_pipeline.kernels`).
 `kernel="auto"` takes the sparse path when k is at most `SPARSE_MAX_DENSITY` of d_sae, the dense one otherwise
-(measured on 2 CPU cores at 384 x 3072: sparse 2x faster at k 32, about even at k 256 = d_sae / 12, slower
-beyond; `benchmarks/RESULTS.md`). AuxK's k_aux does not enter the rule: AuxK runs only while latents are dead.
+(measured on 2 CPU cores at 384 x 3072, B 1024: the sparse step 2.5x faster at k 32, 1.2x at k 256 = d_sae / 12,
+even at k 384 = d_sae / 8; `benchmarks/RESULTS.md`). AuxK's k_aux does not enter the rule: AuxK runs only while
+latents are dead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sae_pipeline.kernels import SparseCode, gather_preactivations, sparse_decod
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder
 
 Kernel = Literal["auto", "dense", "sparse"]
-SPARSE_MAX_DENSITY = 1 / 16
+SPARSE_MAX_DENSITY = 1 / 12
 """`auto` picks the sparse step when k / d_sae is at most this."""
 
 

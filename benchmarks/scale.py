@@ -24,6 +24,7 @@ import torch
 from sae_pipeline.activations import ActivationStore, extract_activations, load_model, load_tokenizer
 from sae_pipeline.config import ActivationSpec, CorpusSpec, SAEConfig
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.training import plan_groups, train_group
 
 GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},
@@ -69,11 +70,15 @@ def train(store: ActivationStore, train_tokens: int) -> dict:
     started = time.perf_counter()
     results = [r for group in groups for r in train_group([cfgs[i] for i in group], store, "auto")]
     wall = time.perf_counter() - started
+    peak = _peak_rss_mib()
     failed = [str(r) for r in results if isinstance(r, Exception)]
     trained = sum(r.train_tokens for r in results if not isinstance(r, Exception))
+    order = [i for group in groups for i in group]
+    fvu = {cfgs[i].partition_key(): round(evaluate_sae(r.sae, store)[0].fvu, 5)
+           for i, r in zip(order, results, strict=True) if not isinstance(r, Exception)}
     return {"configs": len(cfgs), "groups": len(groups), "train_tokens_each": train_tokens, "train_seconds": wall,
             "tokens_per_second_all_configs": trained / wall, "stream_tokens_per_second": train_tokens / wall,
-            "train_peak_rss_mib": _peak_rss_mib(), "failed": failed}
+            "train_peak_rss_mib": peak, "held_out_fvu": fvu, "failed": failed}
 
 
 def main() -> None:

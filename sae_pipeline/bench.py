@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -175,6 +176,7 @@ CONTESTANTS: dict[str, tuple[Callable[[Shape, Setup], Step], str | None]] = {
     "SAELens": (_saelens, "sae-lens"),
 }
 COMPILED = "sae_pipeline sparse, torch.compile"
+PEER_MODULES = {"sparsify": "sparsify", "SAELens": "sae_lens"}
 
 
 def _setup(shape: Shape, device: torch.device, dead_fraction: float, bf16: bool) -> Setup:
@@ -233,9 +235,8 @@ def _rss_kib(field: str) -> int:
 def _memory_probe(name: str, shape: Shape, args: argparse.Namespace) -> None:
     """Print the peak RSS growth (MiB) while one contestant is built and stepped, after imports and data."""
     setup = _setup(shape, torch.device("cpu"), args.dead_fraction, bf16=False)
-    _builders()  # imports happen before the baseline
-    with contextlib.suppress(ImportError):
-        __import__({"sparsify": "sparsify", "SAELens": "sae_lens"}.get(name, "torch"))
+    if name in PEER_MODULES:  # the peer's import is not part of its step's memory
+        importlib.import_module(PEER_MODULES[name])
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _rss_kib("VmRSS")
     step = _builders()[name](shape, setup)

@@ -53,7 +53,7 @@ class SparseCode(NamedTuple):
         return csr_rows(self.crow, self.cols.shape[0])
 
     def to_dense(self) -> Tensor:
-        """The [batch, d_sae] latent matrix (for the evaluation and tests; the training step never needs it)."""
+        """The [batch, d_sae] latent matrix (for tests and inspection; the training step never builds it)."""
         dense = self.values.new_zeros(self.n_rows, self.d_sae)
         return dense.index_put((self.rows(), self.cols), self.values)
 

@@ -83,3 +83,10 @@ def test_train_sae_loop_is_timed_on_a_real_store(tmp_path):
                                                                                         "dense kernel"]
     assert all(row["tokens_s"] > 0 and "median of 2 runs" in row["note"] for row in rows)
     assert "16x64 k4 B100, 1,000 tokens" in rows[0]["contestant"]
+
+
+def test_cpu_memory_is_measured_in_a_child_process_per_contestant():
+    args = bench.parse_args(["--shape", "64x512:k8:b256", "--warmup", "2", "--device", "cpu"])
+    peak = bench._peak_rss_child("sae_pipeline dense (reference)", bench.Shape.parse("64x512:k8:b256"), args)
+    # at least the SAE's weights, their gradients and Adam's two moments: 4 x 2 x 64 x 512 floats = 1 MiB
+    assert peak is not None and peak >= 1.0

@@ -22,6 +22,7 @@ import polars as pl
 import torch
 
 from sae_pipeline.activations import ActivationStore, extract_activations, load_model, load_tokenizer
+from sae_pipeline.bench import reset_peak_rss, rss_mib
 from sae_pipeline.config import ActivationSpec, CorpusSpec, SAEConfig
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
 from sae_pipeline.evaluation import evaluate_sae
@@ -29,14 +30,6 @@ from sae_pipeline.training import plan_groups, train_group
 
 GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},
          {"architecture": "topk", "k": 32, "expansion_factor": 8}, {"architecture": "batchtopk", "k": 32}]
-
-
-def _peak_rss_mib(reset: bool = False) -> float:
-    """Peak RSS of this process so far (MiB); `reset` sets the peak to the current RSS first (Linux)."""
-    if reset:
-        Path("/proc/self/clear_refs").write_text("5")
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-    return int(line.split()[1]) / 1024
 
 
 def repeated_corpus(tokens: int) -> tuple[pl.DataFrame, int]:
@@ -59,18 +52,18 @@ def build_store(folder: Path, tokens: int, dtype: str) -> tuple[ActivationStore,
     disk = sum(f.stat().st_size for f in folder.iterdir())
     return store, {"corpus_copies": copies, "store_tokens": store.meta["n_tokens"], "dtype": dtype,
                    "disk_mib": disk / 2**20, "extract_seconds": time.perf_counter() - started,
-                   "extract_peak_rss_mib": _peak_rss_mib()}
+                   "extract_peak_rss_mib": rss_mib()}
 
 
 def train(store: ActivationStore, train_tokens: int) -> dict:
     cfgs = [SAEConfig(**point, batch_size=1024, lr=1e-3, train_tokens=train_tokens, dead_tokens=1_000_000,
                       log_every=100, checkpoint_every=10**9) for point in GROUP]
     groups = plan_groups(cfgs, store.d_model)
-    _peak_rss_mib(reset=True)
+    reset_peak_rss()
     started = time.perf_counter()
     results = [r for group in groups for r in train_group([cfgs[i] for i in group], store, "auto")]
     wall = time.perf_counter() - started
-    peak = _peak_rss_mib()
+    peak = rss_mib()
     failed = [str(r) for r in results if isinstance(r, Exception)]
     trained = sum(r.train_tokens for r in results if not isinstance(r, Exception))
     order = [i for group in groups for i in group]

@@ -226,10 +226,15 @@ def _peak_rss_child(name: str, shape: Shape, args: argparse.Namespace) -> float 
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _rss_kib(field: str) -> int:
-    """VmRSS / VmHWM (peak) of this process in KiB, from /proc (Linux)."""
+def rss_mib(field: str = "VmHWM") -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc (Linux)."""
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1])
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Set this process's VmHWM to its current RSS (Linux), so a later peak is that of what runs after."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _memory_probe(name: str, shape: Shape, args: argparse.Namespace) -> None:
@@ -237,12 +242,12 @@ def _memory_probe(name: str, shape: Shape, args: argparse.Namespace) -> None:
     setup = _setup(shape, torch.device("cpu"), args.dead_fraction, bf16=False)
     if name in PEER_MODULES:  # the peer's import is not part of its step's memory
         importlib.import_module(PEER_MODULES[name])
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _rss_kib("VmRSS")
+    reset_peak_rss()
+    before = rss_mib("VmRSS")
     step = _builders()[name](shape, setup)
     for _ in range(max(2, args.warmup)):
         step()
-    print((_rss_kib("VmHWM") - before) / 1024)
+    print(rss_mib() - before)
 
 
 def _shape_arg(shape: Shape) -> str:

@@ -34,9 +34,10 @@ GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},
 
 def repeated_corpus(tokens: int) -> tuple[pl.DataFrame, int]:
     """The embedded corpus repeated (new sequence ids) until it holds at least `tokens` tokens; and the repeats."""
-    spec = CorpusSpec(max_sequences=100_000)
-    corpus = tokenize_corpus(iter_texts(spec), load_tokenizer(ActivationSpec()), spec)
-    per_copy = int(corpus["input_ids"].list.len().sum())
+    spec, tokenizer = CorpusSpec(max_sequences=100_000), load_tokenizer(ActivationSpec())
+    corpus = tokenize_corpus(iter_texts(spec), tokenizer, spec)
+    special = list(tokenizer.all_special_ids)  # not stored (exclude_special_tokens)
+    per_copy = int(corpus["input_ids"].explode().is_in(special).not_().sum())
     copies = -(-tokens // per_copy)
     frames = [corpus.with_columns(pl.col("seq_id") + i * len(corpus)) for i in range(copies)]
     return pl.concat(frames), copies

@@ -181,6 +181,8 @@ class _Member:
     start_step: int = 0
     sampler_state: dict | None = None
     """Where the data stream stood at the checkpoint this member resumed from."""
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    """bf16 autocast or nothing, built once (`autocast_context`)."""
     finished: bool = False
 
     @property
@@ -207,6 +209,7 @@ class _Member:
         member = cls(cfg, store, sae, torch.compile(sae) if cfg.torch_compile else sae, optimizer, scheduler,
                      transform, factor, dev, checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, log,
                      on_checkpoint, torch.zeros(sae.d_sae, dtype=torch.long, device=dev), torch.zeros(5, device=dev))
+        member.autocast = autocast_context(cfg, dev)
         state = _load_checkpoint(member.checkpoint_path, cfg) if member.checkpoint_path else None
         if state is not None:
             member.resume(state)
@@ -247,10 +250,6 @@ class _Member:
         elif self.checkpoint_path and done % cfg.checkpoint_every == 0 and not self.finished:
             self._checkpoint(sampler_state)
         return aux_from
-
-    @property
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.cfg, self.device)
 
     def _maybe_resample(self, done: int) -> None:
         cfg = self.cfg

@@ -116,21 +116,6 @@ def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> dict[str, l
     return todo
 
 
-def key_ranges(ordered: list[str], wanted: set[str], size: int) -> list[list[str]]:
-    """The keys of `wanted` as ranges of consecutive keys in `ordered` (the partition order) of at most `size`:
-    the partitions one ranged run can cover."""
-    ranges: list[list[str]] = []
-    current: list[str] = []
-    for key in ordered:
-        if key in wanted and len(current) < size:
-            current.append(key)
-            continue
-        if current:
-            ranges.append(current)
-        current = [key] if key in wanted else []
-    return [*ranges, current] if current else ranges
-
-
 def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]:
     """Train `keys` as ranged `sae` runs (the path an asset backfill takes: each run trains its partitions as
     groups in one pass); returns the keys that were not materialised."""
@@ -138,7 +123,7 @@ def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from sae_pipeline.defs.assets import SAE_RUN_SIZE
-    from sae_pipeline.defs.partitions import sae_configs
+    from sae_pipeline.defs.partitions import key_ranges, sae_configs
 
     failed: set[str] = set()
     ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), SAE_RUN_SIZE)

@@ -11,6 +11,7 @@ import pytest
 
 from sae_pipeline import cli
 from sae_pipeline.config import load_sweep
+from sae_pipeline.defs.partitions import key_ranges
 from sae_pipeline.storage import Layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,6 @@ def test_activations_are_extracted_under_a_lock_on_the_root(tmp_path: Path) -> N
 
 def test_key_ranges_are_consecutive_in_partition_order_and_bounded() -> None:
     ordered = ["a", "b", "c", "d", "e", "f", "g"]
-    assert cli.key_ranges(ordered, {"a", "b", "d", "e", "f", "g"}, 3) == [["a", "b"], ["d", "e", "f"], ["g"]]
-    assert cli.key_ranges(ordered, set(), 3) == []
-    assert cli.key_ranges(ordered, {"g", "x"}, 8) == [["g"]]  # a key not registered is not in any range
+    assert key_ranges(ordered, {"a", "b", "d", "e", "f", "g"}, 3) == [["a", "b"], ["d", "e", "f"], ["g"]]
+    assert key_ranges(ordered, set(), 3) == []
+    assert key_ranges(ordered, {"g", "x"}, 8) == [["g"]]  # a key not registered is not in any range

@@ -114,11 +114,11 @@ CODE_VERSION = "1"
 of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
 ENV_AUTOMATION = "SAE_PIPELINE_AUTOMATION"
 """`eager`: partitions are materialised by declarative automation as soon as they can be (off when unset)."""
-LABELS_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL,
-                                     jitter=dg.Jitter.PLUS_MINUS)
-"""`feature_labels` is retried 30 s, 60 s, then 120 s (± jitter) after an LLM endpoint was unavailable past its
-own per-request retries; each attempt resumes from the labels the previous one kept. Failures that a retry cannot
-fix (a refusal, a bad config, an HTTP 4xx, the step's deadline) raise `Failure(allow_retries=False)`."""
+LABELS_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+"""`feature_labels` is retried 30 s, 90 s, then 210 s after an attempt failed on an LLM endpoint that stayed
+unavailable past its own per-request retries; each attempt resumes from the labels the previous ones kept.
+Failures that a retry cannot fix (a refusal, a bad config, an HTTP 4xx, the step's deadline, a stop) raise
+`Failure(allow_retries=False)`."""
 
 
 def automation_condition(environ: Mapping[str, str] | None = None) -> dg.AutomationCondition | None:

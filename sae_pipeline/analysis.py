@@ -345,14 +345,25 @@ def _ranked_balanced(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None:
-    """L0 vs FVU scatter with the Pareto front as a red staircase; None (no file) when nothing is plottable.
+    """l0_vs_fvu.png from `l0_fvu_figure`; None (no file) when nothing is plottable."""
+    fig = l0_fvu_figure(table, sweep_name)
+    if fig is None:
+        path.unlink(missing_ok=True)
+        return None
+    write_bytes_atomic(path, figure_png(fig))
+    return path
+
+
+def l0_fvu_figure(table: pl.DataFrame, sweep_name: str) -> Figure | None:
+    """L0 vs FVU scatter of the report table (`build_sweep_report`'s, with `on_pareto_front`), the Pareto front
+    as a red staircase, points named by key (all up to MAX_POINT_LABELS, else the front and failed runs); None
+    when no run has a finite L0 and FVU.
 
     Uses a bare `Figure` (Agg canvas for PNG) rather than pyplot: no global backend switch, no figure registry
     to leak into, safe in a multi-threaded Dagster process.
     """
     points = table.filter(pl.col("l0").is_finite() & pl.col("fvu").is_finite())
     if points.height == 0:
-        path.unlink(missing_ok=True)
         return None
     front = points.filter(pl.col("on_pareto_front")).sort("l0", "fvu")
     failed, passing = _failed(points), _passing(points)
@@ -375,8 +386,7 @@ def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None
     which = "" if labelled.height == points.height else "; labelled: Pareto front and failed runs"
     ax.set_title(f"{sweep_name}: L0 vs FVU ({points.height} configs{which})", fontsize=10)
     ax.legend(fontsize=8)
-    write_bytes_atomic(path, figure_png(fig))
-    return path
+    return fig
 
 
 def _label_points(ax, points: pl.DataFrame) -> None:

@@ -40,6 +40,11 @@ from sae_pipeline.saes import SparseAutoencoder
 from sae_pipeline.storage import write_parquet_atomic
 
 LIVE_THRESHOLD = 1e-6
+FEATURES_FILE = "features.parquet"
+EXAMPLES_FILE = "examples.parquet"
+FEATURES_META_FILE = "features_meta.json"
+"""The `features` asset's folder: the latents table, the examples table, and how they were made (top_n, window,
+n_bands, ..., vocab_kind, model)."""
 
 FEATURE_SCHEMA: dict[str, pl.DataType] = {
     "latent_id": pl.Int64(),

@@ -33,6 +33,7 @@ from sae_pipeline.storage import read_json, write_json_atomic, write_parquet_ato
 
 _SUBWORD_MARKERS = ("##", "Ġ", "▁")  # WordPiece continuation, byte-level BPE space, SentencePiece space
 
+LABELS_FILE = "labels.parquet"
 LABEL_SCHEMA: dict[str, pl.DataType] = {
     "latent_id": pl.Int64(),
     "label": pl.String(),

@@ -54,7 +54,10 @@ from sae_pipeline.downstream import measure_downstream
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
     EXAMPLE_COLUMNS,
+    EXAMPLES_FILE,
     FEATURE_COLUMNS,
+    FEATURES_FILE,
+    FEATURES_META_FILE,
     extract_features,
     features_summary,
     load_vocab_matrix,
@@ -64,6 +67,7 @@ from sae_pipeline.features import (
 )
 from sae_pipeline.labelling import (
     LABEL_COLUMNS,
+    LABELS_FILE,
     LLMError,
     PartialLabels,
     label_features,
@@ -103,11 +107,7 @@ from sae_pipeline.sweeps import (
 )
 from sae_pipeline.training import train_sae
 
-FEATURES_FILE = "features.parquet"
-EXAMPLES_FILE = "examples.parquet"
-FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
-LABELS_FILE = "labels.parquet"
 WITHDRAWN_FILE = "withdrawn.json"
 CODE_VERSION = "1"
 """Code version of the assets that compute (bump when a change alters what they write): with the data versions

@@ -1,8 +1,8 @@
 """Export one partition's features to Neuronpedia's bulk-import layout (no Dagster).
 
 Neuronpedia's admin import (`apps/webapp/app/api/admin/import/route.ts` in hijohnnylin/neuronpedia) reads one
-folder per source, `<model id>/<source id>/`, the layout its exports and `convert-saedashboard-to-neuronpedia-
-export.py` write:
+folder per source, `v1/<model id>/<source id>/` of its dataset bucket, the layout its exports and
+`utils/neuronpedia-utils/convert-saedashboard-to-neuronpedia-export.py` write:
 
     release.jsonl  model.jsonl  sourceset.jsonl  source.jsonl     one row each (SourceRelease, Model, SourceSet, Source)
     features/batch-<n>.jsonl.gz                                      one row per latent (table Neuron)

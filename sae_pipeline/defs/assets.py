@@ -9,6 +9,8 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -33,6 +35,7 @@ from sae_pipeline.config import (
     CorpusSpec,
     FeaturesSpec,
     LabelsSpec,
+    SAEConfig,
     parse_spec,
 )
 from sae_pipeline.corpus import CORPUS_COLUMNS, check_source, iter_texts, tokenize_corpus
@@ -41,10 +44,12 @@ from sae_pipeline.defs.checks import (
     ACTIVATIONS_CHECKS,
     FEATURES_CHECKS,
     SAE_CHECKS,
+    check_evaluation,
     check_result,
     refuse_if_blocked,
     refuse_if_other_lineage,
 )
+from sae_pipeline.defs.freshness import provenance_tags
 from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
@@ -105,7 +110,7 @@ from sae_pipeline.sweeps import (
     sweeps_dir,
     training_logs,
 )
-from sae_pipeline.training import train_sae
+from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group, train_sae
 
 DASHBOARD_DIR = "dashboard"
 WITHDRAWN_FILE = "withdrawn.json"
@@ -294,26 +299,28 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
 activations = validated_at_launch(activations, ActivationsConfig)
 
 
-@dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},
-          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(), code_version=CODE_VERSION,
-          description="One SAE per config partition, in the SAELens file layout.")
-def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
-        quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
-    key, layout = context.partition_key, storage.layout
-    validate_downstream_config(context, "features", "feature_labels")
-    thresholds = quality_thresholds.thresholds()
-    cfg = load_config(layout, key)
-    refuse_if_other_lineage("sae", layout, model.name)
-    acts = layout.pull(layout.activations_dir)
-    refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
-    store = ActivationStore(acts)
-    cfg.validate_for_model(store.d_model, device.memory_bytes())
-    checkpoints = layout.checkpoint_dir(key)
-    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
-    result = train_sae(cfg, store, device.resolve(), checkpoints,
-                       log=lambda row: context.log.debug(f"step {row['step']}: {row}"),
-                       on_checkpoint=lambda: layout.push(checkpoints))
-    metrics, fire_counts = evaluate_sae(result.sae, store, device.resolve())
+SAE_RUN_SIZE = 8
+"""Partitions of `sae` per run in an asset backfill (from the UI or the schedule): each run trains its configs as
+groups in one pass over the activations (`plan_groups` splits by batch size, seed, resume step and memory)."""
+
+
+@dataclass
+class PublishedSAE:
+    """One partition's trained SAE, evaluated and published: its check outcomes and materialisation metadata."""
+
+    outcomes: list[quality.CheckOutcome]
+    metadata: dict[str, Any]
+
+    @property
+    def blocking_failures(self) -> list[str]:
+        return [o.name for o in self.outcomes if not o.passed and o.severity == "ERROR"]
+
+
+def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore, result: TrainResult,
+                device: str, thresholds: quality.QualityThresholds, trust_remote_code: bool) -> PublishedSAE:
+    """Evaluate a trained SAE on held-out tokens, run its checks, publish its folder (weights, metrics, summary,
+    plots, verdict) and remove its checkpoints."""
+    metrics, fire_counts = evaluate_sae(result.sae, store, device)
     outcomes = [quality.finite_weights(result.sae.state_dict()),
                 quality.not_collapsed(result.metrics, result.sae.d_sae, thresholds),
                 quality.dead_fraction(metrics.dead_fraction, thresholds),
@@ -321,7 +328,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
                 quality.l0_in_target_band(metrics.l0_fraction, cfg.target_l0, thresholds),
                 quality.fvu_bound(metrics.fvu, thresholds),
                 quality.l0_trend(result.metrics, cfg.architecture, thresholds)]
-    model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=model.trust_remote_code)
+    model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=trust_remote_code)
     downstream = measure_downstream(result.sae, store.meta, read_corpus(layout), model_spec)
     curves = training_curves_png(result.metrics, key)
     density = feature_density_png(fire_counts / max(metrics.n_tokens, 1), key)
@@ -339,20 +346,111 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
         write_bytes_atomic(folder / "training_curves.png", curves)
         write_bytes_atomic(folder / "feature_density.png", density)
         quality.write_verdict(folder, outcomes)
-    layout.remove(checkpoints)
-    return dg.MaterializeResult(
-        metadata={"l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
-                  "dense_fraction": metrics.dense_fraction, "fvu": metrics.fvu,
-                  "explained_variance": metrics.explained_variance, "mse": metrics.mse,
-                  "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
-                  "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
-                  "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
-                  "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
-                  "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
-                  "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
-                  "feature_density": dg.MetadataValue.md(png_markdown(density, f"feature density {key}"))},
-        check_results=[check_result(o) for o in outcomes],
-    )
+    layout.remove(layout.checkpoint_dir(key))
+    return PublishedSAE(outcomes, {
+        "l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
+        "dense_fraction": metrics.dense_fraction, "fvu": metrics.fvu,
+        "explained_variance": metrics.explained_variance, "mse": metrics.mse,
+        "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
+        "resumed_from_step": result.resumed_from_step,
+        "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
+        "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
+        "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
+        "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
+        "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
+        "feature_density": dg.MetadataValue.md(png_markdown(density, f"feature density {key}"))})
+
+
+def training_hooks(context: dg.AssetExecutionContext, layout: Layout, key: str
+                   ) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """The per-row log and the after-checkpoint hook (commit to object storage) of one partition's training."""
+    checkpoints = layout.checkpoint_dir(key)
+    return (lambda row: context.log.debug(f"{key} step {row['step']}: {row}")), (lambda: layout.push(checkpoints))
+
+
+def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: ActivationStore, keys: list[str],
+                     device: DeviceResource, thresholds: quality.QualityThresholds,
+                     trust_remote_code: bool) -> Iterator[dg.AssetMaterialization]:
+    """Train the partitions of a ranged run as groups, each in one pass over the activations, and materialise
+    each partition with its own metadata and check evaluations as soon as it is published. A config that is
+    invalid, fails to train or fails a blocking check fails its own partition: its group mates are published,
+    and the step fails at the end naming each failed partition and why (a backfill marks only those failed)."""
+    failures: dict[str, str] = {}
+    cfgs: dict[str, SAEConfig] = {}
+    for key in keys:
+        try:
+            cfgs[key] = load_config(layout, key)
+            cfgs[key].validate_for_model(store.d_model, device.memory_bytes())
+        except ConfigError as error:
+            cfgs.pop(key, None)
+            failures[key] = str(error)
+    ready = list(cfgs)
+    tags = provenance_tags(context.instance, context.run, CODE_VERSION, [activations.key])
+    for key in ready:
+        layout.restore(layout.checkpoint_dir(key))
+    groups = plan_groups([cfgs[k] for k in ready], store.d_model, device.memory_bytes(),
+                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])
+    for number, group in enumerate(groups, 1):
+        members = [ready[i] for i in group]
+        context.log.info(f"sae group {number}/{len(groups)}: {len(members)} configs in one pass over the "
+                         f"activations: {', '.join(members)}")
+        hooks = [training_hooks(context, layout, key) for key in members]
+        results = train_group([cfgs[k] for k in members], store, device.resolve(),
+                              [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
+                              [h[1] for h in hooks])
+        for key, result in zip(members, results, strict=True):
+            if isinstance(result, Exception):
+                failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
+                continue
+            published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
+                                    trust_remote_code)
+            yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=published.metadata, tags=tags)
+            for outcome in published.outcomes:
+                context.log_event(check_evaluation(context.instance, SAE_KEY, key, outcome))
+            if published.blocking_failures:
+                failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
+            context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
+    if failures:
+        lines = [f"{key}: {why}" for key, why in failures.items()]
+        raise dg.Failure(description=f"{len(failures)} of {len(keys)} sae partitions failed (the others are "
+                         "materialised): " + "; ".join(lines), metadata={"failed": "\n".join(lines)})
+
+
+SAE_KEY = dg.AssetKey("sae")
+
+
+@dg.multi_asset(
+    name="sae", partitions_def=sae_configs, check_specs=SAE_CHECKS, can_subset=True, pool="gpu",
+    op_tags=gpu_op_tags(), backfill_policy=dg.BackfillPolicy.multi_run(SAE_RUN_SIZE),
+    specs=[dg.AssetSpec(SAE_KEY, deps=[activations], group_name="sae", kinds={"pytorch"}, code_version=CODE_VERSION,
+                        description="One SAE per config partition, in the SAELens file layout. A run over several "
+                                    "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
+                                    "one pass over the activations.")])
+def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
+        quality_thresholds: QualityResource, model: ModelResource) -> Iterator[dg.MaterializeResult
+                                                                                | dg.AssetMaterialization]:
+    layout = storage.layout
+    validate_downstream_config(context, "features", "feature_labels")
+    thresholds = quality_thresholds.thresholds()
+    refuse_if_other_lineage("sae", layout, model.name)
+    acts = layout.pull(layout.activations_dir)
+    refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
+                      quality.blocking_failures(acts, missing_ok=True))
+    store = ActivationStore(acts)
+    if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
+        yield from train_partitions(context, layout, store, context.partition_keys, device, thresholds,
+                                    model.trust_remote_code)
+        return
+    key = context.partition_key
+    cfg = load_config(layout, key)
+    cfg.validate_for_model(store.d_model, device.memory_bytes())
+    checkpoints = layout.checkpoint_dir(key)
+    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
+    log, on_checkpoint = training_hooks(context, layout, key)
+    result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
+    published = publish_sae(layout, key, cfg, store, result, device.resolve(), thresholds, model.trust_remote_code)
+    yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
+                               check_results=[check_result(o) for o in published.outcomes])
 
 
 class FeaturesConfig(dg.Config):

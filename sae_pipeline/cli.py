@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae_pipeline.config import ConfigError, load_sweep
+from sae_pipeline.config import ConfigError, load_sweep, validate_partition_key
 from sae_pipeline.storage import Layout, default_root, exclusive
 
 if TYPE_CHECKING:
@@ -233,16 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     cal = commands.add_parser("calibrate", help="run a sweep's relu configs with target_l0 and propose l1_alpha "
                               "runs until L0 is on target (in process; see the calibration sensor)")
     cal.add_argument("file")
+    exp = commands.add_parser("export-neuronpedia", help="write a partition's features (and labels) in "
+                              "Neuronpedia's bulk-import layout: <out dir>/<model>/<layer>-<source set>/")
+    exp.add_argument("key", help="partition key (with `features` materialised)")
+    exp.add_argument("out_dir")
+    exp.add_argument("--model-id", help="Neuronpedia model id (default: the model's name as a slug)")
+    exp.add_argument("--source-set", help="source set name without the layer (default: sae-pipeline-<key>)")
+    exp.add_argument("--creator-id", help="Neuronpedia user id owning the rows (default: its seeded user)")
     args = parser.parse_args(argv)
     try:
         _default_dagster_home()
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
+        if args.command == "export-neuronpedia":
+            print(export_neuronpedia(args))
+            return 0
         return run_with_stop_signals(args)
     except (ConfigError, OSError) as error:  # bad input, or a root/home that cannot be written: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def export_neuronpedia(args: argparse.Namespace) -> Path:
+    """The source folder `export-neuronpedia` wrote."""
+    from sae_pipeline.neuronpedia import DEFAULT_CREATOR_ID, export_partition
+
+    layout = Layout.at(default_root())
+    return export_partition(layout, validate_partition_key(args.key), Path(args.out_dir), model_id=args.model_id,
+                            source_set=args.source_set, creator_id=args.creator_id or DEFAULT_CREATOR_ID)
 
 
 def run_with_stop_signals(args: argparse.Namespace) -> int:

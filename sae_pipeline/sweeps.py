@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from sae_pipeline.analysis import FAILED_CHECKS, HYPERPARAMETERS, METRICS, last_window_mean
+from sae_pipeline.analysis import FAILED_CHECKS, HYPERPARAMETERS, METRICS, WALL_SECONDS, last_window_mean
 from sae_pipeline.calibration import GroupPlan, calibratable, plan_groups
 from sae_pipeline.config import (
     MAX_SPEC_BYTES,
@@ -62,7 +62,9 @@ def load_config(layout: Layout, key: str) -> SAEConfig:
     where = layout.location(layout.configs_dir, name)
     stored = layout.read_bytes(layout.configs_dir / name)
     if stored is None:
-        raise ConfigError(f"partition key {key}: not registered (no {where}); run `sae-pipeline register-sweep`")
+        raise ConfigError(f"partition key {key}: not registered (no {where}); a partition added by hand (the UI's "
+                          "\"Add partition\") has no config: register the sweep file that defines it with "
+                          "`sae-pipeline register-sweep <file>` (e.g. data/sweeps/default.yaml)")
     return parse_sae_config(json.loads(stored), where=where)
 
 
@@ -85,9 +87,10 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
     """One row per finished partition; missing keys.
 
     A row holds the hyperparameters, the held-out metrics, `final_loss` (the last-window mean of the training
-    loss, from summary.json), the last-window means of the training L0 and dead fraction from the partition's
-    training log (`logs`, read with `training_logs` when not given; null when absent or empty) and its failed
-    blocking checks (`failed_checks`, from the verdicts; empty when it passed).
+    loss, from summary.json), `wall_seconds` (its training wall time), the last-window means of the training L0
+    and dead fraction from the partition's training log (`logs`, read with `training_logs` when not given; null
+    when absent or empty) and its failed blocking checks (`failed_checks`, from the verdicts; empty when it
+    passed).
     """
     logs = training_logs(layout, keys) if logs is None else logs
     rows, missing = [], []
@@ -104,6 +107,7 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
             window = {name: last_window_mean(log, column) if column in log.columns else None
                       for name, column in TRAIN_WINDOW_COLUMNS.items()}
         rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window,
+                     WALL_SECONDS: summary.get(WALL_SECONDS),
                      FAILED_CHECKS: failed_checks(layout, key)})
     return pl.DataFrame(rows, infer_schema_length=None), missing
 

@@ -6,7 +6,9 @@ another machine (see storage.Layout).
 """
 
 import hashlib
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +26,8 @@ from sae_pipeline.activations import (
     load_tokenizer,
     validate_layer,
 )
-from sae_pipeline.analysis import build_sweep_report, last_window_mean
-from sae_pipeline.calibration import calibration_png, plans_markdown
+from sae_pipeline.analysis import build_sweep_report, last_window_mean, report_with_inline_plots
+from sae_pipeline.calibration import calibration_png, how_to_calibrate, plans_markdown
 from sae_pipeline.config import (
     EMBEDDED_CORPUS,
     ActivationSpec,
@@ -36,7 +38,7 @@ from sae_pipeline.config import (
     SAEConfig,
     parse_spec,
 )
-from sae_pipeline.corpus import check_source, iter_texts, tokenize_corpus
+from sae_pipeline.corpus import CORPUS_COLUMNS, check_source, iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
 from sae_pipeline.defs.checks import (
     ACTIVATIONS_CHECKS,
@@ -52,9 +54,15 @@ from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.runs import Stopped
 from sae_pipeline.downstream import measure_downstream
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
+    EXAMPLE_COLUMNS,
+    EXAMPLES_FILE,
+    FEATURE_COLUMNS,
+    FEATURES_FILE,
+    FEATURES_META_FILE,
     extract_features,
     features_summary,
     load_vocab_matrix,
@@ -63,6 +71,8 @@ from sae_pipeline.features import (
     write_features,
 )
 from sae_pipeline.labelling import (
+    LABEL_COLUMNS,
+    LABELS_FILE,
     LLMError,
     PartialLabels,
     label_features,
@@ -72,10 +82,11 @@ from sae_pipeline.labelling import (
     write_labels,
 )
 from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
-from sae_pipeline.markdown import markdown_table
+from sae_pipeline.markdown import markdown_table, rounded
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
+    SCORE_COLUMNS,
     best_worst_markdown,
     labeller_and_scorer,
     score_labels,
@@ -96,19 +107,60 @@ from sae_pipeline.sweeps import (
     calibration_state,
     collect_runs,
     load_config,
+    sweeps_dir,
     training_logs,
 )
 from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group, train_sae
 
-FEATURES_FILE = "features.parquet"
-EXAMPLES_FILE = "examples.parquet"
-FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
-LABELS_FILE = "labels.parquet"
 WITHDRAWN_FILE = "withdrawn.json"
 CODE_VERSION = "1"
 """Code version of the assets that compute (bump when a change alters what they write): with the data versions
 of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
+ENV_AUTOMATION = "SAE_PIPELINE_AUTOMATION"
+"""`eager`: partitions are materialised by declarative automation as soon as they can be (off when unset)."""
+LABELS_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+"""`feature_labels` is retried 30 s, 90 s, then 210 s after an attempt failed on an LLM endpoint that stayed
+unavailable past its own per-request retries; each attempt resumes from the labels the previous ones kept.
+Failures that a retry cannot fix (a refusal, a bad config, an HTTP 4xx, the step's deadline, a stop) raise
+`Failure(allow_retries=False)`."""
+
+
+def automation_condition(environ: Mapping[str, str] | None = None) -> dg.AutomationCondition | None:
+    """`AutomationCondition.eager()` when SAE_PIPELINE_AUTOMATION=eager, so a newly registered partition (and
+    one whose upstream changed) is materialised without a launch; None, no automation, when it is unset."""
+    mode = (os.environ if environ is None else environ).get(ENV_AUTOMATION, "")
+    if mode not in ("", "eager"):
+        raise ConfigError(f"{ENV_AUTOMATION}: {mode!r}; allowed: eager, or unset (no automation)")
+    return dg.AutomationCondition.eager() if mode else None
+
+
+@contextmanager
+def stops_without_retry(asset: str, key: str) -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM, a terminated run) ends the step as a failure that is not retried: under a
+    RetryPolicy Dagster turns an interrupt into a retry, and would rerun a step it was told to stop."""
+    try:
+        yield
+    except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError, Stopped):
+        raise dg.Failure(description=f"{asset} for partition {key} was stopped (interrupt or termination); "
+                         "not retried", allow_retries=False) from None
+
+
+@contextmanager
+def not_retried(asset: str) -> Iterator[None]:
+    """A bad config or an LLM error that is not transient fails the step at once: no retry would change it."""
+    try:
+        yield
+    except (ConfigError, LLMError) as error:
+        if isinstance(error, LLMError) and error.transient:
+            raise
+        raise dg.Failure(description=f"{asset}: {error}", allow_retries=False) from None
+
+
+def column_schema(frame: pl.DataFrame, descriptions: Mapping[str, str]) -> dg.TableSchema:
+    """The `dagster/column_schema` of a written table: its columns and polars types, described where known."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype), description=descriptions.get(name))
+                                   for name, dtype in frame.schema.items()])
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:
@@ -202,6 +254,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
         "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens, "corpus_sha256": fingerprint,
         "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
         "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
+        "dagster/column_schema": column_schema(frame, CORPUS_COLUMNS),
     })
 
 
@@ -412,7 +465,7 @@ class FeaturesConfig(dg.Config):
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
-          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION,
+          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION, automation_condition=automation_condition(),
           description="Per-latent statistics, top/quantile contexts with per-token activations, vocabulary "
                       "projection and a static HTML dashboard, on held-out tokens.")
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
@@ -453,7 +506,9 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
                   "vocab_projection": vocab_kind,
                   "n_live": summary["n_live"], "n_dead": summary["n_dead"],
                   "n_near_zero": summary["n_near_zero"],
-                  "top_latents": dg.MetadataValue.md(top_features_markdown(frame))},
+                  "top_latents": dg.MetadataValue.md(top_features_markdown(frame)),
+                  "dagster/column_schema": column_schema(frame, FEATURE_COLUMNS),
+                  "examples_column_schema": column_schema(tables.examples, EXAMPLE_COLUMNS)},
         check_results=[check_result(o) for o in outcomes],
     )
 
@@ -506,18 +561,27 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
             save_progress(folder, kept, stamp)
             layout.push(folder)
         n_kept = 0 if kept is None else kept.height
+        retried = " (the endpoint was unavailable: retried with backoff)" if error.transient else ""
         raise dg.Failure(description=f"Labelling partition {key} stopped: {error}. {n_kept} label(s) kept; a rerun "
-                         "resumes from them", metadata={"n_kept": n_kept}) from None
+                         f"resumes from them{retried}", metadata={"n_kept": n_kept},
+                         allow_retries=error.transient) from None
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
-          code_version=CODE_VERSION,
+          code_version=CODE_VERSION, retry_policy=LABELS_RETRY_POLICY, automation_condition=automation_condition(),
           description="A label and a detection score per live latent, and the dashboard with them; refuses "
                       "partitions whose blocking checks failed.")
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
-    key, layout = context.partition_key, storage.layout
-    spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
+    with stops_without_retry("feature_labels", context.partition_key):
+        return label_partition(context, config, storage.layout)
+
+
+def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, layout: Layout) -> dg.MaterializeResult:
+    """The body of `feature_labels`: refuse a blocked partition, label and score its live latents, publish."""
+    key = context.partition_key
+    with not_retried("feature_labels"):
+        spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
     refuse_if_other_lineage("feature_labels", layout)
     features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
                                quality.VERDICT_FILE)
@@ -531,8 +595,9 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                          metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
-    labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
-                                           step_seconds=spec.step_timeout)
+    with not_retried("feature_labels"):
+        labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
+                                               step_seconds=spec.step_timeout)
     stamp = {"labeller": labeller.name,
              "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
     scored = label_resumably(layout, key, stamp, lambda done: label_features(
@@ -541,7 +606,8 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:
         write_labels(scored, folder / LABELS_FILE)
-        render_dashboard(table, examples, folder / DASHBOARD_DIR, f"features {key}", labels=scored, n_bands=n_bands)
+        render_dashboard(table, examples, folder / DASHBOARD_DIR, f"labelled features {key}", labels=scored,
+                         n_bands=n_bands)
     layout.remove(layout.labels_progress_dir(key))
     summary = scores_summary(scored)
     where = layout.location(layout.labels_dir(key))
@@ -550,16 +616,18 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
         "labels_path": dg.MetadataValue.path(f"{where}/{LABELS_FILE}"),
         "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
         "n_labelled": len(scored), "n_scored": summary["n_scored"],
-        "mean_detection_accuracy": summary["mean_detection_accuracy"],
-        "mean_detection_f1": summary["mean_detection_f1"],
+        "mean_detection_accuracy": rounded(summary["mean_detection_accuracy"]),
+        "mean_detection_f1": rounded(summary["mean_detection_f1"]),
         "labeller": labeller.name, "scorer": scorer.name,
         "best_labelled": dg.MetadataValue.md(labels_markdown(scored)),
         "best_and_worst_scored": dg.MetadataValue.md(best_worst_markdown(scored)),
+        "dagster/column_schema": column_schema(scored, {**LABEL_COLUMNS, **SCORE_COLUMNS}),
     })
 
 
 @dg.asset(deps=[sae, features], group_name="analysis", kinds={"markdown"},
-          description="The sweep report (seed 004's form) over every finished config partition.")
+          description="The sweep report (seed 004's form) over every finished config partition; the `report` "
+                      "metadata holds it whole, plots inline.")
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     layout = storage.layout
     keys = context.instance.get_dynamic_partitions(sae_configs.name)
@@ -567,17 +635,16 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
     runs, missing = collect_runs(layout, keys, logs)
     with layout.publish(layout.analysis_dir) as folder:
         report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs)
-        plots = [png_markdown(p.read_bytes(), p.stem)
-                 for p in (report.plot_path, report.box_plot_path, report.curves_plot_path) if p is not None]
+        text = report_with_inline_plots(report)
     where = layout.location(layout.analysis_dir)
     return dg.MaterializeResult(metadata={
+        "report": dg.MetadataValue.md(text),
         "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
         "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
         "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
         "best_balanced": report.best_balanced or "none",
         "top_configs": dg.MetadataValue.md(report.top_markdown),
         "pareto_l0_dead": list(report.pareto_dead),
-        "plots": dg.MetadataValue.md("\n\n".join(plots) if plots else "no finished run to plot"),
     })
 
 
@@ -597,7 +664,8 @@ def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> 
                                      "proposed_key": plan.config.partition_key() if plan.config else None,
                                      "points": [[p.key, p.l1_alpha, p.l0] for p in plan.points]}
             sections.append(plans_markdown([plan]) + "\n\n" + png_markdown(png, f"L0 vs l1_alpha {plan.group}"))
-    report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or plans_markdown([]))
+    empty = how_to_calibrate(sweeps_dir(layout)) if not plans else None
+    report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or empty)
     with layout.publish(layout.calibration_dir) as folder:
         for name, png in pngs.items():
             write_bytes_atomic(folder / name, png)
@@ -607,7 +675,7 @@ def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> 
     return dg.MaterializeResult(metadata={
         "report_path": dg.MetadataValue.path(layout.location(layout.calibration_dir, "report.md")),
         "n_groups": len(plans), "statuses": {p.group: p.status for p in plans},
-        "proposals": proposals,
-        "fitted_points": dg.MetadataValue.md(plans_markdown(plans)),
+        "proposals": rounded(proposals),
+        "fitted_points": dg.MetadataValue.md(empty or plans_markdown(plans)),
         "plot": dg.MetadataValue.md("\n\n".join(sections) if sections else "no calibrated config"),
     })

@@ -21,9 +21,11 @@ Definitions:
   ABSORPTION_FRACTION A[t, p]. absorption_rate: share of such tokens that are events, averaged over the pairs;
   absorbed_pairs: pairs whose rate is >= ABSORBED_PAIR_RATE.
 - split_features: features with two or more decoder rows at cosine >= SPLIT_COSINE.
-- shrinkage: for each feature, the mean over tokens where both f and m(f) are active of
-  Z[t, m(f)] (W[m(f)] . D[f]) / A[t, f] (the latent's write along the feature over the true coefficient), then
-  the mean over features; 1 is unbiased, below 1 the SAE shrinks activations.
+- shrinkage: for each recovered feature (cosine(D[f], W[m(f)]) >= RECOVERED_COSINE, so that a misaligned
+  latent's smaller projection is not counted as shrinkage), the mean over tokens where both f and m(f) are
+  active of Z[t, m(f)] (W[m(f)] . D[f]) / A[t, f] (the latent's write along the feature over the true
+  coefficient), then the mean over those features; 1 is unbiased, below 1 the SAE shrinks activations. The
+  decoder bias is not credited: an SAE whose b_dec holds part of a frequent feature writes less for it.
 """
 
 from __future__ import annotations
@@ -124,12 +126,13 @@ def split_features(directions: Tensor, decoder: Tensor) -> int:
 
 
 def shrinkage(directions: Tensor, coefficients: Tensor, decoder: Tensor, latents: Tensor, match: Tensor) -> float:
-    """Mean over features of the matched latent's write along the feature over the true coefficient (module
-    docstring); NaN when no feature is ever active together with its latent."""
+    """Mean over recovered features of the matched latent's write along the feature over the true coefficient
+    (module docstring); NaN when no recovered feature is ever active together with its latent."""
     along = (decoder.double()[match] * unit_rows(directions)).sum(dim=1)  # W[m(f)] . D[f]
+    recovered = along >= RECOVERED_COSINE * decoder.double()[match].norm(dim=1)
     z = latents[:, match].double()
     a = coefficients.double()
-    both = (a > 0) & (z > 0)
+    both = (a > 0) & (z > 0) & recovered
     ratio = torch.where(both, z * along / a.clamp(min=1e-12), torch.zeros_like(a))
     count = both.sum(dim=0)
     per_feature = ratio.sum(dim=0)[count > 0] / count[count > 0]

@@ -180,3 +180,10 @@ def test_the_asset_benchmarks_every_registered_architecture(tmp_path, one_torch_
     assert "**Least absorption:**" in metadata["benchmark"].value
     assert "data:image/png;base64," in metadata["plot"].value
     assert set(metadata["recovered_share"].value) == set(ARCHITECTURES)
+
+
+def test_the_job_is_in_the_code_location():
+    from sae_pipeline.definitions import defs
+
+    dg.Definitions.validate_loadable(defs)  # an op named like a job would fail here
+    assert defs.resolve_job_def("synthetic_benchmark_job").name == "synthetic_benchmark_job"

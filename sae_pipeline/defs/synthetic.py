@@ -88,5 +88,5 @@ def synthetic_benchmark(context: dg.AssetExecutionContext, config: SyntheticBenc
 
 
 synthetic_job = dg.define_asset_job(
-    "synthetic_benchmark", selection=[synthetic_benchmark],
+    "synthetic_benchmark_job", selection=[synthetic_benchmark],
     description="The ground-truth benchmark alone (CPU-sized: a few minutes on 2 cores).")

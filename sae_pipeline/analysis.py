@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
+from sae_pipeline.consistency import seed_consistency_section
 from sae_pipeline.markdown import format_duration
 from sae_pipeline.plots import figure_png, png_data_uri
 from sae_pipeline.storage import write_bytes_atomic
@@ -170,7 +171,9 @@ def build_sweep_report(
     columns are added as nulls, other columns are dropped). `missing`: keys registered but not materialised.
     `training_logs`: key -> metrics log (step/tokens + CURVE_COLUMNS); the top balanced configs' curves are
     overlaid in top_training_curves.png. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
-    of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png.
+    of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png. Runs with the
+    `seed_group` and `sae_dir` columns of `sweeps.collect_runs` add a cross-seed consistency section
+    (`consistency.seed_consistency_section`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +200,7 @@ def build_sweep_report(
     report_path = out_dir / REPORT_NAME
     report = _render_report(table, sweep_name, list(missing), front, plot_path)
     report = _append_sections(report, table, front_dead, box_path, curves_path)
+    report += seed_consistency_section(runs)
     write_bytes_atomic(report_path, report.encode())
 
     return SweepReport(

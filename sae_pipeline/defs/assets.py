@@ -423,6 +423,7 @@ SAE_KEY = dg.AssetKey("sae")
     name="sae", partitions_def=sae_configs, check_specs=SAE_CHECKS, can_subset=True, pool="gpu",
     op_tags=gpu_op_tags(), backfill_policy=dg.BackfillPolicy.multi_run(SAE_RUN_SIZE),
     specs=[dg.AssetSpec(SAE_KEY, deps=[activations], group_name="sae", kinds={"pytorch"}, code_version=CODE_VERSION,
+                        automation_condition=automation_condition(),
                         description="One SAE per config partition, in the SAELens file layout. A run over several "
                                     "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
                                     "one pass over the activations.")])

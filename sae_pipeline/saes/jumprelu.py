@@ -7,6 +7,20 @@ gets a straight-through estimate through a rectangle kernel of width `bandwidth`
 and no gradient reaches `pre` through the step (JumpReLU passes H(pre - theta) to `pre`). The sparsity loss is
 coeff * mean L0 (L0 = sum over latents of H, per token), or coeff * (L0 / target - 1)^2 toward a target L0.
 The file layout is SAELens' JumpReLU: `threshold` [d_sae] (not its log) next to W_enc, b_enc, W_dec, b_dec.
+
+Training to a target. Adam normalises every parameter's step to about lr, whatever the loss coefficient, so a
+penalty on L0 alone moves log theta by at most lr * steps (0.23 for 780 steps at 3e-4): from the init of 1e-3 the
+thresholds never reach the scale of the pre-activations (about 1 on normalised inputs), and held-out L0 stayed
+near a third of d_sae whatever l0_coeff was (SAELens #494/#719 are the same family). With a target set, a shared
+shift s of the log thresholds, theta_i = exp(log_threshold_i + s), is therefore driven by the measured L0 outside
+the optimiser, an integral controller after every step:
+    s <- s + TARGET_GAIN * log((L0_batch + 1) / (target + 1))
+It moves all thresholds together by however much the level needs, while Adam still learns the per-latent
+thresholds (which latents fire) from the reconstruction and L0 gradients. The gain is dimensionless: near the
+target the log-L0 of a Gaussian-tailed pre-activation falls by about theta^2 (~5 at 1 % firing) per unit of
+log-threshold, so 0.05 closes ~25 % of the remaining log error per step, fast enough from the 1e-3 init within
+~100 steps and slow enough that batch-to-batch noise in L0 barely moves it. s is a buffer: it is checkpointed with
+the weights, and the saved `threshold` is exp(log_threshold + s).
 """
 
 from __future__ import annotations
@@ -18,6 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder
+
+TARGET_GAIN = 0.05
+"""Step of the threshold controller in log-threshold per unit of log-L0 error (see the module docstring)."""
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -87,15 +104,28 @@ class JumpReLUSAE(SparseAutoencoder):
         self.target_l0 = target_l0
         """Target L0 as a number of latents per token (None: plain L0 penalty)."""
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+        self.register_buffer("log_threshold_shift", torch.zeros(()))
+        """The controller's shared shift s of the log thresholds (stays 0 without a target)."""
 
     @torch.no_grad()
     def initialize(self, generator: torch.Generator, b_dec: Tensor | None = None) -> None:
         super().initialize(generator, b_dec)
         self.log_threshold.fill_(math.log(self.init_threshold))
+        self.log_threshold_shift.zero_()
 
     @property
     def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
+        return (self.log_threshold + self.log_threshold_shift).exp()
+
+    @torch.no_grad()
+    def steer_to_target(self, l0: Tensor) -> None:
+        """s <- s + TARGET_GAIN * log((L0 + 1) / (target + 1)): the controller, on device (no host read)."""
+        error = torch.log((l0.detach().float() + 1) / (self.target_l0 + 1))
+        self.log_threshold_shift.add_(TARGET_GAIN * error)
+
+    def after_step(self, out: ForwardOutput) -> None:
+        if self.target_l0 is not None:
+            self.steer_to_target(out.l0())
 
     def encode(self, x: Tensor) -> Tensor:
         return jumprelu(self.pre_activations(x), self.threshold, self.bandwidth)
@@ -128,13 +158,14 @@ class JumpReLUSAE(SparseAutoencoder):
                 "target_l0": cfg.get("jumprelu_target_l0")}
 
     def file_tensors(self) -> dict[str, Tensor]:
-        """SAELens layout: `threshold` = exp(log_threshold) in place of the trained log."""
+        """SAELens layout: `threshold` = exp(log_threshold + s) in place of the trained log and shift."""
         tensors = super().file_tensors()
-        tensors["threshold"] = tensors.pop("log_threshold").exp().contiguous()
+        tensors["threshold"] = (tensors.pop("log_threshold") + tensors.pop("log_threshold_shift")).exp().contiguous()
         return tensors
 
     def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
         tensors = dict(tensors)
         if "threshold" in tensors:
             tensors["log_threshold"] = tensors.pop("threshold").log()
+            tensors["log_threshold_shift"] = torch.zeros(())
         super().load_file_tensors(tensors)

@@ -13,6 +13,7 @@ import time
 from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.quality import not_collapsed
 from sae_pipeline.training import train_sae
 
 store = ActivationStore(sys.argv[1])
@@ -24,8 +25,12 @@ for active in (int(value) for value in sys.argv[2:]):
     result = train_sae(cfg, store, device="cpu")
     metrics, fire_counts = evaluate_sae(result.sae, store)
     busiest = float(fire_counts.max()) / metrics.n_tokens
+    collapse = not_collapsed(result.metrics, d_sae)
     print(json.dumps({"target": active, "held_out_l0": round(metrics.l0, 2),
                       "off_target": round(metrics.l0 / active - 1, 4), "max_latent_frequency": round(busiest, 4),
-                      "dense_fraction": metrics.dense_fraction, "dead_fraction": metrics.dead_fraction,
-                      "fvu": round(metrics.fvu, 4), "train_l0_last_row": round(result.metrics["l0"][-1], 2),
+                      "dense_fraction": metrics.dense_fraction, "frequent_fraction": metrics.frequent_fraction,
+                      "dead_fraction": metrics.dead_fraction, "fvu": round(metrics.fvu, 4),
+                      "relative_reconstruction_bias": round(metrics.relative_reconstruction_bias, 4),
+                      "train_l0_rows": [round(v, 1) for v in result.metrics["l0"].to_list()[:4]],
+                      "train_l0_last_row": round(result.metrics["l0"][-1], 2), "not_collapsed": collapse.passed,
                       "seconds": round(time.perf_counter() - started, 1)}), flush=True)

@@ -186,7 +186,8 @@ class SAEConfig(_Strict):
     early_stop_tolerance: float = Field(0.01, gt=0.0, lt=1.0)
     """Stable: (max - min) / mean of L0 and of loss over the window both below this."""
     target_l0: float | None = Field(None, gt=0.0, lt=1.0)
-    """Optional target fraction of active latents per token (checks report against it; `jumprelu` trains to it)."""
+    """Optional target fraction of active latents per token (checks report against it; `jumprelu` trains to it with
+    a controller on its thresholds, `saes/jumprelu.py`)."""
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
 

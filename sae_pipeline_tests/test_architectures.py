@@ -49,14 +49,14 @@ def _random(arch: str, d_in=6, d_sae=20, seed=0, normalize="none", **kwargs):
         for name in ("b_enc", "b_gate", "b_mag", "r_mag"):
             if hasattr(sae, name):
                 getattr(sae, name).copy_(0.3 * torch.randn(d_sae, generator=generator))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.copy_(0.2 + 0.3 * torch.rand(d_sae, generator=generator))
         if arch == "jumprelu":
             sae.log_threshold.copy_((0.2 + 0.3 * torch.rand(d_sae, generator=generator)).log())
     return sae
 
 
-ARCH_KWARGS = {"batchtopk": {"k": 3}, "jumprelu": {}, "gated": {}}
+ARCH_KWARGS = {"batchtopk": {"k": 3}, "jumprelu": {}, "gated": {}, "matryoshka": {"k": 3, "widths": [4, 10, 20]}}
 
 
 # ---------------------------------------------------------------- learning on planted sparse directions
@@ -316,7 +316,7 @@ def _grad(p: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- fold and file layout
 
-@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "gated", "matryoshka"])
 @pytest.mark.parametrize("scale", [0.05, 7.3])
 def test_fold_scaling_factor_keeps_thresholds_consistent(arch, scale):
     sae = _random(arch, seed=6, **ARCH_KWARGS[arch]).eval()

@@ -78,7 +78,7 @@ def test_jumprelu_learns_and_reaches_target_l0(planted):
     result, metrics, score = _train(planted, architecture="jumprelu", l0_coeff=10.0, target_l0=target,
                                     jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.5)
     assert score > 0.9  # measured 0.99
-    assert abs(metrics.l0 - K_ACTIVE) <= 0.15 * K_ACTIVE  # measured 3.05 (3.17 before the threshold controller)
+    assert abs(metrics.l0 - K_ACTIVE) <= 0.15 * K_ACTIVE  # measured 3.04 (3.17 before the threshold controller)
     assert metrics.fvu < 0.15
     assert result.metrics["sparsity_loss"].to_list()[-1] < 0.1  # (L0/target - 1)^2 * 10 near its minimum
 
@@ -89,22 +89,42 @@ def test_jumprelu_trains_to_its_target_with_default_settings(planted, active):
     left held-out L0 at a third of d_sae. Two targets, ±10 % on held-out tokens, no latent on > 50 % of them."""
     d_sae = RUN["expansion_factor"] * D
     result, metrics, _ = _train(planted, architecture="jumprelu", l0_coeff=1.0, target_l0=active / d_sae)
-    assert abs(metrics.l0 - active) <= 0.1 * active, metrics.l0  # measured 4.01 and 11.82
+    assert abs(metrics.l0 - active) <= 0.1 * active, metrics.l0  # measured 3.94 and 11.76
     _, fire_counts = evaluate_sae(result.sae, planted[0])
     assert fire_counts.max().item() / metrics.n_tokens <= 0.5
     assert result.sae.log_threshold_shift.item() > 3  # the controller, not Adam, lifted the thresholds from 1e-3
 
 
-def test_jumprelu_controller_step_by_hand():
+def test_jumprelu_first_step_calibrates_the_shift_then_the_controller_steers():
     sae = _random("jumprelu", d_in=6, d_sae=20, seed=3, target_l0=4.0)
     x = torch.randn(12, 6, generator=torch.Generator().manual_seed(4))
     out = sae(x)
-    l0 = (out.latents > 0).sum(dim=1).float().mean().item()
-    threshold_before = sae.threshold.detach().clone()
+    assert (out.latents > 0).sum().item() > 4 * 12  # fires more than the target: calibration moves s up
+    with torch.no_grad():  # by hand: the 49th largest log(pre / theta) among firing entries, in float64
+        pre, theta = sae.pre_activations(x).double(), sae.threshold.detach().double()
+        ratios = sorted((torch.log(pre[pre > theta] / theta.expand_as(pre)[pre > theta])).tolist(), reverse=True)
     sae.after_step(out)
-    shift = TARGET_GAIN * math.log((l0 + 1) / (4.0 + 1))
-    assert sae.log_threshold_shift.item() == pytest.approx(shift, rel=1e-6) and shift != 0
-    assert torch.allclose(sae.threshold, threshold_before * math.exp(shift), rtol=1e-6)
+    assert sae.log_threshold_shift.item() == pytest.approx(ratios[4 * 12], rel=1e-5)
+    with torch.no_grad():  # the same batch through the calibrated thresholds fires exactly target * batch times
+        assert (sae(x).latents > 0).sum().item() == 4 * 12
+
+    x2 = torch.randn(12, 6, generator=torch.Generator().manual_seed(5))
+    out2 = sae(x2)
+    l0 = (out2.latents > 0).sum(dim=1).float().mean().item()
+    before = sae.log_threshold_shift.item()
+    sae.after_step(out2)  # every later step: the integral controller
+    step = TARGET_GAIN * math.log((l0 + 1) / (4.0 + 1))
+    assert sae.log_threshold_shift.item() - before == pytest.approx(step, rel=1e-5, abs=1e-7)
+
+    resumed = _random("jumprelu", d_in=6, d_sae=20, seed=9, target_l0=4.0)
+    resumed.load_state_dict(sae.state_dict())  # a resumed run is not calibrated again
+    shift = resumed.log_threshold_shift.item()
+    out3 = resumed(x2)
+    resumed.after_step(out3)
+    l0 = (out3.latents > 0).sum(dim=1).float().mean().item()
+    assert resumed.log_threshold_shift.item() - shift == pytest.approx(
+        TARGET_GAIN * math.log((l0 + 1) / 5), rel=1e-5, abs=1e-7)
+
     untargeted = _random("jumprelu", d_in=6, d_sae=20, seed=3)
     untargeted.after_step(untargeted(x))
     assert untargeted.log_threshold_shift.item() == 0  # without a target nothing steers

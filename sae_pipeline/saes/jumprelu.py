@@ -12,15 +12,18 @@ Training to a target. Adam normalises every parameter's step to about lr, whatev
 penalty on L0 alone moves log theta by at most lr * steps (0.23 for 780 steps at 3e-4): from the init of 1e-3 the
 thresholds never reach the scale of the pre-activations (about 1 on normalised inputs), and held-out L0 stayed
 near a third of d_sae whatever l0_coeff was (SAELens #494/#719 are the same family). With a target set, a shared
-shift s of the log thresholds, theta_i = exp(log_threshold_i + s), is therefore driven by the measured L0 outside
-the optimiser, an integral controller after every step:
-    s <- s + TARGET_GAIN * log((L0_batch + 1) / (target + 1))
-It moves all thresholds together by however much the level needs, while Adam still learns the per-latent
+shift s of the log thresholds, theta_i = exp(log_threshold_i + s), is therefore set from the measured L0 outside
+the optimiser, after every step:
+- the first step calibrates it, as BatchTopK picks its cut: s grows by the (n + 1)-th largest log(z / theta) of
+  the batch's code, n = round(target * batch), so that exactly n of the batch's activations would have passed
+  (when the batch fired fewer than n, the controller below moves it instead); training then starts at the target
+  rather than spending its first ~50 steps with half the latents on;
+- every later step is an integral controller: s <- s + TARGET_GAIN * log((L0_batch + 1) / (target + 1)).
+This moves all thresholds together by however much the level needs, while Adam still learns the per-latent
 thresholds (which latents fire) from the reconstruction and L0 gradients. The gain is dimensionless: near the
 target the log-L0 of a Gaussian-tailed pre-activation falls by about theta^2 (~5 at 1 % firing) per unit of
-log-threshold, so 0.05 closes ~25 % of the remaining log error per step, fast enough from the 1e-3 init within
-~100 steps and slow enough that batch-to-batch noise in L0 barely moves it. s is a buffer: it is checkpointed with
-the weights, and the saved `threshold` is exp(log_threshold + s).
+log-threshold, so 0.05 closes ~25 % of the remaining log error per step, and batch-to-batch noise in L0 barely
+moves it. s is a buffer: it is checkpointed with the weights, and the saved `threshold` is exp(log_threshold + s).
 """
 
 from __future__ import annotations
@@ -106,26 +109,45 @@ class JumpReLUSAE(SparseAutoencoder):
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
         self.register_buffer("log_threshold_shift", torch.zeros(()))
         """The controller's shared shift s of the log thresholds (stays 0 without a target)."""
+        self._calibrated: bool | None = None
+        """Whether the first step's calibration is done; None until read back from the shift (s != 0), the one
+        host read of a run, so that a resumed run is not calibrated again."""
 
     @torch.no_grad()
     def initialize(self, generator: torch.Generator, b_dec: Tensor | None = None) -> None:
         super().initialize(generator, b_dec)
         self.log_threshold.fill_(math.log(self.init_threshold))
         self.log_threshold_shift.zero_()
+        self._calibrated = None
 
     @property
     def threshold(self) -> Tensor:
         return (self.log_threshold + self.log_threshold_shift).exp()
 
+    def controller_step(self, l0: Tensor) -> Tensor:
+        """TARGET_GAIN * log((L0 + 1) / (target + 1)): the integral controller's change of s."""
+        return TARGET_GAIN * torch.log((l0.detach().float() + 1) / (self.target_l0 + 1))
+
+    def calibration_step(self, latents: Tensor) -> Tensor:
+        """The change of s after which round(target * batch) of this code's activations pass their thresholds:
+        the next largest log(z / theta); the controller's step when the code has no more than that many."""
+        n = round(self.target_l0 * latents.shape[0])
+        ratios = torch.log(latents.detach().float() / self.threshold.detach()).masked_fill(latents <= 0, -math.inf)
+        cut = ratios.flatten().topk(min(n + 1, ratios.numel())).values[-1]
+        return torch.where(torch.isfinite(cut), cut, self.controller_step((latents > 0).sum(dim=-1).float().mean()))
+
     @torch.no_grad()
-    def steer_to_target(self, l0: Tensor) -> None:
-        """s <- s + TARGET_GAIN * log((L0 + 1) / (target + 1)): the controller, on device (no host read)."""
-        error = torch.log((l0.detach().float() + 1) / (self.target_l0 + 1))
-        self.log_threshold_shift.add_(TARGET_GAIN * error)
+    def steer_to_target(self, out: ForwardOutput) -> None:
+        """Move s after a step: calibration on the first step, the integral controller on the others."""
+        if self._calibrated is None:
+            self._calibrated = bool(self.log_threshold_shift != 0)
+        step = self.controller_step(out.l0()) if self._calibrated else self.calibration_step(out.latents)
+        self.log_threshold_shift.add_(step)
+        self._calibrated = True
 
     def after_step(self, out: ForwardOutput) -> None:
         if self.target_l0 is not None:
-            self.steer_to_target(out.l0())
+            self.steer_to_target(out)
 
     def encode(self, x: Tensor) -> Tensor:
         return jumprelu(self.pre_activations(x), self.threshold, self.bandwidth)

@@ -1,19 +1,24 @@
 """Matryoshka BatchTopK: the nested loss against an independent computation on both kernels, finite gradients,
-learning planted directions on CPU, prefix widths and config validation, and the saved file loaded by SAELens."""
+learning planted directions on CPU, prefix widths and config validation, the saved file loaded by SAELens, and a
+partition through the Dagster graph with the checks and reports of every architecture."""
 
 from __future__ import annotations
 
 import json
 
+import dagster as dg
 import numpy as np
 import pytest
 import torch
 
 from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
-from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
+from sae_pipeline.evaluation import EvalMetrics, evaluate_sae
 from sae_pipeline.saes import build_sae, load_sae
 from sae_pipeline.saes.matryoshka import MatryoshkaSAE
+from sae_pipeline.sweeps import read_summary
 from sae_pipeline.training import train_sae
+from sae_pipeline_tests.conftest import tiny_topk
 from sae_pipeline_tests.synthetic import planted_sparse_data, recovery_score, write_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,3 +186,21 @@ def test_saelens_loads_the_saved_matryoshka(tmp_path):
         x_hat = theirs.decode(latents)
     assert torch.allclose(latents, expected_latents, atol=1e-5)
     assert torch.allclose(x_hat, expected_x_hat, atol=1e-5)
+
+
+def test_matryoshka_partition_through_dagster_passes_the_checks_and_reports(pipeline):
+    """The same graph as every architecture: `sae` (its checks), `features`, `feature_labels`, `sweep_analysis`."""
+    key = pipeline.register(tiny_topk(architecture="matryoshka", matryoshka_groups=(0.25, 0.25, 0.5)))
+    assert key.startswith("matryoshka_exp2_k8_")
+    result = pipeline.materialize([sae, features, feature_labels], partition_key=key)
+    assert result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert {"sae_not_collapsed", "sae_dead_fraction", "sae_fvu"} <= set(checks)
+    blocking = [name for name, e in checks.items() if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
+    assert not blocking, blocking
+    loaded = load_sae(pipeline.layout.sae_dir(key))
+    assert isinstance(loaded, MatryoshkaSAE) and loaded.widths == [192, 384, 768]
+    metrics = read_summary(pipeline.layout, key)["metrics"]
+    assert set(metrics) == set(EvalMetrics.__dataclass_fields__) and 0 < metrics["fvu"] < 1
+    assert pipeline.layout.labels_dir(key).exists()
+    assert pipeline.materialize([sweep_analysis]).success

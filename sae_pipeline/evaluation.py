@@ -8,9 +8,11 @@ Definitions (all over the held-out tokens t, on raw activations x_t and their re
   held-out activations (against the mean, not against zero: a reconstruction that outputs the mean scores
   fvu 1, explained variance 0); explained_variance = 1 - fvu.
 - mse: mean squared error per element; cosine: mean cosine(x, x_hat); l2_ratio: mean ||x_hat|| / ||x||.
-- relative_reconstruction_bias (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 5.4):
-  gamma = argmin over gamma of sum_t ||x_hat_t / gamma - x_t||^2 = sum_t ||x_hat_t||^2 / sum_t <x_hat_t, x_t>.
-  1 is unbiased; below 1 the reconstructions are shrunk (x_hat ~ gamma * x), as an L1 penalty does.
+- relative_reconstruction_bias (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
+  Autoencoders"; the shrinkage measure of the TopK and JumpReLU papers): the gamma minimising
+  sum_t ||x_hat_t / gamma - x_t||^2, in closed form sum_t ||x_hat_t||^2 / sum_t <x_hat_t, x_t> (the inverse of
+  the best rescaling <x_hat, x> / ||x_hat||^2). 1 is unbiased; below 1 the reconstructions are shrunk
+  (x_hat ~ gamma * x), as an L1 penalty does; NaN when sum_t <x_hat_t, x_t> is 0.
 - decoder_max_cosine_mean / decoder_max_cosine_max: for each latent, the largest cosine between its decoder row
   and any other latent's; the mean over latents, and the largest of all (near 1: duplicated latents).
 """

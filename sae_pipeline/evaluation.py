@@ -9,7 +9,7 @@ Definitions (all over the held-out tokens t, on raw activations x_t and their re
   fvu 1, explained variance 0); explained_variance = 1 - fvu.
 - mse: mean squared error per element; cosine: mean cosine(x, x_hat); l2_ratio: mean ||x_hat|| / ||x||.
 - relative_reconstruction_bias (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
-  Autoencoders"; the shrinkage measure of the TopK and JumpReLU papers): the gamma minimising
+  Autoencoders", their measure of shrinkage): the gamma minimising
   sum_t ||x_hat_t / gamma - x_t||^2, in closed form sum_t ||x_hat_t||^2 / sum_t <x_hat_t, x_t> (the inverse of
   the best rescaling <x_hat, x> / ||x_hat||^2). 1 is unbiased; below 1 the reconstructions are shrunk
   (x_hat ~ gamma * x), as an L1 penalty does; NaN when sum_t <x_hat_t, x_t> is 0.

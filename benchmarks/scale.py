@@ -6,8 +6,9 @@ of configs on it in one pass; report wall time, tokens/s, peak RSS and disk use.
 
 The embedded corpus (the standard library's docstrings, about 140k tokens at 128 per sequence) is repeated to
 reach N tokens: repeats are the same text at new sequence ids, so the store grows without new documents (said
-in the output). Extraction is reported apart from training; peak RSS is read from /proc (VmHWM), reset before
-training so that the two phases are measured separately.
+in the output). Extraction runs in this process and training in a child process (`--train-only` on the same
+folder), so each phase's peak RSS (VmHWM from /proc) is its own: a training peak measured after extraction in
+one process would include what extraction left behind.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +46,7 @@ def repeated_corpus(tokens: int) -> tuple[pl.DataFrame, int]:
     return pl.concat(frames), copies
 
 
-def build_store(folder: Path, tokens: int, dtype: str) -> tuple[ActivationStore, dict]:
+def build_store(folder: Path, tokens: int, dtype: str) -> dict:
     corpus, copies = repeated_corpus(tokens)
     spec = ActivationSpec(dtype=dtype)
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,7 @@ def build_store(folder: Path, tokens: int, dtype: str) -> tuple[ActivationStore,
     extract_activations(corpus, load_model(spec), load_tokenizer(spec), spec, folder, spec.model)
     store = ActivationStore(folder)
     disk = sum(f.stat().st_size for f in folder.iterdir())
-    return store, {"corpus_copies": copies, "store_tokens": store.meta["n_tokens"], "dtype": dtype,
+    return {"corpus_copies": copies, "store_tokens": store.meta["n_tokens"], "dtype": dtype,
                    "disk_mib": disk / 2**20, "extract_seconds": time.perf_counter() - started,
                    "extract_peak_rss_mib": rss_mib()}
 
@@ -75,6 +78,15 @@ def train(store: ActivationStore, train_tokens: int) -> dict:
             "train_peak_rss_mib": peak, "held_out_fvu": fvu, "failed": failed}
 
 
+def train_in_child(folder: Path, train_tokens: int | None) -> dict:
+    """`--train-only` on `folder` in a fresh process: its peak RSS is training's alone."""
+    command = [sys.executable, __file__, "--train-only", "--out", str(folder)]
+    if train_tokens:
+        command += ["--train-tokens", str(train_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1_000_000, help="activation tokens in the store")
@@ -82,12 +94,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", type=Path, required=True, help="folder for the store (replaced)")
     parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    parser.add_argument("--train-only", action="store_true", help="train on the store already in --out")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.train_only:
+        store = ActivationStore(args.out)
+        report = {**train(store, args.train_tokens or store.n_tokens("train")),
+                  "torch_threads": torch.get_num_threads()}
+        print(json.dumps(report))
+        return
     shutil.rmtree(args.out, ignore_errors=True)
-    store, built = build_store(args.out, args.tokens, args.dtype)
-    report = {**built, **train(store, args.train_tokens or store.n_tokens("train")),
-              "torch_threads": torch.get_num_threads()}
+    report = {**build_store(args.out, args.tokens, args.dtype), **train_in_child(args.out, args.train_tokens)}
     print(json.dumps(report, indent=2))
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)

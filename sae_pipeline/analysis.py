@@ -22,7 +22,9 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from sae_pipeline.plots import figure_png
+from sae_pipeline.consistency import seed_consistency_section
+from sae_pipeline.markdown import format_duration
+from sae_pipeline.plots import figure_png, png_data_uri
 from sae_pipeline.storage import write_bytes_atomic
 
 HYPERPARAMETERS: tuple[str, ...] = (
@@ -49,6 +51,10 @@ CURVE_COLUMNS: tuple[str, ...] = ("l0", "dead_fraction", "loss")
 FAILED_CHECKS = "failed_checks"
 """Column of `runs`: the run's failed blocking checks as `name: description` strings (empty: it passed)."""
 FAILED_MARK = "✗"
+WALL_SECONDS = "wall_seconds"
+"""Column of `runs`: the run's training wall time in seconds (summary.json); shown as a duration."""
+MAX_POINT_LABELS = 30
+"""The L0 vs FVU plot names every config up to this many points; beyond it, the Pareto front and failed runs only."""
 
 BALANCED_SCORE_FORMULA = (
     "for each of dead_fraction and fvu, rank the configs with a finite value (average rank for ties, "
@@ -166,7 +172,9 @@ def build_sweep_report(
     columns are added as nulls, other columns are dropped). `missing`: keys registered but not materialised.
     `training_logs`: key -> metrics log (step/tokens + CURVE_COLUMNS); the top balanced configs' curves are
     overlaid in top_training_curves.png. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
-    of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png.
+    of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png. Runs with the
+    `seed_group` and `sae_dir` columns of `sweeps.collect_runs` add a cross-seed consistency section
+    (`consistency.seed_consistency_section`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +201,7 @@ def build_sweep_report(
     report_path = out_dir / REPORT_NAME
     report = _render_report(table, sweep_name, list(missing), front, plot_path)
     report = _append_sections(report, table, front_dead, box_path, curves_path)
+    report += seed_consistency_section(runs)
     write_bytes_atomic(report_path, report.encode())
 
     return SweepReport(
@@ -209,6 +218,16 @@ def build_sweep_report(
         pareto_dead=tuple(front_dead),
         failed=tuple(_failed(table).get_column("key").to_list()),
     )
+
+
+def report_with_inline_plots(report: SweepReport) -> str:
+    """report.md with each plot it links embedded as a data URI, so the report reads whole where it is shown
+    without its folder (Dagster metadata); the file on disk keeps plain links to the PNGs beside it."""
+    text = report.report_path.read_text()
+    for plot in (report.plot_path, report.box_plot_path, report.curves_plot_path):
+        if plot is not None:
+            text = text.replace(f"]({plot.name})", f"]({png_data_uri(plot.read_bytes())})")
+    return text
 
 
 # --- frame preparation and ranking ---------------------------------------------------------------------
@@ -233,6 +252,8 @@ def _prepare(runs: pl.DataFrame) -> pl.DataFrame:
     for metric in METRICS:
         present = metric in runs.columns
         columns.append((pl.col(metric) if present else pl.lit(None)).cast(pl.Float64).alias(metric))
+    wall = pl.col(WALL_SECONDS) if WALL_SECONDS in runs.columns else pl.lit(None)
+    columns.append(wall.cast(pl.Float64).alias(WALL_SECONDS))
     failed = pl.col(FAILED_CHECKS) if FAILED_CHECKS in runs.columns else pl.lit([], dtype=pl.List(pl.String))
     columns.append(failed.cast(pl.List(pl.String)).fill_null([]).alias(FAILED_CHECKS))
     return runs.select(columns)
@@ -303,9 +324,9 @@ def _effect_row(frame: pl.DataFrame, hp: str, metric: str) -> dict[str, object] 
     return {
         "hyperparameter": hp,
         "correlation": correlation,
-        "best_value": str(best[0]),
+        "best_value": _fmt(best[0]),
         "best_mean": best[1],
-        "worst_value": str(worst[0]),
+        "worst_value": _fmt(worst[0]),
         "worst_mean": worst[1],
         "n_values": frame.get_column(hp).drop_nulls().n_unique(),
     }
@@ -329,18 +350,29 @@ def _ranked_balanced(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None:
-    """L0 vs FVU scatter with the Pareto front as a red staircase; None (no file) when nothing is plottable.
+    """l0_vs_fvu.png from `l0_fvu_figure`; None (no file) when nothing is plottable."""
+    fig = l0_fvu_figure(table, sweep_name)
+    if fig is None:
+        path.unlink(missing_ok=True)
+        return None
+    write_bytes_atomic(path, figure_png(fig))
+    return path
+
+
+def l0_fvu_figure(table: pl.DataFrame, sweep_name: str) -> Figure | None:
+    """L0 vs FVU scatter of the report table (`build_sweep_report`'s, with `on_pareto_front`), the Pareto front
+    as a red staircase, points named by key (all up to MAX_POINT_LABELS, else the front and failed runs); None
+    when no run has a finite L0 and FVU.
 
     Uses a bare `Figure` (Agg canvas for PNG) rather than pyplot: no global backend switch, no figure registry
     to leak into, safe in a multi-threaded Dagster process.
     """
     points = table.filter(pl.col("l0").is_finite() & pl.col("fvu").is_finite())
     if points.height == 0:
-        path.unlink(missing_ok=True)
         return None
     front = points.filter(pl.col("on_pareto_front")).sort("l0", "fvu")
     failed, passing = _failed(points), _passing(points)
-    fig = Figure(figsize=(7, 5), dpi=120)
+    fig = Figure(figsize=(9, 6), dpi=110)
     ax = fig.subplots()
     ax.scatter(passing["l0"].to_numpy(), passing["fvu"].to_numpy(), s=20, color="0.6", label="config")
     if failed.height:
@@ -351,12 +383,26 @@ def _write_plot(table: pl.DataFrame, path: Path, sweep_name: str) -> Path | None
     fvu = points["fvu"]
     if fvu.min() > 0 and fvu.max() / fvu.min() > 100:
         ax.set_yscale("log")
+    labelled = points if points.height <= MAX_POINT_LABELS else points.filter(
+        pl.col("on_pareto_front") | (pl.col(FAILED_CHECKS).list.len() > 0))
+    _label_points(ax, labelled)
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel("FVU")
-    ax.set_title(f"{sweep_name}: L0 vs FVU ({points.height} configs)")
-    ax.legend()
-    write_bytes_atomic(path, figure_png(fig))
-    return path
+    which = "" if labelled.height == points.height else "; labelled: Pareto front and failed runs"
+    ax.set_title(f"{sweep_name}: L0 vs FVU ({points.height} configs{which})", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _label_points(ax, points: pl.DataFrame) -> None:
+    """Name each point by its config key, in small type beside it; neighbours in L0 order alternate above and
+    below so that keys of close points do not print over each other."""
+    ordered = points.sort("l0", "fvu", "key")
+    for i, row in enumerate(ordered.iter_rows(named=True)):
+        on_front = bool(row["on_pareto_front"])
+        ax.annotate(row["key"], (row["l0"], row["fvu"]), xytext=(5, 6 if i % 2 == 0 else -10),
+                    textcoords="offset points", fontsize=6.5, color="C3" if on_front else "0.25",
+                    fontweight="bold" if on_front else "normal")
 
 
 # --- markdown --------------------------------------------------------------------------------------------
@@ -375,6 +421,10 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _duration(seconds: float | None) -> str:
+    return "—" if seconds is None else format_duration(seconds)
+
+
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -390,14 +440,17 @@ def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, with_score: bool = 
     columns = _varying(table) + _present_metrics(table, SHOWN_METRICS)
     if with_score:
         columns.append("balanced_score")
+    timed = table.get_column(WALL_SECONDS).null_count() < table.height
     marked = _failed(table).height > 0
     rows = [
         [str(i), _key_cell(row), *(_fmt(row[c]) for c in columns),
+         *([_duration(row[WALL_SECONDS])] if timed else []),
          *([f"{FAILED_MARK} failed: {_check_names(row[FAILED_CHECKS])}" if row[FAILED_CHECKS] else "passed"]
            if marked else [])]
         for i, row in enumerate(ranked.iter_rows(named=True), start=1)
     ]
-    return _md_table(["#", "key", *columns, *(["blocking checks"] if marked else [])], rows)
+    return _md_table(["#", "key", *columns, *(["wall time"] if timed else []),
+                      *(["blocking checks"] if marked else [])], rows)
 
 
 def _key_cell(row: dict[str, object]) -> str:
@@ -432,6 +485,10 @@ def _header(table: pl.DataFrame, sweep_name: str, missing: list[str]) -> str:
         f"- Failed blocking checks (marked {FAILED_MARK}; not on any Pareto front, not ranked balanced, not "
         f"recommended): {_failed(table).height}",
     ]
+    wall = table.get_column(WALL_SECONDS).drop_nulls()
+    if wall.len():
+        lines.append(f"- Training wall time: {format_duration(float(wall.sum()))} over {wall.len()} run(s); per run "
+                     f"median {format_duration(float(wall.median()))}, max {format_duration(float(wall.max()))}")
     constant = _constant(table)
     if constant:
         fixed = ", ".join(f"{hp}={_fmt(value)}" for hp, value in constant.items())

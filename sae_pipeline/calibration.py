@@ -29,6 +29,7 @@ from typing import Literal
 from matplotlib.figure import Figure
 
 from sae_pipeline.config import SAEConfig
+from sae_pipeline.markdown import round_significant
 from sae_pipeline.plots import figure_png
 
 DEFAULT_TOLERANCE = 0.10
@@ -82,12 +83,6 @@ class Proposal:
 
 def within_tolerance(l0: float, target: float, tolerance: float = DEFAULT_TOLERANCE) -> bool:
     return math.isfinite(l0) and abs(l0 - target) <= tolerance * target
-
-
-def round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
-    if value == 0 or not math.isfinite(value):
-        return value
-    return float(f"{value:.{digits - 1}e}")
 
 
 def isotonic_decreasing(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
@@ -163,7 +158,7 @@ def propose_l1_alpha(points: Sequence[CalibrationPoint], target: float,
         side = "above" if above else "below"
         reason = (f"every run's L0 is {side} the target {target:.4g}: extrapolated from l1_alpha="
                   f"{alphas[anchor]:.4g} (L0 {fitted[anchor][1]:.4g}) with the {source} log-log slope {slope:.3g}")
-    rounded = round_significant(proposal)
+    rounded = round_significant(proposal, SIGNIFICANT_DIGITS)
     # rounding must not cross a run already known to be on the wrong side
     low_bound = max((alphas[i] for i in above), default=0.0)
     high_bound = min((alphas[i] for i in below), default=math.inf)
@@ -283,6 +278,17 @@ def calibration_png(plan: GroupPlan, tolerance: float = DEFAULT_TOLERANCE) -> by
     ax.set_title(f"{plan.group}: {plan.status}", fontsize=9)
     ax.legend(fontsize=7)
     return figure_png(fig)
+
+
+def how_to_calibrate(sweeps_folder: object) -> str:
+    """What an empty calibration says: where it looks and which sweep fields make a config calibratable."""
+    return ("No relu config with a target_l0 is registered from a sweep file in "
+            f"`{sweeps_folder}`, so there is nothing to calibrate. The calibration reads the `*.yaml` sweep files "
+            "of that folder (`SAE_PIPELINE_SWEEPS` overrides it) and needs one whose configs set "
+            "`architecture: relu` and `target_l0` (held-out L0 as a fraction of d_sae, in (0, 1)), registered. "
+            "For example `sae-pipeline calibrate data/sweeps/calibration_demo.yaml` registers that sweep and runs "
+            "the loop; or `sae-pipeline register-sweep data/sweeps/calibration_demo.yaml`, then turn on "
+            "`calibration_sensor`.")
 
 
 def plans_markdown(plans: Sequence[GroupPlan]) -> str:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae_pipeline.config import ConfigError, load_sweep
+from sae_pipeline.config import ConfigError, load_sweep, validate_partition_key
 from sae_pipeline.storage import Layout, default_root, exclusive
 
 if TYPE_CHECKING:
@@ -116,9 +116,42 @@ def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> dict[str, l
     return todo
 
 
+def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]:
+    """Train `keys` as ranged `sae` runs (the path an asset backfill takes: each run trains its partitions as
+    groups in one pass); returns the keys that were not materialised."""
+    import dagster as dg
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from sae_pipeline.defs.assets import SAE_RUN_SIZE
+    from sae_pipeline.defs.partitions import key_ranges, sae_configs
+
+    failed: set[str] = set()
+    ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), SAE_RUN_SIZE)
+    for index, members in enumerate(ranges, 1):
+        print(f"== train_sweep sae [{index}/{len(ranges)}]: {len(members)} config(s) in one run, trained as groups "
+              f"in one pass each: {', '.join(members)}", flush=True)
+        where = ({"partition_key": members[0]} if len(members) == 1 else
+                 {"tags": {ASSET_PARTITION_RANGE_START_TAG: members[0], ASSET_PARTITION_RANGE_END_TAG: members[-1]}})
+        result = stop.execute(defs.resolve_job_def("train_sweep"), instance, run_config=QUIET,
+                              asset_selection=[dg.AssetKey("sae")], **where)
+        if not result.success:
+            print(f"   {failure_message(result)}", flush=True)
+        failed |= {key for key in members if not materialized_in_run(instance, "sae", key, result.run_id)}
+    return failed
+
+
+def materialized_in_run(instance, asset: str, key: str, run_id: str) -> bool:
+    import dagster as dg
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1).records
+    return bool(records) and records[0].run_id == run_id
+
+
 def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: bool = False) -> int:
-    """Register the sweep, extract activations if needed, run every partition that is not current (all with
-    `refresh`), then the sweep report."""
+    """Register the sweep, extract activations if needed, train every partition whose `sae` is not current (as
+    ranged runs, each training its configs as groups), run `features` and `feature_labels` per partition where
+    they are not current (all with `refresh`), then the sweep report."""
     import dagster as dg
 
     from sae_pipeline.definitions import defs
@@ -128,20 +161,24 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
     layout = Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh_activations, stop):
         return 1
-    failed = []
-    for index, (key, todo) in enumerate(assets_to_run(defs, instance, keys, refresh).items(), 1):
-        if not todo:
-            print(f"== train_sweep [{index}/{len(keys)}] {key}: skipped, current (same config, code version and "
-                  "activations; --refresh retrains)", flush=True)
-            continue
-        print(f"== train_sweep [{index}/{len(keys)}] {key}: {', '.join(todo)}", flush=True)
+    todo = assets_to_run(defs, instance, keys, refresh)
+    for key in keys:
+        if not todo[key]:
+            print(f"== {key}: skipped, current (same config, code version and activations; --refresh retrains)",
+                  flush=True)
+    failed = train_ranges(defs, instance, [key for key in keys if todo[key][:1] == ["sae"]], stop)
+    downstream = [key for key in keys if todo[key] and key not in failed]
+    for index, key in enumerate(downstream, 1):
+        assets = [asset for asset in todo[key] if asset != "sae"]
+        print(f"== train_sweep [{index}/{len(downstream)}] {key}: {', '.join(assets)}", flush=True)
         result = stop.execute(defs.resolve_job_def("train_sweep"), instance, partition_key=key, run_config=QUIET,
-                              asset_selection=[dg.AssetKey(asset) for asset in todo])
+                              asset_selection=[dg.AssetKey(asset) for asset in assets])
         if not result.success:
-            failed.append(key)
+            print(f"   {failure_message(result)}", flush=True)
+            failed.add(key)
     print("== analyze_sweep", flush=True)
     analysis = stop.execute(defs.resolve_job_def("analyze_sweep"), instance, run_config=QUIET)
-    _print_results(layout, keys, failed)
+    _print_results(layout, keys, sorted(failed))
     if not analysis.success:
         print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
         return 1
@@ -196,16 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     cal = commands.add_parser("calibrate", help="run a sweep's relu configs with target_l0 and propose l1_alpha "
                               "runs until L0 is on target (in process; see the calibration sensor)")
     cal.add_argument("file")
+    exp = commands.add_parser("export-neuronpedia", help="write a partition's features (and labels) in "
+                              "Neuronpedia's bulk-import layout: <out dir>/<model>/<layer>-<source set>/")
+    exp.add_argument("key", help="partition key (with `features` materialised)")
+    exp.add_argument("out_dir")
+    exp.add_argument("--model-id", help="Neuronpedia model id (default: the model's name as a slug)")
+    exp.add_argument("--source-set", help="source set name without the layer (default: sae-pipeline-<key>)")
+    exp.add_argument("--creator-id", help="Neuronpedia user id owning the rows (default: its seeded user)")
     args = parser.parse_args(argv)
     try:
         _default_dagster_home()
         if args.command == "register-sweep":
             print("\n".join(register(args.file, args.dry_run)))
             return 0
+        if args.command == "export-neuronpedia":
+            print(export_neuronpedia(args))
+            return 0
         return run_with_stop_signals(args)
     except (ConfigError, OSError) as error:  # bad input, or a root/home that cannot be written: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def export_neuronpedia(args: argparse.Namespace) -> Path:
+    """The source folder `export-neuronpedia` wrote."""
+    from sae_pipeline.neuronpedia import DEFAULT_CREATOR_ID, export_partition
+
+    layout = Layout.at(default_root())
+    return export_partition(layout, validate_partition_key(args.key), Path(args.out_dir), model_id=args.model_id,
+                            source_set=args.source_set, creator_id=args.creator_id or DEFAULT_CREATOR_ID)
 
 
 def run_with_stop_signals(args: argparse.Namespace) -> int:

@@ -101,6 +101,14 @@ def iter_texts(spec: CorpusSpec) -> Iterator[str]:
     return (t for t in _dataset_texts(spec) if len(t.split()) >= spec.min_words)
 
 
+CORPUS_COLUMNS: dict[str, str] = {
+    "seq_id": "sequence id, 0-based in corpus order (the activation store's locations point here)",
+    "text": "the source document the sequence was tokenised from (truncated to context_length tokens)",
+    "input_ids": "token ids, special tokens included",
+}
+"""What each column of corpus.parquet holds."""
+
+
 def tokenize_corpus(texts: Iterator[str], tokenizer, spec: CorpusSpec) -> pl.DataFrame:
     """Pack documents into sequences of at most `context_length` tokens (special tokens included).
 

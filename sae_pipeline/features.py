@@ -40,38 +40,77 @@ from sae_pipeline.saes import SparseAutoencoder
 from sae_pipeline.storage import write_parquet_atomic
 
 LIVE_THRESHOLD = 1e-6
+FEATURES_FILE = "features.parquet"
+EXAMPLES_FILE = "examples.parquet"
+FEATURES_META_FILE = "features_meta.json"
+"""The `features` asset's folder: the latents table, the examples table, and how they were made (top_n, window,
+n_bands, ..., vocab_kind, model)."""
 
 FEATURE_SCHEMA: dict[str, pl.DataType] = {
     "latent_id": pl.Int64(),
-    "frequency": pl.Float64(),  # fraction of eval tokens where the latent is > 0
-    "mean_activation": pl.Float64(),  # mean over the tokens where it fires; 0.0 if it never fires
-    "max_activation": pl.Float64(),  # max over eval tokens (0.0 if it never fires)
-    "is_live": pl.Boolean(),  # max_activation >= LIVE_THRESHOLD
-    "top_activations": pl.List(pl.Float64()),  # descending, only values > 0, at most top_n
-    "top_tokens": pl.List(pl.String()),  # raw token string (tokenizer.convert_ids_to_tokens) per example
-    "top_contexts": pl.List(pl.String()),  # decoded text around the example, firing token as [[token]]
-    "top_seq_ids": pl.List(pl.Int64()),  # corpus seq_id per example
-    "top_positions": pl.List(pl.Int64()),  # index into that sequence's input_ids per example
-    "hist_counts": pl.List(pl.Int64()),  # eval tokens per log10(activation) bin, HIST_LOG10_EDGES; firing only
-    "vocab_kind": pl.String(),  # "logit_effect", "nearest_embedding" or "none" (VOCAB_KINDS)
-    "top_vocab_tokens": pl.List(pl.String()),  # largest logit effect / most similar embedding first
-    "top_vocab_values": pl.List(pl.Float64()),  # logit effect (decoder row . W_U column) or cosine similarity
-    "bottom_vocab_tokens": pl.List(pl.String()),  # most negative logit effect / least similar embedding first
+    "frequency": pl.Float64(),
+    "mean_activation": pl.Float64(),
+    "max_activation": pl.Float64(),
+    "is_live": pl.Boolean(),
+    "top_activations": pl.List(pl.Float64()),
+    "top_tokens": pl.List(pl.String()),
+    "top_contexts": pl.List(pl.String()),
+    "top_seq_ids": pl.List(pl.Int64()),
+    "top_positions": pl.List(pl.Int64()),
+    "hist_counts": pl.List(pl.Int64()),
+    "vocab_kind": pl.String(),
+    "top_vocab_tokens": pl.List(pl.String()),
+    "top_vocab_values": pl.List(pl.Float64()),
+    "bottom_vocab_tokens": pl.List(pl.String()),
     "bottom_vocab_values": pl.List(pl.Float64()),
 }
 
+FEATURE_COLUMNS: dict[str, str] = {
+    "latent_id": "index of the latent (row of W_dec)",
+    "frequency": "fraction of eval tokens where the latent is > 0",
+    "mean_activation": "mean over the tokens where it fires; 0.0 if it never fires",
+    "max_activation": "max over eval tokens (0.0 if it never fires)",
+    "is_live": "max_activation >= LIVE_THRESHOLD (1e-6); only live latents are labelled",
+    "top_activations": "descending, only values > 0, at most top_n",
+    "top_tokens": "raw token string (tokenizer.convert_ids_to_tokens) per top example",
+    "top_contexts": "decoded text around each top example, firing token as [[token]]",
+    "top_seq_ids": "corpus seq_id per top example",
+    "top_positions": "index into that sequence's input_ids per top example",
+    "hist_counts": "eval tokens per log10(activation) bin (HIST_LOG10_EDGES: 1e-6 to 1e4, 0.25 wide); firing only",
+    "vocab_kind": "logit_effect, nearest_embedding or none",
+    "top_vocab_tokens": "largest logit effect / most similar input embedding first",
+    "top_vocab_values": "logit effect (decoder row . W_U column) or cosine similarity",
+    "bottom_vocab_tokens": "most negative logit effect / least similar input embedding first",
+    "bottom_vocab_values": "the values of bottom_vocab_tokens",
+}
+"""What each FEATURE_SCHEMA column holds (the `features` asset's column schema shows it)."""
+
 EXAMPLE_SCHEMA: dict[str, pl.DataType] = {
     "latent_id": pl.Int64(),
-    "kind": pl.String(),  # "top" (used for labelling), "quantile" (held out) or "random" (latent 0 at centre)
-    "band": pl.Int64(),  # quantile band, 0 = lowest (0, max/n_bands]; -1 for top and random examples
-    "rank": pl.Int64(),  # order within (latent, kind, band): descending activation (top, quantile), draw order
-    "seq_id": pl.Int64(),  # corpus seq_id
-    "position": pl.Int64(),  # centre token's index into that sequence's input_ids
-    "activation": pl.Float64(),  # the latent's activation on the centre token
-    "tokens": pl.List(pl.String()),  # the window's raw token strings (convert_ids_to_tokens), specials included
-    "token_activations": pl.List(pl.Float64()),  # the latent on each window token (0 where not stored: specials)
-    "center": pl.Int64(),  # index of the centre token inside `tokens`
+    "kind": pl.String(),
+    "band": pl.Int64(),
+    "rank": pl.Int64(),
+    "seq_id": pl.Int64(),
+    "position": pl.Int64(),
+    "activation": pl.Float64(),
+    "tokens": pl.List(pl.String()),
+    "token_activations": pl.List(pl.Float64()),
+    "center": pl.Int64(),
 }
+
+EXAMPLE_COLUMNS: dict[str, str] = {
+    "latent_id": "the latent this example is of",
+    "kind": "top (used for labelling), quantile (held out) or random (latent 0 at the centre token)",
+    "band": "quantile band, 0 = lowest (0, max/n_bands]; -1 for top and random examples",
+    "rank": "order within (latent, kind, band): descending activation (top, quantile), draw order (random)",
+    "seq_id": "corpus seq_id",
+    "position": "centre token's index into that sequence's input_ids",
+    "activation": "the latent's activation on the centre token",
+    "tokens": "the window's raw token strings (convert_ids_to_tokens), special tokens included",
+    "token_activations": "the latent on each window token (0 where not stored: special tokens)",
+    "center": "index of the centre token inside tokens",
+}
+"""What each EXAMPLE_SCHEMA column holds."""
 
 HIST_LOG10_EDGES: list[float] = [-6.0 + 0.25 * i for i in range(41)]
 """Bin edges of `hist_counts` in log10(activation): 40 bins from 1e-6 to 1e4; values outside go to the end bins."""

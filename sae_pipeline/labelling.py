@@ -33,15 +33,27 @@ from sae_pipeline.storage import read_json, write_json_atomic, write_parquet_ato
 
 _SUBWORD_MARKERS = ("##", "Ġ", "▁")  # WordPiece continuation, byte-level BPE space, SentencePiece space
 
+LABELS_FILE = "labels.parquet"
 LABEL_SCHEMA: dict[str, pl.DataType] = {
     "latent_id": pl.Int64(),
     "label": pl.String(),
-    "labeller": pl.String(),  # the labeller's name
-    "top_token": pl.String(),  # normalised token with the largest share of the top activation mass
-    "top_token_share": pl.Float64(),  # that share, in (0, 1]
+    "labeller": pl.String(),
+    "top_token": pl.String(),
+    "top_token_share": pl.Float64(),
     "max_activation": pl.Float64(),
     "frequency": pl.Float64(),
 }
+
+LABEL_COLUMNS: dict[str, str] = {
+    "latent_id": "index of the latent (row of W_dec)",
+    "label": "a short description of what the latent fires on",
+    "labeller": "the labeller's name",
+    "top_token": "normalised token with the largest share of the top activation mass",
+    "top_token_share": "that share, in (0, 1]",
+    "max_activation": "the latent's max activation on held-out tokens (features table)",
+    "frequency": "fraction of held-out tokens where it fires (features table)",
+}
+"""What each LABEL_SCHEMA column holds."""
 
 
 class Labeller(Protocol):
@@ -59,6 +71,16 @@ ENV_BASE_URL, ENV_MODEL, ENV_API_KEY = "SAE_PIPELINE_LLM_BASE_URL", "SAE_PIPELIN
 class LLMError(RuntimeError):
     """The endpoint failed or answered something unusable; the message never contains the key."""
 
+    transient: bool = False
+    """True when the endpoint was unavailable (LLMUnavailable): a later attempt may succeed, unlike after an HTTP
+    4xx, an unusable answer or the step's deadline."""
+
+
+class LLMUnavailable(LLMError):
+    """Every attempt at one request failed transiently (no connection, timeout, HTTP 429 or 5xx)."""
+
+    transient = True
+
 
 class _Transient(Exception):
     """A failure worth retrying: no connection, no complete answer in time, HTTP 429 or 5xx."""
@@ -70,6 +92,7 @@ class PartialLabels(LLMError):
     def __init__(self, cause: LLMError, labels: pl.DataFrame):
         super().__init__(f"{cause} ({len(labels)} latents labelled before it)")
         self.labels = labels
+        self.transient = cause.transient
 
 
 @dataclass(frozen=True)
@@ -137,8 +160,8 @@ class ChatClient:
         try:
             return self._post(body, self._seconds_left())
         except _Transient as error:
-            raise LLMError(f"{self.base_url}/chat/completions failed {self.retries + 1} time(s), last: "
-                           f"{error}") from None
+            raise LLMUnavailable(f"{self.base_url}/chat/completions failed {self.retries + 1} time(s), last: "
+                                 f"{error}") from None
 
     def _post(self, body: bytes, seconds: float) -> tuple[int, bytes]:
         """(status, body) of one POST that must finish within `seconds`: a timer shuts the socket down at

@@ -55,6 +55,11 @@ def figure_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def png_data_uri(png: bytes) -> str:
+    """A PNG as a `data:` URI, which markdown renders in place of a file link (how Dagster shows images inline)."""
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+
+
 def png_markdown(png: bytes, alt: str) -> str:
-    """Embed a PNG in markdown metadata as a data URI (how Dagster shows images inline)."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+    """Embed a PNG in markdown metadata as a data URI."""
+    return f"![{alt}]({png_data_uri(png)})"

@@ -38,9 +38,9 @@ from sae_pipeline.markdown import format_cell
 SCORE_SCHEMA: dict[str, pl.DataType] = {
     "latent_id": pl.Int64(),
     "scorer": pl.String(),
-    "n_positive": pl.Int64(),  # held-out activating contexts scored
-    "n_negative": pl.Int64(),  # held-out non-activating contexts scored (= n_positive: balanced)
-    "detection_accuracy": pl.Float64(),  # null when fewer than min_each contexts of either kind were held out
+    "n_positive": pl.Int64(),
+    "n_negative": pl.Int64(),
+    "detection_accuracy": pl.Float64(),
     "detection_precision": pl.Float64(),
     "detection_recall": pl.Float64(),
     "detection_f1": pl.Float64(),
@@ -50,6 +50,19 @@ SCORE_SCHEMA: dict[str, pl.DataType] = {
     "fuzzing_recall": pl.Float64(),
     "fuzzing_f1": pl.Float64(),
 }
+
+SCORE_COLUMNS: dict[str, str] = {
+    "latent_id": "index of the latent (row of W_dec)",
+    "scorer": "the scorer's name",
+    "n_positive": "held-out activating contexts scored",
+    "n_negative": "held-out non-activating contexts scored (= n_positive: balanced)",
+    "detection_accuracy": "share of those contexts the scorer, given only the label, classified right; null when "
+                          "fewer than min_each contexts of either kind were held out",
+    "detection_precision": "of the contexts the scorer said activate, the share that do",
+    "detection_recall": "of the activating contexts, the share the scorer found",
+    "detection_f1": "harmonic mean of detection_precision and detection_recall",
+}
+"""What each SCORE_SCHEMA column holds."""
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,11 @@ class Layout:
     def calibration_dir(self) -> Path:
         return self.root / "calibration"
 
+    @property
+    def synthetic_dir(self) -> Path:
+        """The ground-truth benchmark's table, plot and report (`synthetic_benchmark`)."""
+        return self.root / "synthetic_benchmark"
+
     # --- whole folders: each asset's output is one folder, committed at once -------------------------------
 
     def _remote_of(self, path: Path) -> UPath:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from sae_pipeline.analysis import FAILED_CHECKS, HYPERPARAMETERS, METRICS, last_window_mean
+from sae_pipeline.analysis import FAILED_CHECKS, HYPERPARAMETERS, METRICS, WALL_SECONDS, last_window_mean
 from sae_pipeline.calibration import GroupPlan, calibratable, plan_groups
 from sae_pipeline.config import (
     MAX_SPEC_BYTES,
@@ -23,7 +24,9 @@ from sae_pipeline.config import (
     parse_sae_config,
     validate_partition_key,
 )
+from sae_pipeline.consistency import SAE_DIR, SEED_GROUP, seed_group
 from sae_pipeline.quality import VERDICT_FILE, blocking_failures
+from sae_pipeline.saes.base import CFG_FILE, WEIGHTS_FILE
 from sae_pipeline.storage import Layout
 
 SUMMARY_FILE = "summary.json"
@@ -62,7 +65,9 @@ def load_config(layout: Layout, key: str) -> SAEConfig:
     where = layout.location(layout.configs_dir, name)
     stored = layout.read_bytes(layout.configs_dir / name)
     if stored is None:
-        raise ConfigError(f"partition key {key}: not registered (no {where}); run `sae-pipeline register-sweep`")
+        raise ConfigError(f"partition key {key}: not registered (no {where}); a partition added by hand (the UI's "
+                          "\"Add partition\") has no config: register the sweep file that defines it with "
+                          "`sae-pipeline register-sweep <file>` (e.g. data/sweeps/default.yaml)")
     return parse_sae_config(json.loads(stored), where=where)
 
 
@@ -85,9 +90,11 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
     """One row per finished partition; missing keys.
 
     A row holds the hyperparameters, the held-out metrics, `final_loss` (the last-window mean of the training
-    loss, from summary.json), the last-window means of the training L0 and dead fraction from the partition's
-    training log (`logs`, read with `training_logs` when not given; null when absent or empty) and its failed
-    blocking checks (`failed_checks`, from the verdicts; empty when it passed).
+    loss, from summary.json), `wall_seconds` (its training wall time), the last-window means of the training L0
+    and dead fraction from the partition's training log (`logs`, read with `training_logs` when not given; null
+    when absent or empty), its failed blocking checks (`failed_checks`, from the verdicts; empty when it
+    passed), its `seed` and SEED_GROUP, and, for configs finished with two or more seeds, SAE_DIR: the local
+    folder of its saved weights (pulled only for those, for the cross-seed consistency section).
     """
     logs = training_logs(layout, keys) if logs is None else logs
     rows, missing = [], []
@@ -104,8 +111,22 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
             window = {name: last_window_mean(log, column) if column in log.columns else None
                       for name, column in TRAIN_WINDOW_COLUMNS.items()}
         rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window,
-                     FAILED_CHECKS: failed_checks(layout, key)})
+                     WALL_SECONDS: summary.get(WALL_SECONDS),
+                     FAILED_CHECKS: failed_checks(layout, key), "seed": summary["config"].get("seed"),
+                     SEED_GROUP: _seed_group(summary["config"])})
+    groups = Counter(row[SEED_GROUP] for row in rows if row[SEED_GROUP] is not None)
+    for row in rows:
+        siblings = groups[row[SEED_GROUP]] > 1  # a Counter counts None (never added) as 0
+        row[SAE_DIR] = str(layout.pull(layout.sae_dir(row["key"]), CFG_FILE, WEIGHTS_FILE)) if siblings else None
     return pl.DataFrame(rows, infer_schema_length=None), missing
+
+
+def _seed_group(config: dict) -> str | None:
+    """The run's `seed_group`; None for a summary whose config no longer validates (written by an older version)."""
+    try:
+        return seed_group(parse_sae_config(config))
+    except ConfigError:
+        return None
 
 
 def failed_checks(layout: Layout, key: str) -> list[str]:

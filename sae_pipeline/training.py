@@ -307,15 +307,30 @@ def group_key(cfg: SAEConfig, start_step: int = 0) -> tuple[int, int, int]:
     return cfg.batch_size, cfg.seed, start_step
 
 
-def plan_groups(cfgs: list[SAEConfig], d_model: int, memory_bytes: int | None = None) -> list[list[int]]:
-    """Indices of `cfgs` in groups that can train together: equal `group_key`, and together within
-    `memory_bytes` (default: this machine's memory) by `SAEConfig.training_bytes`; a group that would not fit
-    is split. A single config that does not fit alone is refused by its own validation."""
+def checkpoint_step(checkpoint_dir: Path | None) -> int:
+    """The step a config resumes from: its checkpoint's, or 0 when it has none (or an unreadable one, which
+    `_Member.start` then reports)."""
+    path = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None
+    if path is None or not path.exists():
+        return 0
+    try:
+        return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
+    except Exception:  # reported, with its file name, when the member starts
+        return 0
+
+
+def plan_groups(cfgs: list[SAEConfig], d_model: int, memory_bytes: int | None = None,
+                start_steps: list[int] | None = None) -> list[list[int]]:
+    """Indices of `cfgs` in groups that can train together: equal `group_key` (with each config's resume step,
+    default 0), and together within `memory_bytes` (default: this machine's memory) by
+    `SAEConfig.training_bytes`; a group that would not fit is split. A single config that does not fit alone
+    is refused by its own validation."""
     memory = physical_memory_bytes() if memory_bytes is None else memory_bytes
+    steps = start_steps or [0] * len(cfgs)
     groups: list[list[int]] = []
     by_key: dict[tuple, list[int]] = {}
-    for index, cfg in enumerate(cfgs):
-        by_key.setdefault(group_key(cfg), []).append(index)
+    for index, (cfg, step) in enumerate(zip(cfgs, steps, strict=True)):
+        by_key.setdefault(group_key(cfg, step), []).append(index)
     for members in by_key.values():
         current, used = [], 0
         for index in members:
@@ -342,22 +357,30 @@ def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "au
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = all(cfg.allow_tf32 for cfg in cfgs)
     started = time.perf_counter()
-    members = [_Member.start(cfg, store, dev, directory, log, hook) for cfg, directory, log, hook in
-               zip(cfgs, checkpoint_dirs or [None] * n, logs or [None] * n, on_checkpoints or [None] * n,
-                   strict=True)]
-    keys = {group_key(m.cfg, m.start_step) for m in members}
+    members: list[_Member | None] = []
+    results: list[TrainResult | Exception | None] = [None] * n
+    for i, (cfg, directory, log, hook) in enumerate(zip(cfgs, checkpoint_dirs or [None] * n, logs or [None] * n,
+                                                        on_checkpoints or [None] * n, strict=True)):
+        try:
+            members.append(_Member.start(cfg, store, dev, directory, log, hook))
+        except (ConfigError, CheckpointMismatchError) as error:  # a bad config or checkpoint fails alone
+            members.append(None)
+            results[i] = error
+    live = [m for m in members if m is not None]
+    if not live:
+        return results
+    keys = {group_key(m.cfg, m.start_step) for m in live}
     if len(keys) > 1:
         raise ConfigError(f"group: configs must share batch_size, seed and resume step to train together; got "
                           f"{sorted(keys)} (train them in separate groups)")
-    results: list[TrainResult | Exception | None] = [None] * n
-    sampler = BatchSampler(store, cfgs[0].batch_size, cfgs[0].seed)
-    if members[0].sampler_state is not None:
-        sampler.load_state_dict(members[0].sampler_state)
+    sampler = BatchSampler(store, live[0].cfg.batch_size, live[0].cfg.seed)
+    if live[0].sampler_state is not None:
+        sampler.load_state_dict(live[0].sampler_state)
     aux_from = {i: m.step + int(steps_until_dead_possible(m.tokens_since_fired, m.dead_window, m.cfg.batch_size))
-                for i, m in enumerate(members)}
+                for i, m in enumerate(members) if m is not None}
     # on an accelerator the next batches are read while a step computes; on a CPU that would slow the step
     with Prefetcher(sampler, depth=0 if dev.type == "cpu" else 2) as loader:
-        while active := [i for i, m in enumerate(members) if not m.finished and results[i] is None]:
+        while active := [i for i, m in enumerate(members) if m is not None and not m.finished and results[i] is None]:
             raw, state = loader.next_batch(), loader.state_dict()
             for i in active:
                 try:

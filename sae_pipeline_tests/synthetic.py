@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sae_pipeline.activations import META_FILE, ActivationStore
+from sae_pipeline.synthetic import torch_threads  # noqa: F401 (the tests' import path)
 
 
 def _locations(n: int, first_seq: int, seq_len: int = 16) -> Tensor:
@@ -103,15 +102,3 @@ def recovery_score(decoder: Tensor, directions: Tensor) -> float:
     dec = decoder.double() / decoder.double().norm(dim=1, keepdim=True).clamp(min=1e-12)
     dirs = directions.double() / directions.double().norm(dim=1, keepdim=True)
     return (dirs @ dec.t()).max(dim=1).values.mean().item()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` intra-op threads. The tests' matmuls are tiny: threads gain nothing, and on a shared
-    2-core machine threads contending for cores slow the training loop down about tenfold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,18 @@ import pytest
 from sae_pipeline.analysis import (
     CURVES_TOP_N,
     HYPERPARAMETERS,
+    MAX_POINT_LABELS,
     METRICS,
     balanced_scores,
     build_sweep_report,
     hyperparameter_effects,
+    l0_fvu_figure,
     last_window_mean,
     pareto_front,
+    report_with_inline_plots,
     trade_offs,
 )
+from sae_pipeline.markdown import format_duration, round_significant, rounded
 from sae_pipeline.storage import Layout, write_json_atomic, write_parquet_atomic
 from sae_pipeline.sweeps import collect_runs
 
@@ -381,3 +387,63 @@ def test_collect_runs_reads_each_partitions_verdicts(tmp_path: Path) -> None:
     runs, _ = collect_runs(layout, ["ok", "collapsed"])
     failed = dict(zip(runs["key"], runs["failed_checks"].to_list(), strict=True))
     assert failed == {"ok": [], "collapsed": ["sae_not_collapsed: collapsed at step 40"]}
+
+
+# --- what a reader sees: the report inline, labelled points, rounded numbers, durations ----------------------
+
+
+def test_report_inline_embeds_each_plot_it_links(planted: pl.DataFrame, tmp_path: Path) -> None:
+    logs = {r["key"]: pl.DataFrame({"tokens": [0, 10], "l0": [5.0, 4.0], "dead_fraction": [0.0, 0.1],
+                                    "loss": [1.0, 0.5]}) for r in planted_rows()}
+    report = build_sweep_report(planted, tmp_path, sweep_name="planted", training_logs=logs)
+    on_disk, inline = report.report_path.read_text(), report_with_inline_plots(report)
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", on_disk)
+    assert sorted(linked) == sorted(p.name for p in (report.plot_path, report.box_plot_path,
+                                                      report.curves_plot_path))
+    embedded = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", inline)
+    assert [base64.b64decode(data) for data in embedded] == [(tmp_path / name).read_bytes() for name in linked]
+    assert not re.search(r"\]\([^)]+\.png\)", inline)  # no link left that needs the folder
+    assert re.sub(r"\(data:image/png;base64,[^)]+\)", "(x)", inline) == re.sub(r"\([^)]+\.png\)", "(x)", on_disk)
+
+
+def _texts(table: pl.DataFrame) -> set[str]:
+    return {text.get_text() for text in l0_fvu_figure(table, "s").axes[0].texts}
+
+
+def test_pareto_plot_names_its_points_and_only_the_front_when_crowded(planted: pl.DataFrame,
+                                                                       tmp_path: Path) -> None:
+    report = build_sweep_report(planted, tmp_path)
+    table = pl.read_parquet(report.table_path)
+    assert _texts(table) == set(planted["key"])
+    crowded_rows = [{**row, "key": f"{row['key']}_{i}", "l0": row["l0"] * (1 + i / 100)}
+                    for i in range(3) for row in planted_rows()]
+    assert len(crowded_rows) > MAX_POINT_LABELS
+    crowded = pl.read_parquet(build_sweep_report(pl.DataFrame(crowded_rows), tmp_path / "crowded").table_path)
+    expected = brute_force_front(crowded_rows)
+    assert _texts(crowded) == expected and 0 < len(expected) < len(crowded_rows)
+
+
+def test_report_numbers_are_rounded_and_wall_time_reads_as_a_duration(tmp_path: Path) -> None:
+    runs = pl.DataFrame([{"key": "a", "architecture": "relu", "l1_alpha": 0.1 + 0.2, "l0": 10.123456789,
+                          "fvu": 0.020833333333333332, "dead_fraction": 0.1, "wall_seconds": 280.32290581000007},
+                         {"key": "b", "architecture": "relu", "l1_alpha": 1.0, "l0": 5.0, "fvu": 0.3,
+                          "dead_fraction": 0.2, "wall_seconds": 3725.0}])
+    report = build_sweep_report(runs, tmp_path)
+    text = report.report_path.read_text()
+    assert "0.02083" in text and "10.12" in text and "0.3 (" in text  # l1_alpha 0.30000000000000004 as 0.3
+    assert "0.020833" not in text and "0.30000000000000004" not in text and "280.3" not in text
+    assert "- Training wall time: 1h 6m 45s over 2 run(s); per run median 33m 23s, max 1h 2m 5s" in text
+    assert "| 4m 40s |" in text  # the wall time column of the config tables
+    table = pl.read_parquet(report.table_path)  # the file keeps full precision
+    assert table.filter(pl.col("key") == "a")["wall_seconds"][0] == 280.32290581000007
+
+
+def test_reader_numbers_and_durations() -> None:
+    assert round_significant(0.020833333333333332) == 0.02083 and round_significant(280.32290581000007) == 280.3
+    assert rounded({"a": [0.123456, 2], "b": {"c": 1234567.0}, "d": "x"}) == {"a": [0.1235, 2],
+                                                                             "b": {"c": 1235000.0}, "d": "x"}
+    assert [format_duration(s) for s in (0.4213, 3.25, 42.4, 280.32, 3600.0, 7512.6)] == [
+        "0.42s", "3.2s", "42s", "4m 40s", "1h 0m 0s", "2h 5m 13s"]
+    with pytest.raises(ValueError, match="seconds: -1"):
+        format_duration(-1)
+

@@ -346,7 +346,8 @@ def test_empty_corpus_is_rejected(copy: tuple[Pipeline, str], tmp_path: Path) ->
 @pytest.mark.parametrize(("key", "message"), [
     ("bad key!", "partition key"),
     ("..", "partition key"),
-    ("topk_exp9_k1_never_registered", "not registered"),
+    ("topk_exp9_k1_never_registered", "not registered (no "),
+    ("topk_exp9_k2_never_registered", "`sae-pipeline register-sweep <file>`"),
 ])
 def test_bad_partition_key_is_rejected(copy: tuple[Pipeline, str], key: str, message: str) -> None:
     pipe, _ = copy

@@ -11,6 +11,7 @@ import pytest
 
 from sae_pipeline import cli
 from sae_pipeline.config import load_sweep
+from sae_pipeline.defs.partitions import key_ranges
 from sae_pipeline.storage import Layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +110,10 @@ def test_activations_are_extracted_under_a_lock_on_the_root(tmp_path: Path) -> N
     assert cli.ensure_activations(defs, None, layout, False, stop)
     assert cli.ensure_activations(defs, None, layout, False, stop)  # found: not extracted again
     assert locked == [True]
+
+
+def test_key_ranges_are_consecutive_in_partition_order_and_bounded() -> None:
+    ordered = ["a", "b", "c", "d", "e", "f", "g"]
+    assert key_ranges(ordered, {"a", "b", "d", "e", "f", "g"}, 3) == [["a", "b"], ["d", "e", "f"], ["g"]]
+    assert key_ranges(ordered, set(), 3) == []
+    assert key_ranges(ordered, {"g", "x"}, 8) == [["g"]]  # a key not registered is not in any range

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import dagster as dg
 import polars as pl
 import pytest
 
 from sae_pipeline import quality
-from sae_pipeline.defs.assets import feature_labels, features, sae
+from sae_pipeline.defs.assets import LABELS_RETRY_POLICY, feature_labels, features, sae
 from sae_pipeline.labelling import (
     ENV_API_KEY,
     ENV_BASE_URL,
@@ -41,6 +45,10 @@ class FakeServer:
         """Statuses to answer the next requests with (one each, in order) before answering normally."""
         self.labels_before_failing: int | None = None
         """Answer labelling prompts with HTTP 400 once this many have been answered normally."""
+        self.label_statuses: dict[int, int] = {}
+        """Labelling request number (1-based) -> the status it is answered with instead of a label."""
+        self.on_label: Callable[[int], None] | None = None
+        """Called with the labelling request number before each labelling prompt is answered."""
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +58,11 @@ class FakeServer:
                 messages = json.loads(body)["messages"]
                 scoring = messages[1]["content"].startswith("Explanation:")
                 n_labels = len(recorder.labelling_requests())
+                if not scoring and recorder.on_label is not None:
+                    recorder.on_label(n_labels)
+                if not scoring and n_labels in recorder.label_statuses:
+                    self.send_error(recorder.label_statuses[n_labels])
+                    return
                 if recorder.statuses or (not scoring and recorder.labels_before_failing is not None
                                          and n_labels > recorder.labels_before_failing):
                     self.send_error(recorder.statuses.pop(0) if recorder.statuses else 400)
@@ -85,6 +98,31 @@ def server():
     yield fake
     fake.httpd.shutdown()
     fake.httpd.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """feature_labels' retry policy with its 30 s base delay made 10 ms, so that a test sees whether it retries."""
+    fast = dg.RetryPolicy(max_retries=LABELS_RETRY_POLICY.max_retries, delay=0.01,
+                          backoff=LABELS_RETRY_POLICY.backoff)
+    monkeypatch.setattr(feature_labels.op, "_retry_policy", fast)
+    return fast
+
+
+def _retries(result: dg.ExecuteInProcessResult) -> int:
+    return sum(event.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for event in result.all_events)
+
+
+def _llm_env(monkeypatch, server: FakeServer) -> None:
+    for name, value in ((ENV_BASE_URL, server.url), (ENV_MODEL, "fake-model"), (ENV_API_KEY, KEY)):
+        monkeypatch.setenv(name, value)
+
+
+def _trained_partition(pipeline: Pipeline) -> str:
+    key = pipeline.register(tiny_topk(k=6))  # the partition these tests label: trained once per session
+    if not (pipeline.layout.features_dir(key) / "features.parquet").exists():
+        assert pipeline.materialize([sae, features], partition_key=key).success
+    return key
 
 
 def _check_request_hygiene(request: dict) -> None:
@@ -130,7 +168,7 @@ def test_scorer_parses_the_answer_and_endpoint_errors_hide_the_key(server):
         ChatClient.from_env({ENV_API_KEY: KEY})
 
 
-def test_feature_labels_with_the_llm_through_dagster(pipeline: Pipeline, server, monkeypatch):
+def test_feature_labels_with_the_llm_through_dagster(pipeline: Pipeline, server, monkeypatch, fast_retries):
     key = pipeline.register(tiny_topk(k=6))
     assert pipeline.materialize([sae, features], partition_key=key).success
     monkeypatch.setenv(ENV_BASE_URL, server.url)
@@ -172,6 +210,7 @@ def test_feature_labels_with_the_llm_through_dagster(pipeline: Pipeline, server,
     refused = pipeline.materialize([feature_labels], partition_key=blocked, run_config=run_config)
     assert not refused.success and len(server.requests) == n_before
     assert not pipeline.layout.labels_dir(blocked).exists()
+    assert _retries(refused) == 0  # a refusal is final: the retry policy does not apply
 
 
 PROMPT = [{"role": "system", "content": "You label latents."}, {"role": "user", "content": "Latent 1: import"}]
@@ -231,12 +270,10 @@ def test_a_dripping_server_is_cut_off_per_request_and_per_step(dripping_server):
     assert time.monotonic() - started < 2.0  # 11 attempts of 0.5 s would take 5.5 s: the step deadline ends it
 
 
-def test_labels_obtained_before_a_failure_are_kept_and_resumed(pipeline: Pipeline, server, monkeypatch):
-    key = pipeline.register(tiny_topk(k=6))  # the partition the test above labels: trained once per session
-    if not (pipeline.layout.features_dir(key) / "features.parquet").exists():
-        assert pipeline.materialize([sae, features], partition_key=key).success
-    for name, value in ((ENV_BASE_URL, server.url), (ENV_MODEL, "fake-model"), (ENV_API_KEY, KEY)):
-        monkeypatch.setenv(name, value)
+def test_labels_obtained_before_a_failure_are_kept_and_resumed(pipeline: Pipeline, server, monkeypatch,
+                                                               fast_retries):
+    key = _trained_partition(pipeline)
+    _llm_env(monkeypatch, server)
     n_live = 10
     run_config = {"ops": {"feature_labels": {"config": {"labeller": "llm", "retries": 0, "max_latents": n_live}}}}
     assert int(pl.read_parquet(pipeline.layout.features_dir(key) / "features.parquet")["is_live"].sum()) > n_live
@@ -245,6 +282,7 @@ def test_labels_obtained_before_a_failure_are_kept_and_resumed(pipeline: Pipelin
     assert not failed.success
     message = "\n".join(e.step_failure_data.error.message for e in failed.all_events if e.is_step_failure)
     assert "HTTP 400" in message and "3 label(s) kept" in message and KEY not in message
+    assert _retries(failed) == 0  # a client error would fail the same way again: not retried
     server.labels_before_failing, n_before = None, len(server.labelling_requests())
     resumed = pipeline.materialize([feature_labels], partition_key=key, run_config=run_config)
     assert resumed.success
@@ -252,6 +290,41 @@ def test_labels_obtained_before_a_failure_are_kept_and_resumed(pipeline: Pipelin
     labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
     assert labels.height == n_live and labels["label"].to_list() == [LABEL] * n_live
     assert not pipeline.layout.labels_progress_dir(key).exists()
+
+
+def test_retry_policy_backs_off_exponentially() -> None:
+    assert feature_labels.op.retry_policy is LABELS_RETRY_POLICY
+    assert [LABELS_RETRY_POLICY.calculate_delay(attempt) for attempt in (1, 2, 3)] == [30, 90, 210]
+
+
+def test_an_unavailable_endpoint_is_retried_by_dagster_and_resumes(pipeline: Pipeline, server, monkeypatch,
+                                                                    fast_retries):
+    key = _trained_partition(pipeline)
+    _llm_env(monkeypatch, server)
+    n_live = 6
+    run_config = {"ops": {"feature_labels": {"config": {"labeller": "llm", "retries": 0, "max_latents": n_live}}}}
+    server.label_statuses = {3: 503, 4: 503}  # the 3rd label fails, and so does the first try of the retry
+    result = pipeline.materialize([feature_labels], partition_key=key, run_config=run_config)
+    assert result.success and _retries(result) == 2
+    labels_asked = [int(re.search(r"^Latent (\d+) ", json.loads(r["body"])["messages"][1]["content"]).group(1))
+                    for r in server.labelling_requests()]
+    # attempt 1 labels two latents and fails on the third; attempts 2 and 3 ask only for the rest
+    assert len(labels_asked) == n_live + 2 and labels_asked[2] == labels_asked[3] == labels_asked[4]
+    assert len(set(labels_asked)) == n_live
+    labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
+    assert sorted(labels["latent_id"].to_list()) == sorted(set(labels_asked))
+
+
+def test_a_stop_during_labelling_is_not_retried(pipeline: Pipeline, server, monkeypatch, fast_retries):
+    key = _trained_partition(pipeline)
+    _llm_env(monkeypatch, server)
+    server.on_label = lambda n: os.kill(os.getpid(), signal.SIGINT) if n == 2 else None  # Ctrl-C mid-step
+    run_config = {"ops": {"feature_labels": {"config": {"labeller": "llm", "retries": 0, "max_latents": 6}}}}
+    result = pipeline.materialize([feature_labels], partition_key=key, run_config=run_config)
+    assert not result.success and _retries(result) == 0
+    message = "\n".join(e.step_failure_data.error.message for e in result.all_events if e.is_step_failure)
+    assert f"feature_labels for partition {key} was stopped" in message
+    assert len(server.labelling_requests()) <= 3  # it stopped there, and no retry asked again
 
 
 def test_requests_go_through_the_environments_proxy(server, monkeypatch):

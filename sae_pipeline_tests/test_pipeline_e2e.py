@@ -19,7 +19,7 @@ from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 SAE_METADATA_KEYS = {"l0", "l0_fraction", "dead_fraction", "dense_fraction", "fvu", "explained_variance", "mse",
                      "train_tokens", "wall_seconds", "weights_dir", "training_curves", "cosine", "l2_ratio",
                      "downstream_kind", "downstream_spliced", "downstream_ablated", "downstream_recovered",
-                     "feature_density"}
+                     "feature_density", "resumed_from_step"}
 
 
 def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:

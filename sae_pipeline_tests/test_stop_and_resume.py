@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from sae_pipeline.config import load_sweep
 from sae_pipeline.defs.assets import sae
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP = """name: stop_test
 base: {{architecture: topk, expansion_factor: 2, k: 8, lr: 0.001, batch_size: 256, train_tokens: {tokens},
        log_every: 5, checkpoint_every: 5, dead_tokens: 5120}}
-grid: {{seed: {seeds}}}
+grid: {grid}
 """
 
 
@@ -42,7 +43,8 @@ def _no_leaked_defs_state_storage():
         yield
 
 
-def _home(pipeline: Pipeline, tmp_path: Path, tokens: int, seeds: list[int]) -> tuple[dict, Path, list[str]]:
+def _home(pipeline: Pipeline, tmp_path: Path, tokens: int, seeds: list[int], ks: list[int] | None = None
+          ) -> tuple[dict, Path, list[str]]:
     """A storage root holding the session's corpus + activations, an instance with the shipped dagster.yaml
     (gpu pool limit 1), and a sweep spec; returns the environment, the spec and its keys."""
     root, home = tmp_path / "root", tmp_path / "home"
@@ -51,7 +53,8 @@ def _home(pipeline: Pipeline, tmp_path: Path, tokens: int, seeds: list[int]) -> 
     home.mkdir()
     shutil.copy(REPO / "data/dagster_home/dagster.yaml", home / "dagster.yaml")
     spec = tmp_path / "stop_test.yaml"
-    spec.write_text(SWEEP.format(tokens=tokens, seeds=seeds))
+    grid = f"{{seed: {seeds}, k: {ks}}}" if ks else f"{{seed: {seeds}}}"
+    spec.write_text(SWEEP.format(tokens=tokens, grid=grid))
     keys = [config.partition_key() for config in load_sweep(spec).expand()]
     env = {**os.environ, "SAE_PIPELINE_ROOT": str(root), "DAGSTER_HOME": str(home), "SAE_PIPELINE_DEVICE": "cpu",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -101,7 +104,7 @@ def test_stop_signal_cancels_the_run_keeps_the_checkpoint_and_starts_nothing_els
     assert "marked cancelled" in output
     (run,) = _runs(env, "train_sweep")  # nothing later started
     assert run.status == dg.DagsterRunStatus.CANCELED and run.tags[STOPPED_TAG] == signum.name
-    assert run.tags["dagster/partition"] == keys[0]
+    assert (run.tags[ASSET_PARTITION_RANGE_START_TAG], run.tags[ASSET_PARTITION_RANGE_END_TAG]) == tuple(keys)
     assert not _runs(env, "analyze_sweep")
     assert checkpoint.exists()
 
@@ -128,7 +131,7 @@ def test_rerun_after_sigkill_releases_the_dead_run_resumes_and_matches_an_uninte
     assert f"run {dead.run_id}: its process is gone" in rerun.stdout
     statuses = {run.run_id: run.status for run in _runs(env, "train_sweep")}
     assert statuses.pop(dead.run_id) == dg.DagsterRunStatus.FAILURE
-    assert list(statuses.values()) == [dg.DagsterRunStatus.SUCCESS]
+    assert list(statuses.values()) == [dg.DagsterRunStatus.SUCCESS] * 2  # sae, then features + feature_labels
     resumed = json.loads((Layout(root).sae_dir(key) / SUMMARY_FILE).read_text())
     expected = json.loads((reference.layout.sae_dir(key) / SUMMARY_FILE).read_text())
     assert resumed["resumed_from_step"] > 0
@@ -144,11 +147,21 @@ def _run_sweep(env: dict, spec: Path, *flags: str) -> str:
     return done.stdout
 
 
-def test_rerun_skips_current_partitions_and_refresh_retrains(pipeline: Pipeline, tmp_path: Path) -> None:
-    env, spec, (key,) = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0])
-    _run_sweep(env, spec)
-    assert len(_runs(env, "train_sweep")) == 1
-    assert f"{key}: skipped, current" in _run_sweep(env, spec)
-    assert len(_runs(env, "train_sweep")) == 1  # nothing retrained
-    assert f"{key}: sae, features, feature_labels" in _run_sweep(env, spec, "--refresh")
-    assert len(_runs(env, "train_sweep")) == 2
+def test_configs_train_in_one_ranged_run_and_a_rerun_skips_current_partitions(pipeline: Pipeline,
+                                                                                tmp_path: Path) -> None:
+    env, spec, keys = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0], ks=[4, 8])
+    output = _run_sweep(env, spec)
+    assert "2 config(s) in one run" in output
+    sae_run, *downstream = reversed(_runs(env, "train_sweep"))  # newest first
+    assert (sae_run.tags[ASSET_PARTITION_RANGE_START_TAG], sae_run.tags[ASSET_PARTITION_RANGE_END_TAG]) == tuple(keys)
+    assert sorted(run.tags["dagster/partition"] for run in downstream) == sorted(keys)
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        logs = [entry.user_message for entry in instance.all_logs(sae_run.run_id)]
+        assert any("group 1/1: 2 configs in one pass" in message for message in logs)
+        assert instance.get_materialized_partitions(dg.AssetKey("feature_labels")) == set(keys)
+    rerun = _run_sweep(env, spec)
+    assert all(f"{key}: skipped, current" in rerun for key in keys)
+    assert len(_runs(env, "train_sweep")) == 3  # nothing retrained
+    refreshed = _run_sweep(env, spec, "--refresh")
+    assert "2 config(s) in one run" in refreshed and f"{keys[0]}: features, feature_labels" in refreshed
+    assert len(_runs(env, "train_sweep")) == 6

@@ -6,7 +6,11 @@ another machine (see storage.Layout).
 """
 
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -22,33 +26,43 @@ from sae_pipeline.activations import (
     load_tokenizer,
     validate_layer,
 )
-from sae_pipeline.analysis import build_sweep_report, last_window_mean
-from sae_pipeline.calibration import calibration_png, plans_markdown
+from sae_pipeline.analysis import build_sweep_report, last_window_mean, report_with_inline_plots
+from sae_pipeline.calibration import calibration_png, how_to_calibrate, plans_markdown
 from sae_pipeline.config import (
     EMBEDDED_CORPUS,
     ActivationSpec,
+    ConfigError,
     CorpusSpec,
     FeaturesSpec,
     LabelsSpec,
+    SAEConfig,
     parse_spec,
 )
-from sae_pipeline.corpus import check_source, iter_texts, tokenize_corpus
+from sae_pipeline.corpus import CORPUS_COLUMNS, check_source, iter_texts, tokenize_corpus
 from sae_pipeline.dashboard import render_dashboard
 from sae_pipeline.defs.checks import (
     ACTIVATIONS_CHECKS,
     FEATURES_CHECKS,
     SAE_CHECKS,
+    check_evaluation,
     check_result,
     refuse_if_blocked,
     refuse_if_other_lineage,
 )
+from sae_pipeline.defs.freshness import provenance_tags
 from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.runs import Stopped
 from sae_pipeline.downstream import measure_downstream
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
+    EXAMPLE_COLUMNS,
+    EXAMPLES_FILE,
+    FEATURE_COLUMNS,
+    FEATURES_FILE,
+    FEATURES_META_FILE,
     extract_features,
     features_summary,
     load_vocab_matrix,
@@ -57,6 +71,8 @@ from sae_pipeline.features import (
     write_features,
 )
 from sae_pipeline.labelling import (
+    LABEL_COLUMNS,
+    LABELS_FILE,
     LLMError,
     PartialLabels,
     label_features,
@@ -66,10 +82,11 @@ from sae_pipeline.labelling import (
     write_labels,
 )
 from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
-from sae_pipeline.markdown import markdown_table
+from sae_pipeline.markdown import markdown_table, rounded
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
+    SCORE_COLUMNS,
     best_worst_markdown,
     labeller_and_scorer,
     score_labels,
@@ -90,19 +107,60 @@ from sae_pipeline.sweeps import (
     calibration_state,
     collect_runs,
     load_config,
+    sweeps_dir,
     training_logs,
 )
-from sae_pipeline.training import train_sae
+from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group, train_sae
 
-FEATURES_FILE = "features.parquet"
-EXAMPLES_FILE = "examples.parquet"
-FEATURES_META_FILE = "features_meta.json"
 DASHBOARD_DIR = "dashboard"
-LABELS_FILE = "labels.parquet"
 WITHDRAWN_FILE = "withdrawn.json"
 CODE_VERSION = "1"
 """Code version of the assets that compute (bump when a change alters what they write): with the data versions
 of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
+ENV_AUTOMATION = "SAE_PIPELINE_AUTOMATION"
+"""`eager`: partitions are materialised by declarative automation as soon as they can be (off when unset)."""
+LABELS_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+"""`feature_labels` is retried 30 s, 90 s, then 210 s after an attempt failed on an LLM endpoint that stayed
+unavailable past its own per-request retries; each attempt resumes from the labels the previous ones kept.
+Failures that a retry cannot fix (a refusal, a bad config, an HTTP 4xx, the step's deadline, a stop) raise
+`Failure(allow_retries=False)`."""
+
+
+def automation_condition(environ: Mapping[str, str] | None = None) -> dg.AutomationCondition | None:
+    """`AutomationCondition.eager()` when SAE_PIPELINE_AUTOMATION=eager, so a newly registered partition (and
+    one whose upstream changed) is materialised without a launch; None, no automation, when it is unset."""
+    mode = (os.environ if environ is None else environ).get(ENV_AUTOMATION, "")
+    if mode not in ("", "eager"):
+        raise ConfigError(f"{ENV_AUTOMATION}: {mode!r}; allowed: eager, or unset (no automation)")
+    return dg.AutomationCondition.eager() if mode else None
+
+
+@contextmanager
+def stops_without_retry(asset: str, key: str) -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM, a terminated run) ends the step as a failure that is not retried: under a
+    RetryPolicy Dagster turns an interrupt into a retry, and would rerun a step it was told to stop."""
+    try:
+        yield
+    except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError, Stopped):
+        raise dg.Failure(description=f"{asset} for partition {key} was stopped (interrupt or termination); "
+                         "not retried", allow_retries=False) from None
+
+
+@contextmanager
+def not_retried(asset: str) -> Iterator[None]:
+    """A bad config or an LLM error that is not transient fails the step at once: no retry would change it."""
+    try:
+        yield
+    except (ConfigError, LLMError) as error:
+        if isinstance(error, LLMError) and error.transient:
+            raise
+        raise dg.Failure(description=f"{asset}: {error}", allow_retries=False) from None
+
+
+def column_schema(frame: pl.DataFrame, descriptions: Mapping[str, str]) -> dg.TableSchema:
+    """The `dagster/column_schema` of a written table: its columns and polars types, described where known."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype), description=descriptions.get(name))
+                                   for name, dtype in frame.schema.items()])
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:
@@ -196,6 +254,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
         "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens, "corpus_sha256": fingerprint,
         "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
         "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
+        "dagster/column_schema": column_schema(frame, CORPUS_COLUMNS),
     })
 
 
@@ -240,26 +299,28 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
 activations = validated_at_launch(activations, ActivationsConfig)
 
 
-@dg.asset(partitions_def=sae_configs, deps=[activations], pool="gpu", group_name="sae", kinds={"pytorch"},
-          check_specs=SAE_CHECKS, op_tags=gpu_op_tags(), code_version=CODE_VERSION,
-          description="One SAE per config partition, in the SAELens file layout.")
-def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
-        quality_thresholds: QualityResource, model: ModelResource) -> dg.MaterializeResult:
-    key, layout = context.partition_key, storage.layout
-    validate_downstream_config(context, "features", "feature_labels")
-    thresholds = quality_thresholds.thresholds()
-    cfg = load_config(layout, key)
-    refuse_if_other_lineage("sae", layout, model.name)
-    acts = layout.pull(layout.activations_dir)
-    refuse_if_blocked("sae", key, quality.blocking_failures(acts, missing_ok=True))
-    store = ActivationStore(acts)
-    cfg.validate_for_model(store.d_model, device.memory_bytes())
-    checkpoints = layout.checkpoint_dir(key)
-    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
-    result = train_sae(cfg, store, device.resolve(), checkpoints,
-                       log=lambda row: context.log.debug(f"step {row['step']}: {row}"),
-                       on_checkpoint=lambda: layout.push(checkpoints))
-    metrics, fire_counts = evaluate_sae(result.sae, store, device.resolve())
+SAE_RUN_SIZE = 8
+"""Partitions of `sae` per run in an asset backfill (from the UI or the schedule): each run trains its configs as
+groups in one pass over the activations (`plan_groups` splits by batch size, seed, resume step and memory)."""
+
+
+@dataclass
+class PublishedSAE:
+    """One partition's trained SAE, evaluated and published: its check outcomes and materialisation metadata."""
+
+    outcomes: list[quality.CheckOutcome]
+    metadata: dict[str, Any]
+
+    @property
+    def blocking_failures(self) -> list[str]:
+        return [o.name for o in self.outcomes if not o.passed and o.severity == "ERROR"]
+
+
+def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore, result: TrainResult,
+                device: str, thresholds: quality.QualityThresholds, trust_remote_code: bool) -> PublishedSAE:
+    """Evaluate a trained SAE on held-out tokens, run its checks, publish its folder (weights, metrics, summary,
+    plots, verdict) and remove its checkpoints."""
+    metrics, fire_counts = evaluate_sae(result.sae, store, device)
     outcomes = [quality.finite_weights(result.sae.state_dict()),
                 quality.not_collapsed(result.metrics, result.sae.d_sae, thresholds),
                 quality.dead_fraction(metrics.dead_fraction, thresholds),
@@ -267,7 +328,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
                 quality.l0_in_target_band(metrics.l0_fraction, cfg.target_l0, thresholds),
                 quality.fvu_bound(metrics.fvu, thresholds),
                 quality.l0_trend(result.metrics, cfg.architecture, thresholds)]
-    model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=model.trust_remote_code)
+    model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=trust_remote_code)
     downstream = measure_downstream(result.sae, store.meta, read_corpus(layout), model_spec)
     curves = training_curves_png(result.metrics, key)
     density = feature_density_png(fire_counts / max(metrics.n_tokens, 1), key)
@@ -285,20 +346,112 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
         write_bytes_atomic(folder / "training_curves.png", curves)
         write_bytes_atomic(folder / "feature_density.png", density)
         quality.write_verdict(folder, outcomes)
-    layout.remove(checkpoints)
-    return dg.MaterializeResult(
-        metadata={"l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
-                  "dense_fraction": metrics.dense_fraction, "fvu": metrics.fvu,
-                  "explained_variance": metrics.explained_variance, "mse": metrics.mse,
-                  "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
-                  "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
-                  "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
-                  "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
-                  "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
-                  "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
-                  "feature_density": dg.MetadataValue.md(png_markdown(density, f"feature density {key}"))},
-        check_results=[check_result(o) for o in outcomes],
-    )
+    layout.remove(layout.checkpoint_dir(key))
+    return PublishedSAE(outcomes, {
+        "l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
+        "dense_fraction": metrics.dense_fraction, "fvu": metrics.fvu,
+        "explained_variance": metrics.explained_variance, "mse": metrics.mse,
+        "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
+        "resumed_from_step": result.resumed_from_step,
+        "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
+        "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
+        "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
+        "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
+        "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
+        "feature_density": dg.MetadataValue.md(png_markdown(density, f"feature density {key}"))})
+
+
+def training_hooks(context: dg.AssetExecutionContext, layout: Layout, key: str
+                   ) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """The per-row log and the after-checkpoint hook (commit to object storage) of one partition's training."""
+    checkpoints = layout.checkpoint_dir(key)
+    return (lambda row: context.log.debug(f"{key} step {row['step']}: {row}")), (lambda: layout.push(checkpoints))
+
+
+def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: ActivationStore, keys: list[str],
+                     device: DeviceResource, thresholds: quality.QualityThresholds,
+                     trust_remote_code: bool) -> Iterator[dg.AssetMaterialization]:
+    """Train the partitions of a ranged run as groups, each in one pass over the activations, and materialise
+    each partition with its own metadata and check evaluations as soon as it is published. A config that is
+    invalid, fails to train or fails a blocking check fails its own partition: its group mates are published,
+    and the step fails at the end naming each failed partition and why (a backfill marks only those failed)."""
+    failures: dict[str, str] = {}
+    cfgs: dict[str, SAEConfig] = {}
+    for key in keys:
+        try:
+            cfgs[key] = load_config(layout, key)
+            cfgs[key].validate_for_model(store.d_model, device.memory_bytes())
+        except ConfigError as error:
+            cfgs.pop(key, None)
+            failures[key] = str(error)
+    ready = list(cfgs)
+    tags = provenance_tags(context.instance, context.run, CODE_VERSION, [activations.key])
+    for key in ready:
+        layout.restore(layout.checkpoint_dir(key))
+    groups = plan_groups([cfgs[k] for k in ready], store.d_model, device.memory_bytes(),
+                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])
+    for number, group in enumerate(groups, 1):
+        members = [ready[i] for i in group]
+        context.log.info(f"sae group {number}/{len(groups)}: {len(members)} configs in one pass over the "
+                         f"activations: {', '.join(members)}")
+        hooks = [training_hooks(context, layout, key) for key in members]
+        results = train_group([cfgs[k] for k in members], store, device.resolve(),
+                              [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
+                              [h[1] for h in hooks])
+        for key, result in zip(members, results, strict=True):
+            if isinstance(result, Exception):
+                failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
+                continue
+            published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
+                                    trust_remote_code)
+            yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=published.metadata, tags=tags)
+            for outcome in published.outcomes:
+                context.log_event(check_evaluation(context.instance, SAE_KEY, key, outcome))
+            if published.blocking_failures:
+                failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
+            context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
+    if failures:
+        lines = [f"{key}: {why}" for key, why in failures.items()]
+        raise dg.Failure(description=f"{len(failures)} of {len(keys)} sae partitions failed (the others are "
+                         "materialised): " + "; ".join(lines), metadata={"failed": "\n".join(lines)})
+
+
+SAE_KEY = dg.AssetKey("sae")
+
+
+@dg.multi_asset(
+    name="sae", partitions_def=sae_configs, check_specs=SAE_CHECKS, can_subset=True, pool="gpu",
+    op_tags=gpu_op_tags(), backfill_policy=dg.BackfillPolicy.multi_run(SAE_RUN_SIZE),
+    specs=[dg.AssetSpec(SAE_KEY, deps=[activations], group_name="sae", kinds={"pytorch"}, code_version=CODE_VERSION,
+                        automation_condition=automation_condition(),
+                        description="One SAE per config partition, in the SAELens file layout. A run over several "
+                                    "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
+                                    "one pass over the activations.")])
+def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
+        quality_thresholds: QualityResource, model: ModelResource) -> Iterator[dg.MaterializeResult
+                                                                                | dg.AssetMaterialization]:
+    layout = storage.layout
+    validate_downstream_config(context, "features", "feature_labels")
+    thresholds = quality_thresholds.thresholds()
+    refuse_if_other_lineage("sae", layout, model.name)
+    acts = layout.pull(layout.activations_dir)
+    refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
+                      quality.blocking_failures(acts, missing_ok=True))
+    store = ActivationStore(acts)
+    if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
+        yield from train_partitions(context, layout, store, context.partition_keys, device, thresholds,
+                                    model.trust_remote_code)
+        return
+    key = context.partition_key
+    cfg = load_config(layout, key)
+    cfg.validate_for_model(store.d_model, device.memory_bytes())
+    checkpoints = layout.checkpoint_dir(key)
+    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
+    log, on_checkpoint = training_hooks(context, layout, key)
+    result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
+    published = publish_sae(layout, key, cfg, store, result, device.resolve(), thresholds, model.trust_remote_code)
+    yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
+                               check_results=[check_result(o) for o in published.outcomes])
 
 
 class FeaturesConfig(dg.Config):
@@ -313,7 +466,7 @@ class FeaturesConfig(dg.Config):
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
-          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION,
+          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION, automation_condition=automation_condition(),
           description="Per-latent statistics, top/quantile contexts with per-token activations, vocabulary "
                       "projection and a static HTML dashboard, on held-out tokens.")
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
@@ -354,7 +507,9 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
                   "vocab_projection": vocab_kind,
                   "n_live": summary["n_live"], "n_dead": summary["n_dead"],
                   "n_near_zero": summary["n_near_zero"],
-                  "top_latents": dg.MetadataValue.md(top_features_markdown(frame))},
+                  "top_latents": dg.MetadataValue.md(top_features_markdown(frame)),
+                  "dagster/column_schema": column_schema(frame, FEATURE_COLUMNS),
+                  "examples_column_schema": column_schema(tables.examples, EXAMPLE_COLUMNS)},
         check_results=[check_result(o) for o in outcomes],
     )
 
@@ -407,18 +562,27 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
             save_progress(folder, kept, stamp)
             layout.push(folder)
         n_kept = 0 if kept is None else kept.height
+        retried = " (the endpoint was unavailable: retried with backoff)" if error.transient else ""
         raise dg.Failure(description=f"Labelling partition {key} stopped: {error}. {n_kept} label(s) kept; a rerun "
-                         "resumes from them", metadata={"n_kept": n_kept}) from None
+                         f"resumes from them{retried}", metadata={"n_kept": n_kept},
+                         allow_retries=error.transient) from None
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
-          code_version=CODE_VERSION,
+          code_version=CODE_VERSION, retry_policy=LABELS_RETRY_POLICY, automation_condition=automation_condition(),
           description="A label and a detection score per live latent, and the dashboard with them; refuses "
                       "partitions whose blocking checks failed.")
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
-    key, layout = context.partition_key, storage.layout
-    spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
+    with stops_without_retry("feature_labels", context.partition_key):
+        return label_partition(context, config, storage.layout)
+
+
+def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, layout: Layout) -> dg.MaterializeResult:
+    """The body of `feature_labels`: refuse a blocked partition, label and score its live latents, publish."""
+    key = context.partition_key
+    with not_retried("feature_labels"):
+        spec = parse_spec(LabelsSpec, config.model_dump(), where="feature_labels config")
     refuse_if_other_lineage("feature_labels", layout)
     features_dir = layout.pull(layout.features_dir(key), FEATURES_FILE, EXAMPLES_FILE, FEATURES_META_FILE,
                                quality.VERDICT_FILE)
@@ -432,8 +596,9 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                          metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
-    labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
-                                           step_seconds=spec.step_timeout)
+    with not_retried("feature_labels"):
+        labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
+                                               step_seconds=spec.step_timeout)
     stamp = {"labeller": labeller.name,
              "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
     scored = label_resumably(layout, key, stamp, lambda done: label_features(
@@ -442,7 +607,8 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:
         write_labels(scored, folder / LABELS_FILE)
-        render_dashboard(table, examples, folder / DASHBOARD_DIR, f"features {key}", labels=scored, n_bands=n_bands)
+        render_dashboard(table, examples, folder / DASHBOARD_DIR, f"labelled features {key}", labels=scored,
+                         n_bands=n_bands)
     layout.remove(layout.labels_progress_dir(key))
     summary = scores_summary(scored)
     where = layout.location(layout.labels_dir(key))
@@ -451,16 +617,18 @@ def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
         "labels_path": dg.MetadataValue.path(f"{where}/{LABELS_FILE}"),
         "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
         "n_labelled": len(scored), "n_scored": summary["n_scored"],
-        "mean_detection_accuracy": summary["mean_detection_accuracy"],
-        "mean_detection_f1": summary["mean_detection_f1"],
+        "mean_detection_accuracy": rounded(summary["mean_detection_accuracy"]),
+        "mean_detection_f1": rounded(summary["mean_detection_f1"]),
         "labeller": labeller.name, "scorer": scorer.name,
         "best_labelled": dg.MetadataValue.md(labels_markdown(scored)),
         "best_and_worst_scored": dg.MetadataValue.md(best_worst_markdown(scored)),
+        "dagster/column_schema": column_schema(scored, {**LABEL_COLUMNS, **SCORE_COLUMNS}),
     })
 
 
 @dg.asset(deps=[sae, features], group_name="analysis", kinds={"markdown"},
-          description="The sweep report (seed 004's form) over every finished config partition.")
+          description="The sweep report (seed 004's form) over every finished config partition; the `report` "
+                      "metadata holds it whole, plots inline.")
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     layout = storage.layout
     keys = context.instance.get_dynamic_partitions(sae_configs.name)
@@ -468,17 +636,16 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
     runs, missing = collect_runs(layout, keys, logs)
     with layout.publish(layout.analysis_dir) as folder:
         report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs)
-        plots = [png_markdown(p.read_bytes(), p.stem)
-                 for p in (report.plot_path, report.box_plot_path, report.curves_plot_path) if p is not None]
+        text = report_with_inline_plots(report)
     where = layout.location(layout.analysis_dir)
     return dg.MaterializeResult(metadata={
+        "report": dg.MetadataValue.md(text),
         "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
         "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
         "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
         "best_balanced": report.best_balanced or "none",
         "top_configs": dg.MetadataValue.md(report.top_markdown),
         "pareto_l0_dead": list(report.pareto_dead),
-        "plots": dg.MetadataValue.md("\n\n".join(plots) if plots else "no finished run to plot"),
     })
 
 
@@ -498,7 +665,8 @@ def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> 
                                      "proposed_key": plan.config.partition_key() if plan.config else None,
                                      "points": [[p.key, p.l1_alpha, p.l0] for p in plan.points]}
             sections.append(plans_markdown([plan]) + "\n\n" + png_markdown(png, f"L0 vs l1_alpha {plan.group}"))
-    report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or plans_markdown([]))
+    empty = how_to_calibrate(sweeps_dir(layout)) if not plans else None
+    report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or empty)
     with layout.publish(layout.calibration_dir) as folder:
         for name, png in pngs.items():
             write_bytes_atomic(folder / name, png)
@@ -508,7 +676,7 @@ def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> 
     return dg.MaterializeResult(metadata={
         "report_path": dg.MetadataValue.path(layout.location(layout.calibration_dir, "report.md")),
         "n_groups": len(plans), "statuses": {p.group: p.status for p in plans},
-        "proposals": proposals,
-        "fitted_points": dg.MetadataValue.md(plans_markdown(plans)),
+        "proposals": rounded(proposals),
+        "fitted_points": dg.MetadataValue.md(empty or plans_markdown(plans)),
         "plot": dg.MetadataValue.md("\n\n".join(sections) if sections else "no calibrated config"),
     })

@@ -1,19 +1,35 @@
 """Asset checks: specs declared on the assets (so each evaluates only its own partition) and results built from
 the core's pure check outcomes (`sae_pipeline.quality`). Every spec is blocking: a failed ERROR check stops
-downstream steps in the run, a failed WARN check only flags. Thresholds come from the `quality` resource."""
+downstream steps in the run, a failed WARN check only flags. Thresholds come from the `quality` resource.
+
+The checks of partitioned assets are partitioned too, so the UI shows status and history per config partition.
+A ranged `sae` run (several partitions in one step) logs one evaluation per partition itself
+(`check_evaluation`): Dagster attaches a partition to an `AssetCheckResult` only in a single-partition step.
+"""
 
 import math
+import warnings
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (  # no public constructor yet
+    AssetCheckEvaluationTargetMaterializationData,
+)
 
+from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch
 from sae_pipeline.quality import CheckOutcome
 from sae_pipeline.storage import CORPUS_FILE, Layout
 
+PARTITIONED_ASSETS = {"sae", "features"}
+
 
 def _blocking(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
+    partitions = sae_configs if asset in PARTITIONED_ASSETS else None
+    with warnings.catch_warnings():  # partitioned checks are a preview in Dagster 1.13; used knowingly
+        warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
+        return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description,
+                                 partitions_def=partitions)
 
 
 ACTIVATIONS_CHECKS = [
@@ -63,6 +79,21 @@ def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=outcome.name, passed=outcome.passed,
                                severity=dg.AssetCheckSeverity[outcome.severity],
                                description=outcome.description, metadata=metadata)
+
+
+def check_evaluation(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str,
+                     outcome: CheckOutcome) -> dg.AssetCheckEvaluation:
+    """A core check outcome as the evaluation of one partition, tied to that partition's latest
+    materialisation (the one just logged)."""
+    result = check_result(outcome)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
+    target = (AssetCheckEvaluationTargetMaterializationData(run_id=records[0].run_id, storage_id=records[0].storage_id,
+                                                            timestamp=records[0].timestamp) if records else None)
+    return dg.AssetCheckEvaluation(asset_key=asset_key, check_name=outcome.name, passed=result.passed,
+                                   metadata=result.metadata, severity=result.severity,
+                                   description=result.description, blocking=True, partition=partition,
+                                   target_materialization_data=target)
 
 
 def refuse_if_blocked(asset: str, key: str | None, reasons: list[str]) -> None:

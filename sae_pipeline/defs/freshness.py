@@ -1,15 +1,27 @@
 """Whether an asset (partition) is current: Dagster's own stale status, as the UI shows it.
 
 A materialisation is current when the asset's code version and its upstream data versions (corpus: its
-sha256; activations: its meta.json's) are those it was made with. Dagster exposes the resolver only through
-internal modules; this file is the one place that imports them.
+sha256; activations: its meta.json's) are those it was made with. Dagster exposes the resolver, and the tags that
+record provenance, only through internal modules; this file is the one place that imports them.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
+    DATA_VERSION_TAG,
+    DEFAULT_DATA_VERSION,
+    NULL_EVENT_POINTER,
+    CachingStaleStatusResolver,
+    DataVersion,
+    StaleStatus,
+    compute_logical_data_version,
+    get_input_data_version_tag,
+    get_input_event_pointer_tag,
+)
+from dagster._core.storage.tags import BACKFILL_ID_TAG
 from dagster._time import get_current_datetime
 
 
@@ -31,3 +43,23 @@ def stale_causes(resolver: CachingStaleStatusResolver, asset: str, partition_key
     causes = resolver.get_stale_causes(dg.AssetKey(asset), partition_key)
     return [f"{cause.key.asset_key.to_user_string()}: {cause.reason}"
             + (f" ({cause.dependency.asset_key.to_user_string()})" if cause.dependency else "") for cause in causes]
+
+
+def provenance_tags(instance: dg.DagsterInstance, run: dg.DagsterRun, code_version: str,
+                    parents: list[dg.AssetKey]) -> dict[str, str]:
+    """The provenance tags Dagster writes on a materialisation it makes from an op's output (code version,
+    each parent's data version and event, the derived data version, the backfill), for a materialisation the
+    op logs itself (one per partition of a ranged `sae` run), so that the UI and `run-sweep` judge it current
+    exactly as they would a single-partition one."""
+    tags = {CODE_VERSION_TAG: code_version}
+    inputs = {}
+    for parent in parents:
+        records = instance.fetch_materializations(parent, limit=1).records
+        version = records[0].asset_materialization.tags.get(DATA_VERSION_TAG) if records else None
+        inputs[parent] = DataVersion(version) if version else DEFAULT_DATA_VERSION
+        tags[get_input_data_version_tag(parent)] = inputs[parent].value
+        tags[get_input_event_pointer_tag(parent)] = str(records[0].storage_id) if records else NULL_EVENT_POINTER
+    tags[DATA_VERSION_TAG] = compute_logical_data_version(code_version, inputs).value
+    if BACKFILL_ID_TAG in run.tags:
+        tags[BACKFILL_ID_TAG] = run.tags[BACKFILL_ID_TAG]
+    return tags

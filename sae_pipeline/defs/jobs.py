@@ -1,8 +1,15 @@
 """Jobs: prepare the activations once, train/describe/label one config partition, analyse the sweep."""
 
+import warnings
+
 import dagster as dg
 
 from sae_pipeline.defs.assets import activations, calibration, corpus, feature_labels, features, sae, sweep_analysis
+
+# Intended, so not a warning worth printing on every load: in an asset backfill `sae` trains up to SAE_RUN_SIZE
+# partitions per run and its downstream assets one per run; a job's own runs (job-page backfills included) take
+# the smallest policy, one partition per run.
+warnings.filterwarnings("ignore", message=r"Asset job \w+ materializes assets with varying BackfillPolicies")
 
 prepare_job = dg.define_asset_job(
     "prepare_activations", selection=[corpus, activations],

@@ -12,6 +12,7 @@ import dagster as dg
 from sae_pipeline.activations import model_width
 from sae_pipeline.calibration import GroupPlan
 from sae_pipeline.config import CalibrationSpec, ConfigError
+from sae_pipeline.defs.assets import automation_condition
 from sae_pipeline.defs.jobs import analysis_job, sweep_job
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import ModelResource, StorageResource
@@ -180,3 +181,15 @@ def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: d
                 failed.add(key)
             log(f"run {key}: {'ok' if result.success else 'FAILED'}, held-out L0 fraction {l0}")
     raise RuntimeError("calibration did not settle within its round budget")
+
+
+AUTOMATION_SENSOR = "sweep_automation_sensor"
+
+
+def automation_sensors(environ: dict[str, str] | None = None) -> list[dg.SensorDefinition]:
+    """With SAE_PIPELINE_AUTOMATION=eager, the sensor that evaluates the assets' automation conditions, running
+    from the start (setting the variable is the opt-in); none when it is unset."""
+    if automation_condition(environ) is None:
+        return []
+    return [dg.AutomationConditionSensorDefinition(AUTOMATION_SENSOR, target=dg.AssetSelection.all(),
+                                                   default_status=dg.DefaultSensorStatus.RUNNING)]

@@ -173,6 +173,9 @@ class SparseAutoencoder(nn.Module):
             "normalize_activations": "constant_norm_rescale" if self.normalize == "per_token" else "none",
             "sae_pipeline_architecture": self.architecture,
             **self.extra_cfg(),
+            # SAELens keeps these top-level keys as `cfg.metadata` (it drops our `metadata` for want of a
+            # sae_lens_version): the model's name is the one it uses
+            **({"model_name": metadata["model"]} if "model" in metadata else {}),
             "metadata": metadata,
         }
 

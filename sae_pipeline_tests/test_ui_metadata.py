@@ -1,0 +1,105 @@
+"""What the Dagster UI shows of one trained partition: column schemas that match the written tables, the sweep
+report whole with its plots, reader-rounded numbers, distinct dashboard titles, and empty states that say what
+to run."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from sae_pipeline.defs.assets import (
+    DASHBOARD_DIR,
+    EXAMPLES_FILE,
+    FEATURES_FILE,
+    LABELS_FILE,
+    calibration,
+    feature_labels,
+    features,
+    sae,
+    sweep_analysis,
+)
+from sae_pipeline.markdown import round_significant
+from sae_pipeline.storage import CORPUS_FILE
+from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline, tiny_topk
+
+
+def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
+    (event,) = result.asset_materializations_for_node(node)
+    return {name: value.value for name, value in event.metadata.items()}
+
+
+def _columns(schema: dg.TableSchema) -> dict[str, str]:
+    return {column.name: column.type for column in schema.columns}
+
+
+def _title(html: str) -> str:
+    return re.search(r"<title>(.*?)</title>", html).group(1)
+
+
+@pytest.fixture(scope="module")
+def labelled(pipeline: Pipeline) -> tuple[str, dg.ExecuteInProcessResult]:
+    key = pipeline.register(tiny_topk(k=7))
+    result = pipeline.materialize([sae, features, feature_labels], partition_key=key)
+    assert result.success
+    return key, result
+
+
+def test_parquet_assets_carry_the_written_tables_schema(pipeline: Pipeline, labelled) -> None:
+    key, result = labelled
+    corpus_event = pipeline.instance.get_latest_materialization_event(dg.AssetKey("corpus"))
+    written = {
+        "corpus": (corpus_event.asset_materialization.metadata, pipeline.layout.corpus_dir / CORPUS_FILE),
+        "features": (result.asset_materializations_for_node("features")[0].metadata,
+                     pipeline.layout.features_dir(key) / FEATURES_FILE),
+        "feature_labels": (result.asset_materializations_for_node("feature_labels")[0].metadata,
+                           pipeline.layout.labels_dir(key) / LABELS_FILE),
+    }
+    for asset, (metadata, path) in written.items():
+        schema = metadata["dagster/column_schema"].value
+        assert _columns(schema) == {name: str(dtype) for name, dtype in pl.read_parquet_schema(path).items()}, asset
+        assert all(column.description for column in schema.columns), asset  # every column is explained
+    examples = result.asset_materializations_for_node("features")[0].metadata["examples_column_schema"].value
+    assert _columns(examples) == {name: str(dtype) for name, dtype in pl.read_parquet_schema(
+        pipeline.layout.features_dir(key) / EXAMPLES_FILE).items()}
+
+
+def test_labels_metadata_is_rounded_and_the_two_dashboards_have_their_own_titles(pipeline: Pipeline,
+                                                                                 labelled) -> None:
+    key, result = labelled
+    labels = pl.read_parquet(pipeline.layout.labels_dir(key) / LABELS_FILE)
+    scored = labels.filter(pl.col("detection_accuracy").is_not_null())
+    meta = _metadata(result, "feature_labels")
+    assert meta["mean_detection_accuracy"] == round_significant(float(scored["detection_accuracy"].mean()))
+    titles = {_title((folder / DASHBOARD_DIR / "index.html").read_text())
+              for folder in (pipeline.layout.features_dir(key), pipeline.layout.labels_dir(key))}
+    assert titles == {f"features {key}", f"labelled features {key}"}
+
+
+def test_sweep_analysis_shows_the_whole_report_with_its_plots(pipeline: Pipeline, labelled) -> None:
+    key, _ = labelled
+    result = pipeline.materialize([sweep_analysis])
+    assert result.success
+    report = _metadata(result, "sweep_analysis")["report"]
+    folder = pipeline.layout.analysis_dir
+    on_disk = (folder / "report.md").read_text()
+    for heading in re.findall(r"^#+ .+$", on_disk, flags=re.M):
+        assert heading in report
+    assert f"`{key}`" in report and "- Training wall time: " in report
+    embedded = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report)
+    linked = re.findall(r"\]\(([\w.]+\.png)\)", on_disk)
+    assert linked and [base64.b64decode(data) for data in embedded] == [(folder / n).read_bytes() for n in linked]
+
+
+def test_an_empty_calibration_says_how_to_get_a_config(pipeline: Pipeline) -> None:
+    result = dg.materialize([*ALL_ASSETS, calibration], selection=[calibration], instance=pipeline.instance,
+                            resources=pipeline.resources())
+    assert result.success
+    said = _metadata(result, "calibration")["fitted_points"]
+    assert "`architecture: relu`" in said and "`target_l0`" in said
+    assert "sae-pipeline calibrate data/sweeps/calibration_demo.yaml" in said
+    assert str(pipeline.root / "sweeps") in said  # where it looked
+    assert said in (pipeline.layout.calibration_dir / "report.md").read_text()

@@ -1,6 +1,7 @@
 """Matryoshka BatchTopK: the nested loss against an independent computation on both kernels, finite gradients,
-learning planted directions on CPU, prefix widths and config validation, the saved file loaded by SAELens, and a
-partition through the Dagster graph with the checks and reports of every architecture."""
+learning planted directions on CPU, prefix widths and config validation, the saved file read back, and a
+partition through the Dagster graph with the checks and reports of every architecture (SAELens loading it:
+`test_interop.py`, with every architecture)."""
 
 from __future__ import annotations
 
@@ -173,19 +174,6 @@ def test_save_load_round_trip_keeps_the_prefixes(tmp_path):
         got, got_latents = loaded.reconstruct(x)
     assert torch.allclose(got, expected, atol=1e-6) and torch.equal(got_latents, expected_latents)
     assert (expected_latents == 0).any() and (expected_latents > 0).any()
-
-
-def test_saelens_loads_the_saved_matryoshka(tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
-    _, sae = _saved(tmp_path)
-    theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
-    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(8)) * 3
-    with torch.no_grad():
-        expected_x_hat, expected_latents = sae.reconstruct(x)
-        latents = theirs.encode(x)
-        x_hat = theirs.decode(latents)
-    assert torch.allclose(latents, expected_latents, atol=1e-5)
-    assert torch.allclose(x_hat, expected_x_hat, atol=1e-5)
 
 
 def test_matryoshka_partition_through_dagster_passes_the_checks_and_reports(pipeline):

@@ -44,8 +44,8 @@ SCORE_SCHEMA: dict[str, pl.DataType] = {
     "detection_precision": pl.Float64(),
     "detection_recall": pl.Float64(),
     "detection_f1": pl.Float64(),
-    "n_fuzzing": pl.Int64(),  # highlighted held-out contexts scored, half correctly highlighted
-    "fuzzing_accuracy": pl.Float64(),  # null when fewer than min_each of either highlighting exist
+    "n_fuzzing": pl.Int64(),
+    "fuzzing_accuracy": pl.Float64(),
     "fuzzing_precision": pl.Float64(),
     "fuzzing_recall": pl.Float64(),
     "fuzzing_f1": pl.Float64(),
@@ -61,6 +61,13 @@ SCORE_COLUMNS: dict[str, str] = {
     "detection_precision": "of the contexts the scorer said activate, the share that do",
     "detection_recall": "of the activating contexts, the share the scorer found",
     "detection_f1": "harmonic mean of detection_precision and detection_recall",
+    "n_fuzzing": "held-out activating contexts scored for fuzzing, half highlighted where the latent fires and "
+                 "half on as many tokens where it does not",
+    "fuzzing_accuracy": "share of those the scorer, given only the label, judged right (highlighting correct or "
+                        "not); null when fewer than min_each of either highlighting were held out",
+    "fuzzing_precision": "of the contexts the scorer called correctly highlighted, the share that are",
+    "fuzzing_recall": "of the correctly highlighted contexts, the share the scorer accepted",
+    "fuzzing_f1": "harmonic mean of fuzzing_precision and fuzzing_recall",
 }
 """What each SCORE_SCHEMA column holds."""
 

@@ -31,7 +31,8 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "architecture", "expansion_factor", "k", "l1_alpha", "lr", "aux_coeff", "batch_size", "train_tokens",
 )
 METRICS: tuple[str, ...] = (
-    "l0", "l0_fraction", "dead_fraction", "dense_fraction", "fvu", "explained_variance", "mse", "final_loss",
+    "l0", "l0_fraction", "dead_fraction", "dense_fraction", "frequent_fraction", "fvu", "explained_variance", "mse",
+    "relative_reconstruction_bias", "decoder_max_cosine_mean", "decoder_max_cosine_max", "final_loss",
     "train_l0_last_window", "train_dead_fraction_last_window",
 )
 """Held-out metrics (summary.json), then last-window means of training metrics (second half of metrics.parquet)."""

@@ -29,7 +29,12 @@ EMBEDDED_CORPUS = "embedded:stdlib-docstrings"
 PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
 MAX_SPEC_BYTES = 256 * 1024
 """Sweep files larger than this are refused before parsing (a real spec is a few hundred bytes)."""
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+"""Architectures whose sparsity is set by k (and that use AuxK and the sparse kernel)."""
+DEFAULT_MATRYOSHKA_GROUPS = (1 / 32, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+"""Group sizes of `matryoshka` when none are given: prefixes of d_sae / 32, / 16, / 8, / 4, / 2 and all of it."""
+MAX_MATRYOSHKA_GROUPS = 64
 
 
 MAX_SEED = 2**32 - 1
@@ -108,11 +113,13 @@ class SAEConfig(_Strict):
 
     architecture: Architecture = "topk"
     """`relu` (ReLU + L1), `topk` (TopK + AuxK), `batchtopk` (BatchTopK + AuxK; a JumpReLU at inference),
-    `jumprelu` (learnt thresholds + L0 penalty) or `gated` (Gated SAE + L1 on the gate)."""
+    `jumprelu` (learnt thresholds + L0 penalty), `gated` (Gated SAE + L1 on the gate) or `matryoshka`
+    (BatchTopK whose nested prefixes each reconstruct the input; a JumpReLU at inference)."""
     expansion_factor: Int = Field(4, ge=1, le=1024)
     """d_sae = expansion_factor * d_model."""
     k: Int | None = Field(None, ge=1)
-    """Active latents per token for `topk` (per token on average over a batch for `batchtopk`); below d_sae."""
+    """Active latents per token for `topk` (per token on average over a batch for `batchtopk` and `matryoshka`);
+    below d_sae."""
     l1_alpha: float | None = Field(None, ge=0.0)
     """L1 coefficient for `relu` and `gated` (its gate): l1_alpha * mean over batch of the sum over latents of |z|."""
     l1_weighted_by_decoder_norm: bool = False
@@ -126,9 +133,14 @@ class SAEConfig(_Strict):
     jumprelu_init_threshold: float = Field(1e-3, gt=0.0)
     """Initial threshold of every `jumprelu` latent."""
     batchtopk_threshold_decay: float = Field(0.99, ge=0.0, lt=1.0)
-    """EMA decay of the `batchtopk` inference threshold (running estimate of the smallest kept activation)."""
+    """EMA decay of the `batchtopk`/`matryoshka` inference threshold (running estimate of the smallest kept
+    activation)."""
+    matryoshka_groups: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] | None = None
+    """`matryoshka` only: sizes of the dictionary's consecutive groups as fractions of d_sae, summing to 1
+    (2 to 64 of them); prefix j, the first j groups, must reconstruct the input alone. None: 1/32, 1/32, 1/16,
+    1/8, 1/4, 1/2."""
     aux_coeff: float = Field(1 / 32, ge=0.0)
-    """AuxK loss coefficient for `topk`/`batchtopk` (seed 004's aux_loss_coeff); 0 turns AuxK off.
+    """AuxK loss coefficient for `topk`/`batchtopk`/`matryoshka` (seed 004's aux_loss_coeff); 0 turns AuxK off.
     Seed 004's `aux_loss_target` has no counterpart: AuxK (Gao et al. 2024) is set by `k_aux` and the dead
     window `dead_tokens`, and a target fraction of dead latents is what the dead-fraction check reports."""
     k_aux: Int | None = Field(None, ge=1)
@@ -150,8 +162,9 @@ class SAEConfig(_Strict):
     allow_tf32: bool = True
     """Let fp32 matmuls on CUDA use TF32 tensor cores."""
     kernel: Literal["auto", "dense", "sparse"] = "auto"
-    """Training step of `topk`/`batchtopk`: `sparse` touches only the selected latents after the encoder matmul,
-    `dense` is the reference; `auto` picks sparse where it is faster (`saes/topk.py`). Other architectures: dense."""
+    """Training step of `topk`/`batchtopk`/`matryoshka`: `sparse` touches only the selected latents after the
+    encoder matmul, `dense` is the reference; `auto` picks sparse where it is faster (`saes/topk.py`). Other
+    architectures: dense."""
     torch_compile: bool = False
     """Compile the SAE's training forward with `torch.compile` (worth it on CUDA; compiling costs seconds)."""
     grad_clip: float = Field(1.0, gt=0.0)
@@ -173,14 +186,15 @@ class SAEConfig(_Strict):
     early_stop_tolerance: float = Field(0.01, gt=0.0, lt=1.0)
     """Stable: (max - min) / mean of L0 and of loss over the window both below this."""
     target_l0: float | None = Field(None, gt=0.0, lt=1.0)
-    """Optional target fraction of active latents per token (checks report against it; `jumprelu` trains to it)."""
+    """Optional target fraction of active latents per token (checks report against it; `jumprelu` trains to it with
+    a controller on its thresholds, `saes/jumprelu.py`)."""
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
 
     @model_validator(mode="after")
     def _architecture_fields(self) -> SAEConfig:
         arch = self.architecture
-        if arch in ("topk", "batchtopk"):
+        if arch in TOPK_FAMILY:
             if self.k is None:
                 raise ValueError(f"k: required for architecture {arch!r} (an integer >= 1 and < d_sae)")
             if self.l1_alpha is not None:
@@ -199,15 +213,45 @@ class SAEConfig(_Strict):
                                      "sparsity)")
         elif self.l0_coeff is not None:
             raise ValueError(f"l0_coeff: only for architecture 'jumprelu', not {arch!r}; remove it")
-        if self.kernel == "sparse" and arch not in ("topk", "batchtopk"):
-            raise ValueError(f"kernel: 'sparse' exists for topk and batchtopk, not {arch!r}; use 'auto' or 'dense'")
+        if self.kernel == "sparse" and arch not in TOPK_FAMILY:
+            raise ValueError(f"kernel: 'sparse' exists for {', '.join(TOPK_FAMILY)}, not {arch!r}; use 'auto' or "
+                             "'dense'")
+        self._check_matryoshka_groups()
         if self.resample_every and self.architecture != "relu":
             raise ValueError("resample_every: only for architecture 'relu' (TopK-style SAEs use AuxK)")
         return self
 
+    def _check_matryoshka_groups(self) -> None:
+        groups = self.matryoshka_groups
+        if groups is None:
+            return
+        if self.architecture != "matryoshka":
+            raise ValueError(f"matryoshka_groups: only for architecture 'matryoshka', not {self.architecture!r}; "
+                             "remove it")
+        if not 2 <= len(groups) <= MAX_MATRYOSHKA_GROUPS:
+            raise ValueError(f"matryoshka_groups: {len(groups)} group(s); allowed: 2 to {MAX_MATRYOSHKA_GROUPS} "
+                             "(one group is `batchtopk`)")
+        if abs(sum(groups) - 1.0) > 1e-6:
+            raise ValueError(f"matryoshka_groups: fractions of d_sae sum to {sum(groups):.6g}; allowed: a sum of 1")
+
     def d_sae(self, d_model: int) -> int:
         """Dictionary width for a model of width d_model."""
         return self.expansion_factor * d_model
+
+    def matryoshka_widths(self, d_model: int) -> list[int]:
+        """Cumulative widths of the `matryoshka` prefixes (the groups' fractions of d_sae, rounded; the last is
+        d_sae); ConfigError when rounding leaves a group without a latent."""
+        d_sae, widths, total = self.d_sae(d_model), [], 0.0
+        groups = self.matryoshka_groups or DEFAULT_MATRYOSHKA_GROUPS
+        for fraction in groups:
+            total += fraction
+            widths.append(round(total * d_sae))
+        widths[-1] = d_sae
+        if any(b <= a for a, b in zip([0, *widths], widths, strict=False)):
+            raise ConfigError(f"matryoshka_groups: {list(groups)} of d_sae {d_sae} gives prefix widths {widths}; "
+                              "every group needs at least one latent (fewer or larger groups, or a larger "
+                              "expansion_factor)")
+        return widths
 
     def training_bytes(self, d_model: int) -> int:
         """Rough memory of one training step: fp32 weights with their gradients and two Adam moments, and a
@@ -232,6 +276,8 @@ class SAEConfig(_Strict):
                               f"x d_model {d_model})")
         if self.k_aux is not None and self.k_aux >= d_sae:
             raise ConfigError(f"k_aux: {self.k_aux} must be < d_sae = {d_sae}")
+        if self.architecture == "matryoshka":
+            self.matryoshka_widths(d_model)
 
     def partition_key(self) -> str:
         """Deterministic key in the seeds' naming style, e.g. `topk_exp32_k64_lr3e-04_aux3e-02`.
@@ -240,7 +286,7 @@ class SAEConfig(_Strict):
         default, a short hash of those fields is appended so two different configs never share a key.
         """
         parts = [self.architecture, f"exp{self.expansion_factor}"]
-        if self.architecture in ("topk", "batchtopk"):
+        if self.architecture in TOPK_FAMILY:
             parts += [f"k{self.k}", f"lr{self.lr:.0e}", f"aux{self.aux_coeff:.0e}"]
         elif self.architecture == "jumprelu":
             parts += [f"l0c{self.l0_coeff:.0e}", f"lr{self.lr:.0e}"]

@@ -1,11 +1,20 @@
 """Held-out metrics of a saved SAE on raw activations, streamed over the eval shards (memory flat in n_tokens).
 
-Definitions (all over the held-out tokens):
+Definitions (all over the held-out tokens t, on raw activations x_t and their reconstructions x_hat_t):
 - l0: mean number of active latents per token; l0_fraction = l0 / d_sae.
-- dead_fraction: latents that never fire; dense_fraction: latents firing on more than 10 % of tokens.
-- fvu: sum of squared reconstruction errors / sum of squared deviations of the activations from their
-  per-dimension mean; explained_variance = 1 - fvu.
+- dead_fraction: latents that never fire; frequent_fraction: latents firing on more than 1 % of tokens;
+  dense_fraction: on more than 10 %.
+- fvu: sum_t ||x_hat_t - x_t||^2 / sum_t ||x_t - mean||^2, the mean being the per-dimension mean of the
+  held-out activations (against the mean, not against zero: a reconstruction that outputs the mean scores
+  fvu 1, explained variance 0); explained_variance = 1 - fvu.
 - mse: mean squared error per element; cosine: mean cosine(x, x_hat); l2_ratio: mean ||x_hat|| / ||x||.
+- relative_reconstruction_bias (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
+  Autoencoders", their measure of shrinkage): the gamma minimising
+  sum_t ||x_hat_t / gamma - x_t||^2, in closed form sum_t ||x_hat_t||^2 / sum_t <x_hat_t, x_t> (the inverse of
+  the best rescaling <x_hat, x> / ||x_hat||^2). 1 is unbiased; below 1 the reconstructions are shrunk
+  (x_hat ~ gamma * x), as an L1 penalty does; NaN when sum_t <x_hat_t, x_t> is 0.
+- decoder_max_cosine_mean / decoder_max_cosine_max: for each latent, the largest cosine between its decoder row
+  and any other latent's; the mean over latents, and the largest of all (near 1: duplicated latents).
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from sae_pipeline.activations import ActivationStore
 from sae_pipeline.saes import SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1
+FREQUENT_THRESHOLD = 0.01
+COSINE_CHUNK = 1024
+"""Decoder rows compared at once in `decoder_max_cosines` (memory COSINE_CHUNK x d_sae)."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +44,26 @@ class EvalMetrics:
     cosine: float
     l2_ratio: float
     n_tokens: int
+    frequent_fraction: float
+    relative_reconstruction_bias: float
+    decoder_max_cosine_mean: float
+    decoder_max_cosine_max: float
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+@torch.no_grad()
+def decoder_max_cosines(W_dec: torch.Tensor, chunk: int = COSINE_CHUNK) -> torch.Tensor:
+    """[d_sae]: each decoder row's largest cosine with any other row, COSINE_CHUNK rows at a time."""
+    rows = W_dec.double()
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    best = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
+    for start in range(0, len(rows), chunk):
+        cosines = rows[start:start + chunk] @ rows.t()
+        cosines[:, start:start + chunk].fill_diagonal_(float("-inf"))
+        best[start:start + chunk] = cosines.max(dim=1).values
+    return best
 
 
 @torch.no_grad()
@@ -46,7 +75,8 @@ def evaluate_sae(sae: SparseAutoencoder, store: ActivationStore, device: str | t
     fire_counts = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
     sum_x2 = torch.zeros(d, dtype=torch.float64, device=device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # active latents, sse, cosine, l2 ratio
+    # active latents, sse, cosine, l2 ratio, sum ||x_hat||^2, sum <x_hat, x>
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
     n = 0
     for x in store.iter_split("eval", chunk):
         x = x.to(device)
@@ -61,12 +91,15 @@ def evaluate_sae(sae: SparseAutoencoder, store: ActivationStore, device: str | t
             (x_hat - x).double().pow(2).sum(),
             torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12).double().sum(),
             (x_hat.norm(dim=-1) / x_norm).double().sum(),
+            x_hat.double().pow(2).sum(),
+            (x_hat.double() * x.double()).sum(),
         ])
         n += len(x)
     total_variance = (sum_x2 - sum_x.pow(2) / n).sum().clamp(min=1e-30)
-    active_total, sse, cosine, l2_ratio = totals.tolist()
+    active_total, sse, cosine, l2_ratio, hat_squared, hat_dot_x = totals.tolist()
     fvu = sse / total_variance.item()
     frequency = fire_counts / n
+    max_cosines = decoder_max_cosines(sae.W_dec) if sae.d_sae > 1 else torch.full((1,), float("nan"))
     metrics = EvalMetrics(
         l0=active_total / n,
         l0_fraction=active_total / n / sae.d_sae,
@@ -78,5 +111,9 @@ def evaluate_sae(sae: SparseAutoencoder, store: ActivationStore, device: str | t
         cosine=cosine / n,
         l2_ratio=l2_ratio / n,
         n_tokens=n,
+        frequent_fraction=(frequency > FREQUENT_THRESHOLD).double().mean().item(),
+        relative_reconstruction_bias=hat_squared / hat_dot_x if hat_dot_x else float("nan"),
+        decoder_max_cosine_mean=max_cosines.mean().item(),
+        decoder_max_cosine_max=max_cosines.max().item(),
     )
     return metrics, fire_counts.cpu()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import minimize_scalar
 
-from sae_pipeline.evaluation import DENSE_THRESHOLD, evaluate_sae
+from sae_pipeline.evaluation import DENSE_THRESHOLD, FREQUENT_THRESHOLD, decoder_max_cosines, evaluate_sae
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.saes.topk import TopKSAE
 from sae_pipeline_tests.synthetic import write_store
@@ -43,7 +46,24 @@ def _make_sae(arch: str, normalize: str = "none"):
         if arch == "relu":
             b_enc[5:8] = 1e3  # always fire: dense
         sae.b_enc.copy_(b_enc)
+        sae.W_dec[9].copy_(2.0 * sae.W_dec[12] + 0.05 * sae.W_dec[13])  # a near-duplicate pair of rows
     return sae
+
+
+def _shrinkage_by_minimisation(x_hat: np.ndarray, x: np.ndarray) -> float:
+    """The gamma minimising sum ||x_hat / gamma - x||^2, found numerically (not from the closed form)."""
+    found = minimize_scalar(lambda log_gamma: ((x_hat * np.exp(-log_gamma) - x) ** 2).sum(), bounds=(-20, 20),
+                            method="bounded", options={"xatol": 1e-12})
+    return float(np.exp(found.x))
+
+
+def _max_cosines_by_loop(w_dec: np.ndarray) -> list[float]:
+    """Each row's largest cosine with any other row, pair by pair."""
+    best = [-np.inf] * len(w_dec)
+    for i, j in itertools.permutations(range(len(w_dec)), 2):
+        cosine = w_dec[i] @ w_dec[j] / (np.linalg.norm(w_dec[i]) * np.linalg.norm(w_dec[j]))
+        best[i] = max(best[i], cosine)
+    return best
 
 
 def _reference(sae, x: np.ndarray) -> dict[str, float]:
@@ -71,6 +91,7 @@ def _reference(sae, x: np.ndarray) -> dict[str, float]:
     x_norm, x_hat_norm = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
     cosine = (x * x_hat).sum(axis=1) / np.maximum(x_norm * x_hat_norm, 1e-12)
     l0 = active.sum(axis=1).mean()
+    max_cosines = _max_cosines_by_loop(w_dec)
     return {
         "l0": l0,
         "l0_fraction": l0 / latents.shape[1],
@@ -81,6 +102,10 @@ def _reference(sae, x: np.ndarray) -> dict[str, float]:
         "mse": sse / x.size,
         "cosine": cosine.mean(),
         "l2_ratio": (x_hat_norm / np.maximum(x_norm, 1e-12)).mean(),
+        "frequent_fraction": (frequency > FREQUENT_THRESHOLD).mean(),
+        "relative_reconstruction_bias": _shrinkage_by_minimisation(x_hat, x),
+        "decoder_max_cosine_mean": np.mean(max_cosines),
+        "decoder_max_cosine_max": np.max(max_cosines),
         "fire_counts": active.sum(axis=0),
     }
 
@@ -94,13 +119,16 @@ def test_metrics_equal_numpy_recomputation(store, arch, normalize, chunk):
     expected = _reference(sae, _eval_matrix(store))
     assert metrics.n_tokens == N_EVAL
     got = metrics.as_dict()
-    for name in ("l0", "l0_fraction", "dead_fraction", "dense_fraction"):
+    for name in ("l0", "l0_fraction", "dead_fraction", "dense_fraction", "frequent_fraction"):
         assert got[name] == pytest.approx(expected[name], abs=1e-12), name
-    for name in ("fvu", "explained_variance", "mse", "cosine", "l2_ratio"):
+    for name in ("fvu", "explained_variance", "mse", "cosine", "l2_ratio", "relative_reconstruction_bias",
+                 "decoder_max_cosine_mean", "decoder_max_cosine_max"):
         assert got[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
     assert np.array_equal(fire_counts.numpy(), expected["fire_counts"])
     # the test data exercises every metric away from its trivial value
     assert 0 < got["dead_fraction"] < 1 and got["fvu"] > 0
+    assert 0 < got["frequent_fraction"] >= got["dense_fraction"] and got["relative_reconstruction_bias"] != 1
+    assert got["decoder_max_cosine_mean"] < got["decoder_max_cosine_max"] > 0.99  # rows 9 and 12
     if arch == "relu":
         assert got["dense_fraction"] > 0
     if arch == "topk":
@@ -135,3 +163,39 @@ def test_perfect_reconstruction_metrics(tmp_path):
     assert metrics.l2_ratio == pytest.approx(1.0, abs=1e-6)
     assert metrics.l0 == pytest.approx(3.0)  # one of each +/- pair fires (no exact zeros in randn)
     assert counts.sum().item() == 60
+    assert metrics.relative_reconstruction_bias == pytest.approx(1.0, abs=1e-9)
+    # rows +e_i, -e_i: another row is orthogonal (cosine 0) or opposite (-1), so each row's max is 0
+    assert metrics.decoder_max_cosine_mean == pytest.approx(0.0, abs=1e-12)
+    assert metrics.decoder_max_cosine_max == pytest.approx(0.0, abs=1e-12)
+
+    with torch.no_grad():
+        sae.W_dec.mul_(0.6)  # x_hat = 0.6 x: shrunk by 0.6, and the relative reconstruction bias says so
+    shrunk, _ = evaluate_sae(sae, store, chunk=6)
+    assert shrunk.relative_reconstruction_bias == pytest.approx(0.6, rel=1e-6)
+    assert shrunk.fvu > 0 and shrunk.cosine == pytest.approx(1.0, abs=1e-6)
+
+
+def test_explained_variance_is_against_the_mean_not_zero(tmp_path):
+    """An SAE that outputs the held-out mean for every token explains nothing (fvu 1, explained variance 0), even
+    though the activations sit far from zero; against zero it would score about 0.99."""
+    generator = torch.Generator().manual_seed(3)
+    eval_ = torch.randn(40, 4, generator=generator) + torch.tensor([10.0, -8.0, 6.0, 12.0])
+    store = write_store(tmp_path, torch.randn(10, 4), eval_, shard_tokens=16)
+    sae = ReluSAE(4, 8)
+    with torch.no_grad():
+        sae.W_enc.normal_(generator=generator)
+        sae.W_dec.zero_()
+        sae.b_dec.copy_(eval_.double().mean(dim=0).float())
+    metrics, _ = evaluate_sae(sae, store, chunk=16)
+    x = eval_.double().numpy()
+    against_zero = 1 - ((x - x.mean(axis=0)) ** 2).sum() / (x ** 2).sum()
+    assert against_zero > 0.98
+    assert metrics.fvu == pytest.approx(1.0, abs=1e-5)
+    assert metrics.explained_variance == pytest.approx(0.0, abs=1e-5)
+
+
+def test_decoder_max_cosines_in_chunks_equal_one_pass():
+    w_dec = torch.randn(37, 5, generator=torch.Generator().manual_seed(4))
+    expected = _max_cosines_by_loop(w_dec.double().numpy())
+    for chunk in (1, 8, 37, 100):
+        assert decoder_max_cosines(w_dec, chunk=chunk).tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)

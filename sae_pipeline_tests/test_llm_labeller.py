@@ -27,7 +27,7 @@ from sae_pipeline.labelling import (
     LLMLabeller,
     label_features,
 )
-from sae_pipeline.scoring import LLMScorer
+from sae_pipeline.scoring import FUZZING_SYSTEM_PROMPT, Highlighted, LLMScorer
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 from sae_pipeline_tests.test_labelling import DEAD, NEAR_ZERO, PLANTED
 from sae_pipeline_tests.test_labelling import features as features_table  # noqa: F401  (fixture)
@@ -152,6 +152,13 @@ def test_labeller_sends_live_latents_with_examples_and_key_in_header_only(server
 def test_scorer_parses_the_answer_and_endpoint_errors_hide_the_key(server):
     scorer = LLMScorer(ChatClient(server.url, "fake-model", KEY))
     assert scorer.predict("words", [["a"], ["b"], ["c"]]) == [True, True, True]
+    _check_request_hygiene(server.requests[-1])
+    highlighted = [Highlighted(["we", "import", "x"], [False, True, False], True),
+                   Highlighted(["we", "import", "x"], [True, False, False], False)]
+    assert scorer.judge_highlights("'import'", highlighted) == [True, True]
+    sent = json.loads(server.requests[-1]["body"])["messages"]
+    assert sent[0]["content"] == FUZZING_SYSTEM_PROMPT
+    assert sent[1]["content"].splitlines()[2:] == ["Example 1: we <<import>> x", "Example 2: <<we>> import x"]
     _check_request_hygiene(server.requests[-1])
     broken = ChatClient("http://127.0.0.1:9/v1", "fake-model", KEY, timeout=2, retries=0)
     with pytest.raises(LLMError) as error:

@@ -1,4 +1,5 @@
-"""Delphi-style detection scoring on planted data: a one-token latent scores ~1, a random latent ~chance.
+"""Delphi-style detection and fuzzing scoring on planted data: a one-token latent scores ~1, a random latent
+~chance.
 
 A synthetic corpus of common words (MiniLM tokens) with 'import' sprinkled in; activation dim 0 is non-zero
 exactly on 'import' tokens, dims 1..8 fire on a random 3 % of tokens whatever the token is. The SAE maps dim i to
@@ -23,9 +24,11 @@ from sae_pipeline.labelling import OfflineLabeller, label_features
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.scoring import (
     SCORE_SCHEMA,
+    Highlighted,
     OfflineScorer,
     best_worst_markdown,
-    detection_metrics,
+    classification_metrics,
+    fuzzing_contexts,
     label_terms,
     score_labels,
     scores_summary,
@@ -88,6 +91,7 @@ def test_planted_latent_is_named_and_detected(planted):
     row = scores.filter(pl.col("latent_id") == 0).row(0, named=True)
     assert row["n_positive"] >= 5 and row["n_negative"] == row["n_positive"]
     assert row["detection_accuracy"] >= 0.95 and row["detection_f1"] >= 0.95
+    assert row["n_fuzzing"] >= 6 and row["fuzzing_accuracy"] == 1.0 and row["fuzzing_f1"] == 1.0
 
 
 def test_random_latents_score_near_chance(planted):
@@ -97,6 +101,8 @@ def test_random_latents_score_near_chance(planted):
     mean = random_rows["detection_accuracy"].mean()
     assert 0.35 <= mean <= 0.65, random_rows
     assert random_rows["detection_accuracy"].max() < 0.85
+    assert random_rows["fuzzing_accuracy"].null_count() == 0
+    assert 0.35 <= random_rows["fuzzing_accuracy"].mean() <= 0.65, random_rows  # measured 0.50
 
 
 def test_held_out_contexts_are_not_the_labelling_examples(planted):
@@ -106,14 +112,41 @@ def test_held_out_contexts_are_not_the_labelling_examples(planted):
     assert held.join(top, on=["latent_id", "seq_id", "position"], how="inner").is_empty()
 
 
-def test_detection_metrics_by_hand():
+def test_classification_metrics_by_hand():
     truth = [True, True, True, False, False, False]
     predicted = [True, True, False, True, False, False]
     # tp 2, fp 1, fn 1, correct 4
-    assert detection_metrics(truth, predicted) == pytest.approx(
+    assert classification_metrics(truth, predicted, "detection") == pytest.approx(
         {"detection_accuracy": 4 / 6, "detection_precision": 2 / 3, "detection_recall": 2 / 3,
          "detection_f1": 2 / 3})
-    assert detection_metrics([True, False], [False, False])["detection_f1"] == 0.0
+    assert classification_metrics([True, False], [False, False], "fuzzing")["fuzzing_f1"] == 0.0
+
+
+def _example(rank: int, tokens: list[str], values: list[float], kind: str = "quantile") -> dict:
+    return {"latent_id": 3, "kind": kind, "rank": rank, "band": 0, "center": 2, "tokens": tokens,
+            "token_activations": [float(v) for v in values]}
+
+
+def test_fuzzing_contexts_alternate_true_and_false_highlights_by_hand():
+    examples = pl.DataFrame([
+        _example(0, ["a", "b", "import", "c", "d"], [0, 0, 1.2, 0, 0]),
+        _example(1, ["e", "import", "f", "import", "g"], [0, 0.7, 0, 0.9, 0]),
+        _example(2, ["h", "i", "import", "j", "k"], [0, 0, 2.0, 0.1, 0]),
+        _example(3, ["import"] * 5, [1.0] * 5),  # nowhere to put false marks: skipped
+        _example(4, ["l", "m", "import", "n", "o"], [0, 0, 0.4, 0, 0]),
+        _example(0, ["x", "y", "z", "w", "v"], [0] * 5, kind="random"),  # not an activating context
+    ])
+    contexts = fuzzing_contexts(examples, latent_id=3, window=8)
+    assert [c.correct for c in contexts] == [True, False]  # 3 correct (ranks 0, 2, 4), 1 false (rank 1)
+    assert contexts[0] == Highlighted(["a", "b", "import", "c", "d"], [False, False, True, False, False], True)
+    false = contexts[1]
+    assert false.tokens == ["e", "import", "f", "import", "g"] and sum(false.marked) == 2
+    assert not any(mark and value > 0 for mark, value in zip(false.marked, [0, 0.7, 0, 0.9, 0], strict=True))
+    assert fuzzing_contexts(examples, 3) == contexts  # seeded by the latent id
+    # the offline judge applies the label's terms to the marked tokens only
+    assert OfflineScorer().judge_highlights("'import'", contexts) == [True, False]
+    # a label naming the tokens around 'import' calls the false marks right and the true ones wrong
+    assert OfflineScorer().judge_highlights("'e', 'f', 'g'", contexts) == [False, True]
 
 
 def test_label_terms_and_token_match():
@@ -128,8 +161,10 @@ def test_unscorable_latents_get_null_scores_and_summary_skips_them(planted):
     only_top = tables.examples.filter(pl.col("kind") == "top")  # nothing held out
     scores = score_labels(labels, only_top)
     assert dict(scores.schema) == SCORE_SCHEMA and scores["detection_accuracy"].null_count() == len(labels)
+    assert scores["fuzzing_accuracy"].null_count() == len(labels)
     summary = scores_summary(with_scores(labels, scores))
     assert summary["n_scored"] == 0 and summary["mean_detection_accuracy"] is None
+    assert summary["n_fuzzed"] == 0 and summary["mean_fuzzing_accuracy"] is None
 
 
 def test_summary_and_best_worst_markdown(planted):
@@ -139,6 +174,7 @@ def test_summary_and_best_worst_markdown(planted):
     assert summary["n_labelled"] == len(labels) == 1 + N_RANDOM_LATENTS
     assert summary["mean_detection_accuracy"] == pytest.approx(sum(scores["detection_accuracy"].to_list())
                                                                / len(scores))
+    assert summary["mean_fuzzing_accuracy"] == pytest.approx(sum(scores["fuzzing_accuracy"].to_list()) / len(scores))
     text = best_worst_markdown(scored, n=2)
     best, worst = text.split("**Worst labelled**")
     assert "| 0 |" in best.splitlines()[4] and "| 0 |" not in worst

@@ -9,6 +9,7 @@ from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder, load_state,
 from sae_pipeline.saes.batchtopk import BatchTopKSAE
 from sae_pipeline.saes.gated import GatedSAE
 from sae_pipeline.saes.jumprelu import JumpReLUSAE
+from sae_pipeline.saes.matryoshka import MatryoshkaSAE
 from sae_pipeline.saes.relu import ReluSAE
 from sae_pipeline.saes.topk import TopKSAE
 
@@ -16,7 +17,8 @@ if TYPE_CHECKING:  # the architectures import with torch alone (sae_pipeline.ben
     from sae_pipeline.config import SAEConfig
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
-                                                     "jumprelu": JumpReLUSAE, "gated": GatedSAE}
+                                                     "jumprelu": JumpReLUSAE, "gated": GatedSAE,
+                                                     "matryoshka": MatryoshkaSAE}
 
 
 def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
@@ -29,6 +31,10 @@ def build_sae(cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
     if cfg.architecture == "batchtopk":
         return BatchTopKSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
                             threshold_decay=cfg.batchtopk_threshold_decay, kernel=cfg.kernel)
+    if cfg.architecture == "matryoshka":
+        return MatryoshkaSAE(d_in, cfg.d_sae(d_in), normalize, k=cfg.k, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
+                             threshold_decay=cfg.batchtopk_threshold_decay, kernel=cfg.kernel,
+                             widths=cfg.matryoshka_widths(d_in))
     if cfg.architecture == "jumprelu":
         target = None if cfg.target_l0 is None else cfg.target_l0 * cfg.d_sae(d_in)
         return JumpReLUSAE(d_in, cfg.d_sae(d_in), normalize, bandwidth=cfg.jumprelu_bandwidth,

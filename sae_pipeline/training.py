@@ -344,14 +344,29 @@ def plan_groups(cfgs: list[SAEConfig], d_model: int, memory_bytes: int | None = 
     return groups
 
 
+LOCKSTEP_BYTES = 64 * 2**20
+"""Most memory held by the batches read ahead for a group (`lockstep_batches`)."""
+
+
+def lockstep_batches(batch_size: int, d_model: int, n_members: int) -> int:
+    """Batches a group reads ahead, each then stepped by one member after another: a member's weights and
+    optimiser state stay in cache over several steps, where stepping the members in turn on every batch ran
+    ~8 % slower than training them one at a time on a 2-core CPU. Up to 8 batches within LOCKSTEP_BYTES (fp32);
+    1 for a group of one."""
+    if n_members == 1:
+        return 1
+    return max(1, min(8, LOCKSTEP_BYTES // (batch_size * d_model * 4)))
+
+
 def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "auto",
                 checkpoint_dirs: list[Path | None] | None = None,
                 logs: list[Callable[[dict], None] | None] | None = None,
                 on_checkpoints: list[Callable[[], None] | None] | None = None) -> list[TrainResult | Exception]:
     """Train several SAEs in lockstep on one shuffled stream: each batch is read once and stepped by every
-    config, which keeps its own optimiser, schedule, statistics, early stop, log and checkpoint, so a config
-    trained in a group equals the same config trained alone. A config whose step raises is dropped from the
-    group and its exception returned in its place; the others go on. `group_key` must agree for all."""
+    config (a few batches at a time, `lockstep_batches`), which keeps its own optimiser, schedule, statistics,
+    early stop, log and checkpoint, so a config trained in a group equals the same config trained alone. A
+    config whose start or step raises is dropped from the group and its exception returned in its place; the
+    others go on. `group_key` must agree for all."""
     n = len(cfgs)
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -378,15 +393,20 @@ def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "au
         sampler.load_state_dict(live[0].sampler_state)
     aux_from = {i: m.step + int(steps_until_dead_possible(m.tokens_since_fired, m.dead_window, m.cfg.batch_size))
                 for i, m in enumerate(members) if m is not None}
+    n_ahead = lockstep_batches(live[0].cfg.batch_size, store.d_model, len(live))
     # on an accelerator the next batches are read while a step computes; on a CPU that would slow the step
     with Prefetcher(sampler, depth=0 if dev.type == "cpu" else 2) as loader:
         while active := [i for i, m in enumerate(members) if m is not None and not m.finished and results[i] is None]:
-            raw, state = loader.next_batch(), loader.state_dict()
+            batches = [(loader.next_batch(), loader.state_dict()) for _ in range(n_ahead)]
             for i in active:
-                try:
-                    aux_from[i] = members[i].train_on(raw, aux_from[i], state)
-                except Exception as error:  # one bad config fails alone; its group mates train on
-                    results[i] = error
+                for raw, state in batches:
+                    if members[i].finished:
+                        break
+                    try:
+                        aux_from[i] = members[i].train_on(raw, aux_from[i], state)
+                    except Exception as error:  # one bad config fails alone; its group mates train on
+                        results[i] = error
+                        break
     wall = time.perf_counter() - started
     return [result if result is not None else member.result(wall) for result, member in
             zip(results, members, strict=True)]

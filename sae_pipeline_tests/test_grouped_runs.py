@@ -22,6 +22,7 @@ from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import SAE_RUN_SIZE, sae
 from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline.defs.freshness import is_current, stale_resolver
+from sae_pipeline.markdown import round_significant
 from sae_pipeline.quality import blocking_failures
 from sae_pipeline.saes import load_sae
 from sae_pipeline.sweeps import read_summary
@@ -59,7 +60,7 @@ def test_a_ranged_run_trains_one_group_and_materialises_each_partition(pipeline:
     for key, cfg in zip(keys, cfgs, strict=True):
         (materialization,) = _materializations(pipeline, key, result.run_id)
         summary = read_summary(pipeline.layout, key)
-        assert materialization.metadata["fvu"].value == summary["metrics"]["fvu"]
+        assert materialization.metadata["fvu"].value == round_significant(summary["metrics"]["fvu"], 4)
         assert {name for partition, name in evaluations if partition == key} == {s.name for s in SAE_CHECKS}
         assert blocking_failures(pipeline.layout.sae_dir(key)) == []
         alone = train_sae(cfg, ActivationStore(pipeline.layout.activations_dir), "cpu")

@@ -8,7 +8,7 @@ import torch
 
 from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.saes.relu import ReluSAE
-from sae_pipeline.training import CHECKPOINT_FILE, plan_groups, train_group, train_sae
+from sae_pipeline.training import CHECKPOINT_FILE, LOCKSTEP_BYTES, lockstep_batches, plan_groups, train_group, train_sae
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,3 +102,10 @@ def test_plan_groups_by_stream_and_memory():
     one = a.training_bytes(16)
     assert plan_groups([a, a, a], 16, memory_bytes=2 * one) == [[0, 1], [2]]  # split where it would not fit
     assert plan_groups([a, a, a], 16, memory_bytes=one // 2) == [[0], [1], [2]]
+
+
+def test_a_group_reads_ahead_within_its_memory_bound() -> None:
+    assert lockstep_batches(1024, 384, n_members=1) == 1  # alone: nothing read ahead
+    assert lockstep_batches(1024, 384, n_members=5) == 8
+    assert lockstep_batches(8192, 4096, n_members=5) == 1  # 128 MiB a batch: one at a time
+    assert LOCKSTEP_BYTES >= 2 * 4096 * 2048 * 4 and lockstep_batches(2048, 4096, n_members=2) == 2

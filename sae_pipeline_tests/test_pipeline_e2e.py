@@ -16,10 +16,11 @@ from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analys
 from sae_pipeline.storage import CORPUS_FILE
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 
-SAE_METADATA_KEYS = {"l0", "l0_fraction", "dead_fraction", "dense_fraction", "fvu", "explained_variance", "mse",
-                     "train_tokens", "wall_seconds", "weights_dir", "training_curves", "cosine", "l2_ratio",
-                     "downstream_kind", "downstream_spliced", "downstream_ablated", "downstream_recovered",
-                     "feature_density", "resumed_from_step"}
+SAE_METADATA_KEYS = {"l0", "l0_fraction", "dead_fraction", "dense_fraction", "frequent_fraction", "fvu",
+                     "explained_variance", "mse", "train_tokens", "wall_time", "weights_dir", "training_curves",
+                     "cosine", "l2_ratio", "relative_reconstruction_bias", "decoder_max_cosine_mean",
+                     "decoder_max_cosine_max", "downstream_kind", "downstream_spliced", "downstream_ablated",
+                     "downstream_recovered", "feature_density", "resumed_from_step"}
 
 
 def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:

@@ -82,7 +82,7 @@ from sae_pipeline.labelling import (
     write_labels,
 )
 from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
-from sae_pipeline.markdown import markdown_table, rounded
+from sae_pipeline.markdown import format_duration, markdown_table, rounded
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
@@ -348,16 +348,20 @@ def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore
         quality.write_verdict(folder, outcomes)
     layout.remove(layout.checkpoint_dir(key))
     return PublishedSAE(outcomes, {
-        "l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
-        "dense_fraction": metrics.dense_fraction, "fvu": metrics.fvu,
-        "explained_variance": metrics.explained_variance, "mse": metrics.mse,
-        "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
+        **rounded({"l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
+                   "dense_fraction": metrics.dense_fraction, "frequent_fraction": metrics.frequent_fraction,
+                   "fvu": metrics.fvu, "explained_variance": metrics.explained_variance, "mse": metrics.mse,
+                   "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
+                   "relative_reconstruction_bias": metrics.relative_reconstruction_bias,
+                   "decoder_max_cosine_mean": metrics.decoder_max_cosine_mean,
+                   "decoder_max_cosine_max": metrics.decoder_max_cosine_max,
+                   "downstream_spliced": downstream.spliced, "downstream_ablated": downstream.ablated,
+                   "downstream_recovered": downstream.recovered}),
+        "train_tokens": result.train_tokens, "wall_time": format_duration(result.wall_seconds),
         "resumed_from_step": result.resumed_from_step,
         "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
         "training_curves": dg.MetadataValue.md(png_markdown(curves, f"training curves {key}")),
-        "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
-        "downstream_kind": downstream.kind, "downstream_spliced": downstream.spliced,
-        "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
+        "downstream_kind": downstream.kind,
         "feature_density": dg.MetadataValue.md(png_markdown(density, f"feature density {key}"))})
 
 
@@ -619,6 +623,7 @@ def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, lay
         "n_labelled": len(scored), "n_scored": summary["n_scored"],
         "mean_detection_accuracy": rounded(summary["mean_detection_accuracy"]),
         "mean_detection_f1": rounded(summary["mean_detection_f1"]),
+        "n_fuzzed": summary["n_fuzzed"], "mean_fuzzing_accuracy": rounded(summary["mean_fuzzing_accuracy"]),
         "labeller": labeller.name, "scorer": scorer.name,
         "best_labelled": dg.MetadataValue.md(labels_markdown(scored)),
         "best_and_worst_scored": dg.MetadataValue.md(best_worst_markdown(scored)),

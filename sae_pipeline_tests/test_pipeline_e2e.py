@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
+from sae_pipeline.markdown import round_significant
 from sae_pipeline.storage import CORPUS_FILE
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 
@@ -83,8 +84,10 @@ def test_healthy_partition_end_to_end(pipeline: Pipeline) -> None:
     weights = load_file(str(folder / "sae_weights.safetensors"))
     assert weights["W_enc"].shape == (384, 768) and weights["W_dec"].shape == (768, 384)
     expected = _independent_metrics(weights, _eval_activations(pipeline), cfg.k)
+    summary = json.loads((folder / "summary.json").read_text())["metrics"]
     for name, value in expected.items():
-        assert meta[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert summary[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name  # full precision on disk
+        assert meta[name] == round_significant(summary[name], 4), name  # what a reader needs in the UI
     assert meta["train_tokens"] == cfg.train_tokens
     assert meta["fvu"] < 1.0  # it learned something real
     assert meta["downstream_kind"] == "encoder"  # MiniLM: cosine of pooled sentence embeddings

@@ -102,3 +102,16 @@ def recovery_score(decoder: Tensor, directions: Tensor) -> float:
     dec = decoder.double() / decoder.double().norm(dim=1, keepdim=True).clamp(min=1e-12)
     dirs = directions.double() / directions.double().norm(dim=1, keepdim=True)
     return (dirs @ dec.t()).max(dim=1).values.mean().item()
+
+
+PLANTED_D, PLANTED_DIRECTIONS, PLANTED_K = 32, 64, 3
+PLANTED_RUN = dict(expansion_factor=4, batch_size=256, train_tokens=100_000, lr=3e-3, lr_warmup_steps=10,
+                   log_every=50)
+"""Training fields for the planted store: a run that recovers its directions on CPU in seconds."""
+
+
+def planted_store(folder: Path) -> tuple[ActivationStore, torch.Tensor]:
+    """A store of PLANTED_K-sparse combinations of PLANTED_DIRECTIONS directions in PLANTED_D dims, and those
+    directions."""
+    data, directions = planted_sparse_data(22_000, PLANTED_D, PLANTED_DIRECTIONS, PLANTED_K, seed=0)
+    return write_store(folder, data[:20_000], data[20_000:], shard_tokens=4096), directions

@@ -17,19 +17,25 @@ from sae_pipeline.saes.batchtopk import BatchTopKSAE, batch_topk_latents, min_ke
 from sae_pipeline.saes.gated import GatedSAE
 from sae_pipeline.saes.jumprelu import TARGET_GAIN, JumpReLUFunction, JumpReLUSAE, StepFunction
 from sae_pipeline.training import CHECKPOINT_FILE, sparsity_coefficient, train_sae
-from sae_pipeline_tests.synthetic import planted_sparse_data, recovery_score, write_store
+from sae_pipeline_tests.synthetic import (
+    PLANTED_D,
+    PLANTED_DIRECTIONS,
+    PLANTED_K,
+    PLANTED_RUN,
+    planted_sparse_data,
+    planted_store,
+    recovery_score,
+    write_store,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-D, N_DIRS, K_ACTIVE = 32, 64, 3
-RUN = dict(expansion_factor=4, batch_size=256, train_tokens=100_000, lr=3e-3, lr_warmup_steps=10, log_every=50)
+D, N_DIRS, K_ACTIVE, RUN = PLANTED_D, PLANTED_DIRECTIONS, PLANTED_K, PLANTED_RUN
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    data, directions = planted_sparse_data(22_000, D, N_DIRS, K_ACTIVE, seed=0)
-    store = write_store(tmp_path_factory.mktemp("planted"), data[:20_000], data[20_000:], shard_tokens=4096)
-    return store, directions
+    return planted_store(tmp_path_factory.mktemp("planted"))
 
 
 def _train(planted, **fields):

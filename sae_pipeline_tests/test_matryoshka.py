@@ -20,7 +20,14 @@ from sae_pipeline.saes.matryoshka import MatryoshkaSAE
 from sae_pipeline.sweeps import read_summary
 from sae_pipeline.training import train_sae
 from sae_pipeline_tests.conftest import tiny_topk
-from sae_pipeline_tests.synthetic import planted_sparse_data, recovery_score, write_store
+from sae_pipeline_tests.synthetic import (
+    PLANTED_D,
+    PLANTED_DIRECTIONS,
+    PLANTED_K,
+    PLANTED_RUN,
+    planted_store,
+    recovery_score,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,15 +98,12 @@ def test_an_inner_prefix_loss_reaches_only_its_own_latents():
     assert sae.W_dec.grad[WIDTHS[0]:].abs().sum() == 0 and sae.W_dec.grad[:WIDTHS[0]].abs().sum() > 0
 
 
-D, N_DIRS, K_ACTIVE = 32, 64, 3
-RUN = dict(expansion_factor=4, batch_size=256, train_tokens=100_000, lr=3e-3, lr_warmup_steps=10, log_every=50)
+D, N_DIRS, K_ACTIVE, RUN = PLANTED_D, PLANTED_DIRECTIONS, PLANTED_K, PLANTED_RUN
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    data, directions = planted_sparse_data(22_000, D, N_DIRS, K_ACTIVE, seed=0)
-    store = write_store(tmp_path_factory.mktemp("planted"), data[:20_000], data[20_000:], shard_tokens=4096)
-    return store, directions
+    return planted_store(tmp_path_factory.mktemp("planted"))
 
 
 def test_matryoshka_learns_planted_directions_on_cpu(planted):

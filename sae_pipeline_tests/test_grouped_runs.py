@@ -19,6 +19,7 @@ from dagster._daemon.backfill import execute_backfill_iteration
 
 from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import SAEConfig
+from sae_pipeline.defs import assets
 from sae_pipeline.defs.assets import SAE_RUN_SIZE, sae
 from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline.defs.freshness import is_current, stale_resolver
@@ -132,3 +133,21 @@ def test_an_asset_backfill_of_ten_partitions_launches_two_sae_runs(tmp_path: Pat
     assert sorted((run.tags[ASSET_PARTITION_RANGE_START_TAG], run.tags[ASSET_PARTITION_RANGE_END_TAG])
                   for run in runs) == [(keys[0], keys[7]), (keys[8], keys[9])]
     assert all(run.asset_selection == {SAE_KEY} for run in runs)
+
+
+def test_a_partition_that_fails_to_publish_fails_alone(pipeline: Pipeline, monkeypatch) -> None:
+    keys = [pipeline.register(tiny_topk(k=k, train_tokens=256 * 20)) for k in (2, 9)]
+    original = assets.evaluate_sae
+
+    def fails_for_k9(autoencoder, *args, **kwargs):
+        if autoencoder.k == 9:
+            raise OSError("planted: the eval shards went away")
+        return original(autoencoder, *args, **kwargs)
+
+    monkeypatch.setattr(assets, "evaluate_sae", fails_for_k9)
+    result = _ranged(pipeline, keys)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    assert f"{keys[1]}: publishing failed (OSError: planted" in failure.step_failure_data.error.message
+    assert len(_materializations(pipeline, keys[0], result.run_id)) == 1
+    assert _materializations(pipeline, keys[1], result.run_id) == []

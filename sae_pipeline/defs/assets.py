@@ -377,8 +377,9 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
                      trust_remote_code: bool) -> Iterator[dg.AssetMaterialization]:
     """Train the partitions of a ranged run as groups, each in one pass over the activations, and materialise
     each partition with its own metadata and check evaluations as soon as it is published. A config that is
-    invalid, fails to train or fails a blocking check fails its own partition: its group mates are published,
-    and the step fails at the end naming each failed partition and why (a backfill marks only those failed)."""
+    invalid, fails to start, train or publish, or fails a blocking check fails its own partition: its group
+    mates are published, and the step fails at the end naming each failed partition and why (a backfill marks
+    only those failed)."""
     failures: dict[str, str] = {}
     cfgs: dict[str, SAEConfig] = {}
     for key in keys:
@@ -406,8 +407,12 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
             if isinstance(result, Exception):
                 failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
                 continue
-            published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
-                                    trust_remote_code)
+            try:
+                published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
+                                        trust_remote_code)
+            except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
+                failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
+                continue
             yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=published.metadata, tags=tags)
             for outcome in published.outcomes:
                 context.log_event(check_evaluation(context.instance, SAE_KEY, key, outcome))

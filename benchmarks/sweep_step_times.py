@@ -2,7 +2,8 @@
 
     DAGSTER_HOME=data/dagster_home .venv/bin/python benchmarks/sweep_step_times.py [--step sae]
 
-Prints one row per successful run: partition key, step, seconds (from the instance's step stats).
+Prints one row per successful run: partition key (first..last for a ranged run), step, seconds (from the
+instance's step stats).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ def step_times(instance: dg.DagsterInstance, step: str) -> dict[str, float]:
     times: dict[str, float] = {}
     records = instance.get_run_records(dg.RunsFilter(job_name="train_sweep", statuses=[dg.DagsterRunStatus.SUCCESS]))
     for record in sorted(records, key=lambda r: r.create_timestamp):
-        key = record.dagster_run.tags.get("dagster/partition")
+        tags = record.dagster_run.tags
+        key = tags.get("dagster/partition") or (f"{tags.get('dagster/asset_partition_range_start')}.."
+                                                f"{tags.get('dagster/asset_partition_range_end')}")
         for stats in instance.get_run_step_stats(record.dagster_run.run_id):
             if stats.step_key == step and stats.end_time and stats.start_time:
                 times[key] = stats.end_time - stats.start_time

@@ -44,7 +44,7 @@ from sae_pipeline.defs.checks import (
     ACTIVATIONS_CHECKS,
     FEATURES_CHECKS,
     SAE_CHECKS,
-    check_evaluation,
+    check_evaluations,
     check_result,
     refuse_if_blocked,
     refuse_if_other_lineage,
@@ -414,8 +414,8 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
                 failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
                 continue
             yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=published.metadata, tags=tags)
-            for outcome in published.outcomes:
-                context.log_event(check_evaluation(context.instance, SAE_KEY, key, outcome))
+            for evaluation in check_evaluations(context.instance, SAE_KEY, key, published.outcomes):
+                context.log_event(evaluation)
             if published.blocking_failures:
                 failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
             context.log.info(f"sae {key}: published ({len(failures)} failed so far)")

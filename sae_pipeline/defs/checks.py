@@ -4,7 +4,7 @@ downstream steps in the run, a failed WARN check only flags. Thresholds come fro
 
 The checks of partitioned assets are partitioned too, so the UI shows status and history per config partition.
 A ranged `sae` run (several partitions in one step) logs one evaluation per partition itself
-(`check_evaluation`): Dagster attaches a partition to an `AssetCheckResult` only in a single-partition step.
+(`check_evaluations`): Dagster attaches a partition to an `AssetCheckResult` only in a single-partition step.
 """
 
 import math
@@ -81,19 +81,20 @@ def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
                                description=outcome.description, metadata=metadata)
 
 
-def check_evaluation(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str,
-                     outcome: CheckOutcome) -> dg.AssetCheckEvaluation:
-    """A core check outcome as the evaluation of one partition, tied to that partition's latest
-    materialisation (the one just logged)."""
-    result = check_result(outcome)
+def check_evaluations(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str,
+                      outcomes: list[CheckOutcome]) -> list[dg.AssetCheckEvaluation]:
+    """Core check outcomes as the evaluations of one partition, tied to that partition's latest
+    materialisation (the one just logged), looked up once."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
     target = (AssetCheckEvaluationTargetMaterializationData(run_id=records[0].run_id, storage_id=records[0].storage_id,
                                                             timestamp=records[0].timestamp) if records else None)
-    return dg.AssetCheckEvaluation(asset_key=asset_key, check_name=outcome.name, passed=result.passed,
-                                   metadata=result.metadata, severity=result.severity,
-                                   description=result.description, blocking=True, partition=partition,
-                                   target_materialization_data=target)
+    results = [check_result(outcome) for outcome in outcomes]
+    return [dg.AssetCheckEvaluation(asset_key=asset_key, check_name=outcome.name, passed=result.passed,
+                                    metadata=result.metadata, severity=result.severity,
+                                    description=result.description, blocking=True, partition=partition,
+                                    target_materialization_data=target)
+            for outcome, result in zip(outcomes, results, strict=True)]
 
 
 def refuse_if_blocked(asset: str, key: str | None, reasons: list[str]) -> None:

@@ -108,4 +108,4 @@ def test_a_group_reads_ahead_within_its_memory_bound() -> None:
     assert lockstep_batches(1024, 384, n_members=1) == 1  # alone: nothing read ahead
     assert lockstep_batches(1024, 384, n_members=5) == 8
     assert lockstep_batches(8192, 4096, n_members=5) == 1  # 128 MiB a batch: one at a time
-    assert LOCKSTEP_BYTES >= 2 * 4096 * 2048 * 4 and lockstep_batches(2048, 4096, n_members=2) == 2
+    assert lockstep_batches(2048, 4096, n_members=2) == 2 == LOCKSTEP_BYTES // (2048 * 4096 * 4)  # 32 MiB each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,18 +37,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _graphql(port: int, query: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+        data = json.loads(response.read())
+    assert "errors" not in data, data
+    return data
 
 
-@pytest.fixture(scope="module")
-def webserver(tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def running_webserver(env: dict[str, str]) -> Iterator[int]:
+    """`dagster-webserver -w workspace.yaml` under `env` (its DAGSTER_HOME and storage root) on a free port,
+    until the block ends; yields the port once the server answers."""
     port = _free_port()
-    home = tmp_path_factory.mktemp("dagster_home")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(home / "data")}
     binary = Path(sys.executable).with_name("dagster-webserver")
     process = subprocess.Popen([str(binary), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -66,9 +71,15 @@ def webserver(tmp_path_factory: pytest.TempPathFactory):
         process.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def webserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    home = tmp_path_factory.mktemp("dagster_home")
+    with running_webserver({**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(home / "data")}) as port:
+        yield port
+
+
 def test_graphql_lists_assets_and_checks(webserver: int) -> None:
     data = _graphql(webserver, QUERY)
-    assert "errors" not in data, data
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
     assert set(nodes) >= EXPECTED_ASSETS
     for asset, checks in EXPECTED_CHECKS.items():

@@ -8,6 +8,10 @@ stays for the next run), starts nothing more and exits 128 + the signal number.
 Each run carries the pid and host of the process executing it. At start-up, a run still STARTING/STARTED
 whose process is gone (SIGKILL, OOM, power loss) is marked failed and its concurrency-pool slots freed, so the
 next run never waits on a dead one ("blocked by limit for pool gpu").
+
+Each run is a run of the code location that `workspace.yaml` loads (its remote origin and code origin are set,
+as for a run launched from the UI), so the job pages, the Overview timeline and re-execution see it; only its
+executor is the in-process one.
 """
 
 from __future__ import annotations
@@ -17,15 +21,30 @@ import fcntl
 import os
 import signal
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.job_base import InMemoryJob
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
+from dagster._core.execution.api import create_execution_plan, execute_run
+from dagster._core.execution.execute_in_process import merge_run_tags
+from dagster._core.execution.execution_result import ExecutionResult
+from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+import sae_pipeline
 
 PID_TAG = "sae_pipeline/pid"
 HOST_TAG = "sae_pipeline/host"
 STOPPED_TAG = "sae_pipeline/stopped_by"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOCATION_NAME = "sae_pipeline.definitions"
+"""The code location `workspace.yaml` loads: a `python_module` entry is named after its module."""
+DEFS_ATTRIBUTE = "defs"
 
 
 class Stopped(Exception):  # noqa: N818 (a request, not an error)
@@ -78,18 +97,47 @@ class StopSignals:
                     self._received = number
         return self._received
 
-    def execute(self, job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs: Any
-                ) -> dg.ExecuteInProcessResult:
-        """`job.execute_in_process`, tagged with this process; if a stop signal arrived meanwhile, the run is
+    def execute(self, job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs: Any) -> ExecutionResult:
+        """`execute_location_run`, tagged with this process; if a stop signal arrived meanwhile, the run is
         marked cancelled by the user (when it did not finish) and `Stopped` is raised."""
-        result = job.execute_in_process(instance=instance, tags={**kwargs.pop("tags", {}), **process_tags()},
-                                        raise_on_error=False, **kwargs)
+        result = execute_location_run(job, instance, tags={**kwargs.pop("tags", {}), **process_tags()}, **kwargs)
         signum = self.received()
         if signum is not None:
             if not result.success:
                 mark_cancelled(instance, result.run_id, signum)
             raise Stopped(signum)
         return result
+
+
+def location_origins(job_name: str) -> tuple[RemoteJobOrigin, Any]:
+    """The remote origin (the code location `workspace.yaml` loads) and the Python code origin of a job of this
+    package: what a run launched from the UI carries, so the UI files the run under its job."""
+    working_directory = str(Path(sae_pipeline.__file__).resolve().parents[1])
+    loadable = LoadableTargetOrigin(executable_path=sys.executable, module_name=LOCATION_NAME,
+                                    working_directory=working_directory)
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(loadable, location_name=LOCATION_NAME)
+    remote = RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job_name)
+    repository = ReconstructableRepository.for_module(LOCATION_NAME, DEFS_ATTRIBUTE, working_directory)
+    return remote, repository.get_reconstructable_job(job_name).get_python_origin()
+
+
+def execute_location_run(job: dg.JobDefinition, instance: dg.DagsterInstance, *, run_config: dict | None = None,
+                         tags: dict[str, str] | None = None, partition_key: str | None = None,
+                         asset_selection: Sequence[dg.AssetKey] | None = None) -> ExecutionResult:
+    """Create a run of `job` as a run of the code location (see `location_origins`) and execute it here, with
+    the in-process executor; the same arguments as `execute_in_process`, and failures are returned, not
+    raised."""
+    selection = list(asset_selection or [])
+    run_config = run_config or {}
+    in_process = InMemoryJob(job.as_ephemeral_job(resource_defs={}, input_values={}))
+    subset = in_process.get_subset(asset_selection=frozenset(selection)) if selection else in_process
+    remote_origin, code_origin = location_origins(job.name)
+    run = instance.create_run_for_job(
+        job_def=subset.get_definition(), run_config=run_config,
+        tags=merge_run_tags(job, partition_key, tags, selection, instance, run_config),
+        asset_selection=frozenset(selection) or None, remote_job_origin=remote_origin, job_code_origin=code_origin,
+        execution_plan=create_execution_plan(subset, run_config=run_config, instance_ref=instance.get_ref()))
+    return execute_run(in_process, run, instance)
 
 
 def mark_cancelled(instance: dg.DagsterInstance, run_id: str, signum: int) -> None:

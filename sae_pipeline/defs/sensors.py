@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.execution.execution_result import ExecutionResult
 
 from sae_pipeline.activations import model_width
 from sae_pipeline.calibration import GroupPlan
@@ -141,7 +142,7 @@ def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs) -> d
 
 def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: dg.Definitions, layout: Layout,
                          run_config: dict | None = None, log: Callable[[str], None] = print,
-                         execute: Callable[..., dg.ExecuteInProcessResult] = _execute) -> list[GroupPlan]:
+                         execute: Callable[..., ExecutionResult] = _execute) -> list[GroupPlan]:
     """Run the sweep's unfinished relu/target_l0 configs, then proposals, one at a time, until every base config
     is converged, at its round limit or stalled; then `analyze_sweep`. Returns the final plans.
 

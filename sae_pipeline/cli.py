@@ -124,6 +124,7 @@ def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]
 
     from sae_pipeline.defs.assets import SAE_RUN_SIZE
     from sae_pipeline.defs.partitions import key_ranges, sae_configs
+    from sae_pipeline.defs.runs import failure_message
 
     failed: set[str] = set()
     ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), SAE_RUN_SIZE)
@@ -155,6 +156,7 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
     import dagster as dg
 
     from sae_pipeline.definitions import defs
+    from sae_pipeline.defs.runs import failure_message
 
     keys = register(path, dry_run=False)
     instance = open_instance()
@@ -183,15 +185,6 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
         print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
         return 1
     return 1 if failed else 0
-
-
-def failure_message(result) -> str:
-    """The first step failure of an in-process run, as one line (its error message, not the traceback)."""
-    for event in result.all_events:
-        error = getattr(event.event_specific_data, "error", None)
-        if event.is_step_failure and error is not None:
-            return f"{event.step_key}: {error.message.strip().splitlines()[0]}"
-    return "see the run in the UI"
 
 
 def calibrate(path: str, stop: StopSignals) -> int:
@@ -276,7 +269,7 @@ def run_with_stop_signals(args: argparse.Namespace) -> int:
             return run_sweep(args.file, args.refresh_activations, stop, refresh=args.refresh)
     except Stopped as stopped:
         print(f"\n{stopped}: the current run is marked cancelled and its checkpoint kept; run the same command "
-              "again to resume", file=sys.stderr, flush=True)
+              "again to resume" + (f"\n{stopped.detail}" if stopped.detail else ""), file=sys.stderr, flush=True)
         return stopped.exit_code
 
 

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from sae_pipeline.config import load_sweep
+from sae_pipeline.config import SAEConfig, load_sweep
 from sae_pipeline.defs.assets import sae
 from sae_pipeline.defs.runs import STOPPED_TAG
 from sae_pipeline.storage import Layout
 from sae_pipeline.sweeps import SUMMARY_FILE
 from sae_pipeline.training import CHECKPOINT_FILE
-from sae_pipeline_tests.conftest import Pipeline
+from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = """name: stop_test
@@ -107,6 +108,21 @@ def test_stop_signal_cancels_the_run_keeps_the_checkpoint_and_starts_nothing_els
     assert (run.tags[ASSET_PARTITION_RANGE_START_TAG], run.tags[ASSET_PARTITION_RANGE_END_TAG]) == tuple(keys)
     assert not _runs(env, "analyze_sweep")
     assert checkpoint.exists()
+    steps = {key: _saved_step(Path(env["SAE_PIPELINE_ROOT"]) / "checkpoints" / key / CHECKPOINT_FILE) for key in keys}
+    assert steps[keys[0]] > 0
+    resumes = "A rerun resumes " + "; ".join(f"{key} from checkpoint step {step}" if step else
+                                             f"{key} from the start (no checkpoint yet)" for key, step in steps.items())
+    assert resumes in output  # the terminal says where a rerun starts...
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:  # ...and so does the run in the UI
+        (cancelled,) = [entry for entry in instance.all_logs(run.run_id)
+                        if entry.dagster_event and entry.dagster_event.event_type_value == "PIPELINE_CANCELED"]
+        assert "checkpoint is kept" in cancelled.dagster_event.message and resumes in cancelled.dagster_event.message
+
+
+def _saved_step(path: Path) -> int:
+    """The step a checkpoint file holds (0 when there is none), read here rather than through the code under
+    test."""
+    return int(torch.load(path, weights_only=True)["step"]) if path.exists() else 0
 
 
 def test_rerun_after_sigkill_releases_the_dead_run_resumes_and_matches_an_uninterrupted_run(
@@ -165,3 +181,36 @@ def test_configs_train_in_one_ranged_run_and_a_rerun_skips_current_partitions(pi
     refreshed = _run_sweep(env, spec, "--refresh")
     assert "2 config(s) in one run" in refreshed and f"{keys[0]}: features, feature_labels" in refreshed
     assert len(_runs(env, "train_sweep")) == 6
+
+
+@pytest.mark.parametrize("ranged", [False, True])
+def test_a_terminated_sae_step_says_where_a_rerun_resumes(pipeline: Pipeline, tmp_path: Path, ranged: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run terminated from the UI reaches the step as DagsterExecutionInterruptedError: the step's failure
+    names each partition's resume step (a checkpoint's, or the start) and is not retried."""
+    import sae_pipeline.defs.assets as assets
+
+    copy = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
+    for folder in ("corpus", "activations"):
+        shutil.copytree(pipeline.root / folder, copy.root / folder)
+    keys = [copy.register(SAEConfig(architecture="topk", expansion_factor=2, k=8, batch_size=256, train_tokens=2560,
+                                    seed=seed)) for seed in (0, 1)]
+    saved = copy.layout.checkpoint_dir(keys[0]) / CHECKPOINT_FILE
+    saved.parent.mkdir(parents=True)
+    torch.save({"step": 7}, saved)
+
+    def terminated(*_args, **_kwargs):
+        raise dg.DagsterExecutionInterruptedError("terminated from the UI")
+
+    monkeypatch.setattr(assets, "train_group" if ranged else "train_sae", terminated)
+    if ranged:
+        result = dg.materialize(ALL_ASSETS, selection=[sae], instance=copy.instance, resources=copy.resources(),
+                                tags={ASSET_PARTITION_RANGE_START_TAG: keys[0],
+                                      ASSET_PARTITION_RANGE_END_TAG: keys[1]}, raise_on_error=False)
+        expected = f"A rerun resumes {keys[0]} from checkpoint step 7; {keys[1]} from the start (no checkpoint yet)"
+    else:
+        result = copy.materialize([sae], partition_key=keys[0])
+        expected = f"A rerun resumes {keys[0]} from checkpoint step 7"
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "was stopped (interrupt or termination); not retried" in message and expected in message, message

@@ -136,14 +136,26 @@ def automation_condition(environ: Mapping[str, str] | None = None) -> dg.Automat
 
 
 @contextmanager
-def stops_without_retry(asset: str, key: str) -> Iterator[None]:
-    """A stop (Ctrl-C, SIGTERM, a terminated run) ends the step as a failure that is not retried: under a
-    RetryPolicy Dagster turns an interrupt into a retry, and would rerun a step it was told to stop."""
+def stops_without_retry(asset: str, keys: list[str], next_run: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM, a terminated run) ends the step as a failure that is not retried, saying what a
+    rerun starts from (`next_run`, read when the stop arrives): under a RetryPolicy Dagster turns an interrupt
+    into a retry, and would rerun a step it was told to stop."""
     try:
         yield
     except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError, Stopped):
-        raise dg.Failure(description=f"{asset} for partition {key} was stopped (interrupt or termination); "
-                         "not retried", allow_retries=False) from None
+        where = f"partition {keys[0]}" if len(keys) == 1 else f"partitions {', '.join(keys)}"
+        rerun = next_run()
+        raise dg.Failure(description=f"{asset} for {where} was stopped (interrupt or termination); not retried"
+                         + (f". {rerun}" if rerun else ""), allow_retries=False) from None
+
+
+def resume_points(layout: Layout, keys: list[str]) -> str:
+    """What a rerun of `sae` starts each partition from: its last checkpoint's step, or the start."""
+    points = []
+    for key in keys:
+        step = checkpoint_step(layout.checkpoint_dir(key))
+        points.append(f"{key} from checkpoint step {step}" if step else f"{key} from the start (no checkpoint yet)")
+    return "A rerun resumes " + "; ".join(points)
 
 
 @contextmanager
@@ -447,17 +459,18 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
     refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
                       quality.blocking_failures(acts, missing_ok=True))
     store = ActivationStore(acts)
-    if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
-        yield from train_partitions(context, layout, store, context.partition_keys, device, thresholds,
-                                    model.trust_remote_code)
-        return
-    key = context.partition_key
-    cfg = load_config(layout, key)
-    cfg.validate_for_model(store.d_model, device.memory_bytes())
-    checkpoints = layout.checkpoint_dir(key)
-    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
-    log, on_checkpoint = training_hooks(context, layout, key)
-    result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
+    keys = list(context.partition_keys)
+    with stops_without_retry("sae", keys, lambda: resume_points(layout, keys)):
+        if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
+            yield from train_partitions(context, layout, store, keys, device, thresholds, model.trust_remote_code)
+            return
+        key = context.partition_key
+        cfg = load_config(layout, key)
+        cfg.validate_for_model(store.d_model, device.memory_bytes())
+        checkpoints = layout.checkpoint_dir(key)
+        layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
+        log, on_checkpoint = training_hooks(context, layout, key)
+        result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
     published = publish_sae(layout, key, cfg, store, result, device.resolve(), thresholds, model.trust_remote_code)
     yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
                                check_results=[check_result(o) for o in published.outcomes])
@@ -583,7 +596,7 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
                       "partitions whose blocking checks failed.")
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
-    with stops_without_retry("feature_labels", context.partition_key):
+    with stops_without_retry("feature_labels", [context.partition_key]):
         return label_partition(context, config, storage.layout)
 
 

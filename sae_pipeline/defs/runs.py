@@ -50,9 +50,10 @@ DEFS_ATTRIBUTE = "defs"
 class Stopped(Exception):  # noqa: N818 (a request, not an error)
     """The user asked the process to stop (SIGINT/SIGTERM); `exit_code` is 128 + the signal number."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, detail: str = "") -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
+        self.detail = detail
 
     @property
     def exit_code(self) -> int:
@@ -103,10 +104,20 @@ class StopSignals:
         result = execute_location_run(job, instance, tags={**kwargs.pop("tags", {}), **process_tags()}, **kwargs)
         signum = self.received()
         if signum is not None:
+            detail = failure_message(result) if not result.success else ""
             if not result.success:
-                mark_cancelled(instance, result.run_id, signum)
-            raise Stopped(signum)
+                mark_cancelled(instance, result.run_id, signum, detail)
+            raise Stopped(signum, detail)
         return result
+
+
+def failure_message(result: ExecutionResult) -> str:
+    """The first step failure of a run, as one line (its error message, not the traceback)."""
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if event.is_step_failure and error is not None:
+            return f"{event.step_key}: {error.message.strip().splitlines()[0]}"
+    return "see the run in the UI"
 
 
 def location_origins(job_name: str) -> tuple[RemoteJobOrigin, Any]:
@@ -140,15 +151,16 @@ def execute_location_run(job: dg.JobDefinition, instance: dg.DagsterInstance, *,
     return execute_run(in_process, run, instance)
 
 
-def mark_cancelled(instance: dg.DagsterInstance, run_id: str, signum: int) -> None:
-    """Record an interrupted run as CANCELED by the user, not as a failure, and free its pool slots."""
+def mark_cancelled(instance: dg.DagsterInstance, run_id: str, signum: int, detail: str = "") -> None:
+    """Record an interrupted run as CANCELED by the user, not as a failure, and free its pool slots; `detail`
+    (the stopped step's message, which says what a rerun resumes from) goes into the run's message."""
     run = instance.get_run_by_id(run_id)
     if run is None:
         return
     name = signal.Signals(signum).name
     instance.add_run_tags(run_id, {STOPPED_TAG: name})
     instance.report_run_canceled(run, message=f"Stopped by the user ({name}); its checkpoint is kept for the "
-                                              "next run")
+                                              "next run" + (f" ({detail})" if detail else ""))
     instance.event_log_storage.free_concurrency_slots_for_run(run_id)
 
 

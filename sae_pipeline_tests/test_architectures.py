@@ -204,6 +204,32 @@ def test_batchtopk_auxk_is_topks():
     assert out.loss.item() == pytest.approx(out.recon_loss.item() + out.aux_loss.item(), rel=1e-6)
 
 
+class _Stop(Exception):
+    """Raised by a training log hook: the run ends there, after its step-10 checkpoint, as a kill would."""
+
+
+def stop_at_15(row: dict) -> None:
+    if row["step"] >= 15:
+        raise _Stop
+
+
+def test_a_jumprelu_checkpoint_from_before_the_controller_resumes_and_calibrates(tmp_path):
+    """Checkpoints written before `log_threshold_shift` existed load with s = 0; the next step calibrates s."""
+    data, _ = planted_sparse_data(1_300, 8, 16, 2, seed=1)
+    store = write_store(tmp_path / "store", data[:1_000], data[1_000:], shard_tokens=300)
+    cfg = SAEConfig(architecture="jumprelu", expansion_factor=4, batch_size=32, train_tokens=32 * 20, l0_coeff=1.0,
+                    target_l0=0.125, lr=2e-3, lr_warmup_steps=3, checkpoint_every=10, log_every=5, dead_tokens=64)
+    with pytest.raises(_Stop):
+        train_sae(cfg, store, device="cpu", checkpoint_dir=tmp_path / "c", log=stop_at_15)
+    path = tmp_path / "c" / CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    del state["sae"]["log_threshold_shift"]  # what the code before the controller wrote
+    torch.save(state, path)
+    resumed = train_sae(cfg, store, device="cpu", checkpoint_dir=tmp_path / "c")
+    assert resumed.resumed_from_step == 10
+    assert resumed.sae.log_threshold_shift.item() != 0  # calibrated on its first resumed step
+
+
 THRESHOLD_STATE = {"batchtopk": ({"k": 2}, "threshold"), "matryoshka": ({"k": 2}, "threshold"),
                    "jumprelu": ({"l0_coeff": 1.0, "target_l0": 0.125}, "log_threshold_shift")}
 """Per architecture: its fields, and the state outside the optimiser that a checkpoint must carry."""
@@ -220,14 +246,7 @@ def test_training_updates_threshold_and_resume_restores_it(tmp_path, arch):
     assert (reference.sae.threshold > 0).all()
     assert getattr(reference.sae, state).abs().sum() > 0  # the step moved it
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_15(row):
-        if row["step"] >= 15:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         train_sae(cfg, store, device="cpu", checkpoint_dir=tmp_path / "ckpt", log=stop_at_15)
     assert state in torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)["sae"]
     resumed = train_sae(cfg, store, device="cpu", checkpoint_dir=tmp_path / "ckpt")

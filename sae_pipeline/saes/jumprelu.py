@@ -113,6 +113,12 @@ class JumpReLUSAE(SparseAutoencoder):
         """Whether the first step's calibration is done; None until read back from the shift (s != 0), the one
         host read of a run, so that a resumed run is not calibrated again."""
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A checkpoint written before the target controller has no shift: it resumes with s = 0, and so is
+        calibrated on its next step, like a fresh run."""
+        state_dict.setdefault(prefix + "log_threshold_shift", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def initialize(self, generator: torch.Generator, b_dec: Tensor | None = None) -> None:
         super().initialize(generator, b_dec)

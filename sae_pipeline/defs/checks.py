@@ -18,6 +18,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (  # n
 
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch
+from sae_pipeline.markdown import rounded
 from sae_pipeline.quality import CheckOutcome
 from sae_pipeline.storage import CORPUS_FILE, Layout
 
@@ -64,12 +65,13 @@ FEATURES_CHECKS = [
 
 
 def _metadata_value(value: Any) -> Any:
-    """Dagster metadata takes JSON-like values; a NaN/Inf float is shown as text, None as 'n/a'."""
+    """Dagster metadata takes JSON-like values; floats read to 4 significant digits (as in the assets' metadata;
+    the description and the stored verdict keep what was measured), a NaN/Inf float as text, None as 'n/a'."""
     if value is None:
         return "n/a"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return value
+    return rounded(value)
 
 
 def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:

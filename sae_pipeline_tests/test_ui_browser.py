@@ -11,7 +11,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG
 
+from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline_tests.webui import DevToolsPage, UIHome, chromium, graphql
 
 GRAPH_ASSETS = ["corpus", "activations", "sae", "features", "feature_labels", "sweep_analysis"]
@@ -153,6 +155,33 @@ def test_check_history_names_each_partition_and_its_reason(ui_home: UIHome, page
     for result, reason in shown.values():  # the reason names the measurement and the verdict behind the result
         verdict = re.fullmatch(r"dead fraction \S+ \(warn > \S+, error > \S+\): (ok|WARN|ERROR)", reason)
         assert verdict and (verdict[1] == "ok") == (result == "Passed"), (result, reason)
+    _no_console_errors(page)
+
+
+def test_ranged_run_log_names_the_partition_of_each_check(ui_home: UIHome, page: DevToolsPage, instance) -> None:
+    """One `sae` run trained both configs; its event log shows each check evaluation's partition and verdict."""
+    (run,) = instance.get_runs(filters=dg.RunsFilter(job_name="train_sweep",
+                                                     tags={ASSET_PARTITION_RANGE_START_TAG: ui_home.keys[0]}))
+    recorded = {}
+    for spec in SAE_CHECKS:
+        for entry in instance.event_log_storage.get_asset_check_execution_history(spec.key, limit=20):
+            if entry.run_id == run.run_id:
+                evaluation = entry.event.dagster_event.event_specific_data
+                recorded[spec.name, evaluation.partition] = "succeeded" if evaluation.passed else "failed"
+    assert len(recorded) == len(SAE_CHECKS) * len(ui_home.keys), recorded
+    page.open(ui_home.url(f"/runs/{run.run_id}"),
+              lambda text: text.count("ASSET_CHECK_EVALUATION") >= len(SAE_CHECKS), "the run's check evaluations")
+    rows = page.evaluate("""[...document.querySelectorAll('[data-index]')].map(r => r.innerText)
+                            .filter(t => t.includes('ASSET_CHECK_EVALUATION'))""")
+    shown = {}
+    for row in rows:  # the log is virtualised: what is rendered, in order, the first partition's checks first
+        name, result = re.search(r"Check (\S+) (succeeded|failed) for materialization of sae", row).groups()
+        lines = _lines(row)
+        assert "partition" in lines, row
+        shown[name, lines[lines.index("partition") + 1]] = result
+        assert not _raw_floats(row), row
+    assert shown.items() <= recorded.items(), (shown, recorded)
+    assert {(spec.name, ui_home.keys[0]) for spec in SAE_CHECKS} <= set(shown), shown
     _no_console_errors(page)
 
 

@@ -74,10 +74,13 @@ def _metadata_value(value: Any) -> Any:
     return rounded(value)
 
 
-def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
-    """A core check outcome as a Dagster check result; metadata carries the measurement, threshold and verdict."""
+def check_result(outcome: CheckOutcome, partition: str | None = None) -> dg.AssetCheckResult:
+    """A core check outcome as a Dagster check result; metadata carries the measurement, threshold and verdict,
+    and the partition of a partitioned check: a run's event log shows an evaluation's metadata, not its partition,
+    and a ranged `sae` run logs the evaluations of several partitions."""
     verdict = "passed" if outcome.passed else f"failed ({outcome.severity})"
-    metadata = {"verdict": verdict, **{k: _metadata_value(v) for k, v in outcome.metadata.items()}}
+    metadata = {"verdict": verdict, **({"partition": partition} if partition else {}),
+                **{k: _metadata_value(v) for k, v in outcome.metadata.items()}}
     return dg.AssetCheckResult(check_name=outcome.name, passed=outcome.passed,
                                severity=dg.AssetCheckSeverity[outcome.severity],
                                description=outcome.description, metadata=metadata)
@@ -91,7 +94,7 @@ def check_evaluations(instance: dg.DagsterInstance, asset_key: dg.AssetKey, part
         dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
     target = (AssetCheckEvaluationTargetMaterializationData(run_id=records[0].run_id, storage_id=records[0].storage_id,
                                                             timestamp=records[0].timestamp) if records else None)
-    results = [check_result(outcome) for outcome in outcomes]
+    results = [check_result(outcome, partition) for outcome in outcomes]
     return [dg.AssetCheckEvaluation(asset_key=asset_key, check_name=outcome.name, passed=result.passed,
                                     metadata=result.metadata, severity=result.severity,
                                     description=result.description, blocking=True, partition=partition,

@@ -117,12 +117,19 @@ def materialise_home(source_root: Path, folder: Path) -> tuple[dict[str, str], l
     return env, keys
 
 
+CHROMIUM_MISSING = ("chromium is not installed (make test installs Debian's chromium package; "
+                    "`apt-get install -y chromium`): the browser test cannot run")
+
+
+def find_chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 def chromium() -> str:
     """The chromium binary, or a skip that says how to get one."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    path = find_chromium()
     if path is None:
-        pytest.skip("chromium is not installed (make test installs Debian's chromium package; "
-                    "`apt-get install -y chromium`): the browser test cannot run")
+        pytest.skip(CHROMIUM_MISSING)
     return path
 
 

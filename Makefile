@@ -26,7 +26,7 @@ run: install
 
 test: install-test
 	$(VENV)/bin/ruff check sae_pipeline sae_pipeline_tests
-	@# the dashboard's browser test needs Debian's chromium; without it that test is skipped with the reason
+	@# the browser tests (the dashboard's, the Dagster UI's) need Debian's chromium; without it they skip with the reason
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium could not be installed"
 	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 	$(VENV)/bin/dagster definitions validate -m sae_pipeline.definitions

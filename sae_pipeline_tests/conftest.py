@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityRe
 from sae_pipeline.storage import Layout  # noqa: E402
 from sae_pipeline.sweeps import store_configs  # noqa: E402
 from sae_pipeline_tests.synthetic import torch_threads  # noqa: E402
+from sae_pipeline_tests.webui import UIHome, materialise_home, webserver  # noqa: E402
 
 ALL_ASSETS = [corpus, activations, sae, features, feature_labels, sweep_analysis]
 TINY_RUN_CONFIG = {"ops": {"corpus": {"config": {"max_sequences": 160, "context_length": 48}},
@@ -59,6 +61,17 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     result = pipe.materialize([corpus, activations], run_config=TINY_RUN_CONFIG, raise_on_error=True)
     assert result.success
     return pipe
+
+
+@pytest.fixture(scope="session")
+def ui_home(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIHome]:
+    """The web UI on a materialised instance: the session's corpus + activations copied into a new root, the
+    shipped dagster.yaml in a new DAGSTER_HOME, a two-config `run-sweep` (sae, features, feature_labels,
+    sweep_analysis and their checks), then `dagster-webserver` on that home."""
+    folder = tmp_path_factory.mktemp("ui_home")
+    env, keys = materialise_home(pipeline.root, folder)
+    with webserver(env, folder / "webserver.log") as port:
+        yield UIHome(port, Path(env["DAGSTER_HOME"]), Path(env["SAE_PIPELINE_ROOT"]), keys)
 
 
 def tiny_topk(**overrides) -> SAEConfig:

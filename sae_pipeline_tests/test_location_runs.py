@@ -3,12 +3,13 @@ places them on the timeline by code location, and re-executes them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
 from sae_pipeline.defs.runs import LOCATION_NAME
+from sae_pipeline_tests import webui
 from sae_pipeline_tests.conftest import Pipeline
-from sae_pipeline_tests.test_stop_and_resume import _home, _run_sweep, _runs
-from sae_pipeline_tests.test_webserver import _graphql, running_webserver
 
 JOB_RUNS = """
 query ($job: String!, $location: String!) {
@@ -35,27 +36,41 @@ mutation ($parent: String!) {
 """
 
 
-def test_cli_runs_are_listed_on_their_job_pages_and_can_be_reexecuted(pipeline: Pipeline, tmp_path) -> None:
-    env, spec, keys = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0], ks=[4, 8])
-    _run_sweep(env, spec)
-    cli_runs = {job: {run.run_id for run in _runs(env, job)} for job in ("train_sweep", "analyze_sweep")}
-    assert len(cli_runs["train_sweep"]) == 3 and len(cli_runs["analyze_sweep"]) == 1  # 1 ranged sae + 2 downstream
+def _data(port: int, query: str, variables: dict | None = None) -> dict:
+    answer = webui.graphql(port, query, variables)
+    assert "errors" not in answer, answer
+    return answer["data"]
 
-    with running_webserver(env) as port:
-        locations = _graphql(port, LOCATIONS)["data"]["workspaceOrError"]["locationEntries"]
-        assert [entry["name"] for entry in locations] == [LOCATION_NAME]
-        for job, run_ids in cli_runs.items():
-            page = _graphql(port, JOB_RUNS, {"job": job, "location": LOCATION_NAME})["data"]["pipelineOrError"]
-            assert {run["runId"] for run in page["runs"]} == run_ids, (job, page)
-        for run in _graphql(port, ALL_RUNS)["data"]["runsOrError"]["results"]:
-            assert run["repositoryOrigin"] == {"repositoryLocationName": LOCATION_NAME,
-                                               "repositoryName": "__repository__"}, run
-            assert {"key": "dagster/code_location", "value": LOCATION_NAME} in run["tags"], run
-        (analysis,) = cli_runs["analyze_sweep"]
-        launched = _graphql(port, REEXECUTE, {"parent": analysis})["data"]["launchRunReexecution"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        assert launched["run"]["pipelineName"] == "analyze_sweep"
-        assert launched["run"]["repositoryOrigin"] == {"repositoryLocationName": LOCATION_NAME}
+
+def _runs(home: Path, job: str) -> set[str]:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return {run.run_id for run in instance.get_runs(filters=dg.RunsFilter(job_name=job))}
+
+
+def test_cli_runs_are_listed_on_their_job_pages_and_timeline(ui_home: webui.UIHome) -> None:
+    cli_runs = {job: _runs(ui_home.home, job) for job in ("train_sweep", "analyze_sweep")}
+    assert len(cli_runs["train_sweep"]) == 3 and len(cli_runs["analyze_sweep"]) == 1  # 1 ranged sae + 2 downstream
+    locations = _data(ui_home.port, LOCATIONS)["workspaceOrError"]["locationEntries"]
+    assert [entry["name"] for entry in locations] == [LOCATION_NAME]
+    for job, run_ids in cli_runs.items():
+        page = _data(ui_home.port, JOB_RUNS, {"job": job, "location": LOCATION_NAME})["pipelineOrError"]
+        assert {run["runId"] for run in page["runs"]} == run_ids, (job, page)
+    for run in _data(ui_home.port, ALL_RUNS)["runsOrError"]["results"]:  # what the timeline groups runs by
+        assert run["repositoryOrigin"] == {"repositoryLocationName": LOCATION_NAME,
+                                           "repositoryName": "__repository__"}, run
+        assert {"key": "dagster/code_location", "value": LOCATION_NAME} in run["tags"], run
+
+
+def test_a_cli_run_is_reexecuted_from_the_ui(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Re-execution (a run retry) from the UI takes the CLI run as its parent; on its own home, since it leaves
+    a queued run behind."""
+    env, _ = webui.materialise_home(pipeline.root, tmp_path)
+    (analysis,) = _runs(Path(env["DAGSTER_HOME"]), "analyze_sweep")
+    with webui.webserver(env, tmp_path / "webserver.log") as port:
+        launched = _data(port, REEXECUTE, {"parent": analysis})["launchRunReexecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    assert launched["run"]["pipelineName"] == "analyze_sweep"
+    assert launched["run"]["repositoryOrigin"] == {"repositoryLocationName": LOCATION_NAME}
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         child = instance.get_run_by_id(launched["run"]["runId"])
         assert child is not None and child.parent_run_id == analysis

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from sae_pipeline_tests import webui
+
 EXPECTED_ASSETS = {"corpus", "activations", "sae", "features", "feature_labels", "sweep_analysis"}
 EXPECTED_CHECKS = {
     "activations": {"activations_finite", "activations_not_degenerate", "activations_norm_outliers",
@@ -31,55 +20,17 @@ QUERY = """
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        data = json.loads(response.read())
-    assert "errors" not in data, data
-    return data
-
-
-@contextlib.contextmanager
-def running_webserver(env: dict[str, str]) -> Iterator[int]:
-    """`dagster-webserver -w workspace.yaml` under `env` (its DAGSTER_HOME and storage root) on a free port,
-    until the block ends; yields the port once the server answers."""
-    port = _free_port()
-    binary = Path(sys.executable).with_name("dagster-webserver")
-    process = subprocess.Popen([str(binary), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"webserver did not start: {process.stderr.read().decode()[-2000:]}") from None
-                time.sleep(1)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def webserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def webserver(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("dagster_home")
-    with running_webserver({**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(home / "data")}) as port:
+    env = webui.checkout_env(DAGSTER_HOME=str(home), SAE_PIPELINE_ROOT=str(home / "data"))
+    with webui.webserver(env, home / "webserver.log") as port:
         yield port
 
 
 def test_graphql_lists_assets_and_checks(webserver: int) -> None:
-    data = _graphql(webserver, QUERY)
+    data = webui.graphql(webserver, QUERY)
+    assert "errors" not in data, data
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
     assert set(nodes) >= EXPECTED_ASSETS
     for asset, checks in EXPECTED_CHECKS.items():

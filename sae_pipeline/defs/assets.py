@@ -473,7 +473,7 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
         result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
     published = publish_sae(layout, key, cfg, store, result, device.resolve(), thresholds, model.trust_remote_code)
     yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
-                               check_results=[check_result(o) for o in published.outcomes])
+                               check_results=[check_result(o, key) for o in published.outcomes])
 
 
 class FeaturesConfig(dg.Config):
@@ -532,7 +532,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
                   "top_latents": dg.MetadataValue.md(top_features_markdown(frame)),
                   "dagster/column_schema": column_schema(frame, FEATURE_COLUMNS),
                   "examples_column_schema": column_schema(tables.examples, EXAMPLE_COLUMNS)},
-        check_results=[check_result(o) for o in outcomes],
+        check_results=[check_result(o, key) for o in outcomes],
     )
 
 

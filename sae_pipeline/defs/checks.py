@@ -18,6 +18,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (  # n
 
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch
+from sae_pipeline.markdown import rounded
 from sae_pipeline.quality import CheckOutcome
 from sae_pipeline.storage import CORPUS_FILE, Layout
 
@@ -64,18 +65,22 @@ FEATURES_CHECKS = [
 
 
 def _metadata_value(value: Any) -> Any:
-    """Dagster metadata takes JSON-like values; a NaN/Inf float is shown as text, None as 'n/a'."""
+    """Dagster metadata takes JSON-like values; floats read to 4 significant digits (as in the assets' metadata;
+    the description and the stored verdict keep what was measured), a NaN/Inf float as text, None as 'n/a'."""
     if value is None:
         return "n/a"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return value
+    return rounded(value)
 
 
-def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
-    """A core check outcome as a Dagster check result; metadata carries the measurement, threshold and verdict."""
+def check_result(outcome: CheckOutcome, partition: str | None = None) -> dg.AssetCheckResult:
+    """A core check outcome as a Dagster check result; metadata carries the measurement, threshold and verdict,
+    and the partition of a partitioned check: a run's event log shows an evaluation's metadata, not its partition,
+    and a ranged `sae` run logs the evaluations of several partitions."""
     verdict = "passed" if outcome.passed else f"failed ({outcome.severity})"
-    metadata = {"verdict": verdict, **{k: _metadata_value(v) for k, v in outcome.metadata.items()}}
+    metadata = {"verdict": verdict, **({"partition": partition} if partition else {}),
+                **{k: _metadata_value(v) for k, v in outcome.metadata.items()}}
     return dg.AssetCheckResult(check_name=outcome.name, passed=outcome.passed,
                                severity=dg.AssetCheckSeverity[outcome.severity],
                                description=outcome.description, metadata=metadata)
@@ -89,7 +94,7 @@ def check_evaluations(instance: dg.DagsterInstance, asset_key: dg.AssetKey, part
         dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
     target = (AssetCheckEvaluationTargetMaterializationData(run_id=records[0].run_id, storage_id=records[0].storage_id,
                                                             timestamp=records[0].timestamp) if records else None)
-    results = [check_result(outcome) for outcome in outcomes]
+    results = [check_result(outcome, partition) for outcome in outcomes]
     return [dg.AssetCheckEvaluation(asset_key=asset_key, check_name=outcome.name, passed=result.passed,
                                     metadata=result.metadata, severity=result.severity,
                                     description=result.description, blocking=True, partition=partition,

@@ -220,3 +220,18 @@ def test_sweep_report_shows_its_sections_and_plots(page: DevToolsPage, ui_home: 
     dialog_text = page.evaluate(f"{dialog}.innerText")
     assert not _raw_floats(dialog_text)
     _no_console_errors(page)
+
+
+def test_job_page_and_timeline_list_the_cli_runs(page: DevToolsPage, ui_home: UIHome, instance) -> None:
+    """`run-sweep` runs are runs of the code location: `train_sweep`'s Runs tab lists each of them, and the
+    Overview timeline has a row for each job they ran."""
+    from sae_pipeline.defs.runs import LOCATION_NAME
+
+    runs = list(instance.get_runs(filters=dg.RunsFilter(job_name="train_sweep")))
+    assert len(runs) == 3  # the ranged sae run, then features + feature_labels per partition
+    text = page.open(ui_home.url(f"/locations/{LOCATION_NAME}/jobs/train_sweep/runs"),
+                     lambda text: all(run.run_id[:8] in text for run in runs), "train_sweep's runs on its job page")
+    assert "No runs found" not in text
+    page.open(ui_home.url("/overview/activity/timeline"),
+              lambda text: "train_sweep" in text and "analyze_sweep" in text, "a timeline row per job that ran")
+    _no_console_errors(page)

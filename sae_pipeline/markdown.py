@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import polars as pl
 
@@ -57,3 +58,71 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes}m {secs}s"
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+INLINE_MARKDOWN_CHARS = 1000
+"""Dagster 1.13 shows a markdown metadata value in place only when it is shorter than this; a longer one sits
+behind a "[Show Markdown]" link."""
+_HEADING = re.compile(r"^#{1,3} +(.+?)\s*$")
+_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+
+
+def report_pieces(text: str, limit: int = INLINE_MARKDOWN_CHARS) -> list[tuple[str, str]]:
+    """`text` cut before each heading (levels 1-3, outside code fences), around each image, and between
+    paragraphs (or table rows, the header repeated) where a section is `limit` characters or longer:
+    (title, piece) in reading order, whose pieces concatenate back to `text` but for the repeated table
+    headers (each with a blank line before it). A piece's title is its section's heading, with " (plot)" on an image and " (cont.)" on a
+    continuation. Shown as one metadata value per piece, a report's text fits in place
+    (INLINE_MARKDOWN_CHARS) while an embedded plot, far longer, goes behind its own link."""
+    sections: list[tuple[str, list[str]]] = [("", [])]
+    fenced = False
+    for line in text.splitlines(keepends=True):
+        fenced ^= line.startswith("```")
+        heading = None if fenced else _HEADING.match(line)
+        if heading:
+            sections.append((heading[1], []))
+        sections[-1][1].append(line)
+    pieces = []
+    for title, lines in sections:
+        body, start = "".join(lines), 0
+        for image in _IMAGE.finditer(body):
+            pieces += [*_paragraph_runs(title, body[start:image.start()], limit), (f"{title} (plot)", image[0])]
+            start = image.end()
+        pieces += _paragraph_runs(title, body[start:], limit)
+    kept: list[tuple[str, str]] = []
+    for title, piece in pieces:  # a blank stretch (between an image and the next heading) joins the piece before
+        if kept and not piece.strip():
+            kept[-1] = (kept[-1][0], kept[-1][1] + piece)
+        elif piece:
+            kept.append((title, piece))
+    return kept
+
+
+def _paragraph_runs(title: str, text: str, limit: int) -> list[tuple[str, str]]:
+    """`text` as runs of whole paragraphs (cut after blank lines), each shorter than `limit` where its
+    paragraphs allow, a table longer than that cut into tables of whole rows, each under its header; the runs
+    after the first are titled " (cont.)"."""
+    if len(text) < limit:
+        return [(title, text)]
+    runs = [""]
+    for paragraph in re.split(r"(?<=\n\n)", text):
+        for part in _table_chunks(paragraph, limit):
+            if runs[-1] and len(runs[-1]) + len(part) >= limit:
+                runs.append("")
+            runs[-1] += part
+    return [(title if i == 0 else f"{title} (cont.)", run) for i, run in enumerate(runs)]
+
+
+def _table_chunks(paragraph: str, limit: int) -> list[str]:
+    """A markdown table of `limit` characters or more as tables of whole rows under its header and rule lines,
+    each shorter than `limit` where a row allows; any other paragraph as it is."""
+    lines = paragraph.splitlines(keepends=True)
+    if len(paragraph) < limit or len(lines) < 3 or not all(line.startswith("|") for line in lines[:3]):
+        return [paragraph]
+    header, rows = "".join(lines[:2]), lines[2:]
+    chunks = [header]
+    for row in rows:
+        if chunks[-1] != header and len(chunks[-1]) + len(row) >= limit:
+            chunks.append(header)
+        chunks[-1] += row
+    return [chunk if i == len(chunks) - 1 else chunk + "\n" for i, chunk in enumerate(chunks)]

@@ -25,7 +25,7 @@ from sae_pipeline.analysis import (
     report_with_inline_plots,
     trade_offs,
 )
-from sae_pipeline.markdown import format_duration, round_significant, rounded
+from sae_pipeline.markdown import format_duration, report_pieces, round_significant, rounded
 from sae_pipeline.storage import Layout, write_json_atomic, write_parquet_atomic
 from sae_pipeline.sweeps import collect_runs
 
@@ -447,3 +447,22 @@ def test_reader_numbers_and_durations() -> None:
     with pytest.raises(ValueError, match="seconds: -1"):
         format_duration(-1)
 
+
+
+def test_report_pieces_cut_at_headings_images_and_long_sections() -> None:
+    header = "| a |\n|---|\n"
+    rows = [f"| {i:03d} |\n" for i in range(30)]  # a 252-character table: 12 + 30 x 8
+    text = ("# Report\n\nintro\n\n```\n# a comment, not a heading\n```\n"
+            "## Plots\n\nbefore\n\n![plot](data:image/png;base64,AAAA)\n\nafter\n\n"
+            "## Long\n\n" + "words " * 20 + "\n\n" + header + "".join(rows) + "\n" + "more " * 10 + "\n")
+    pieces = report_pieces(text, limit=200)
+    assert [title for title, _ in pieces] == ["Report", "Plots", "Plots (plot)", "Plots", "Long", "Long (cont.)",
+                                              "Long (cont.)"]
+    assert pieces[0][1].endswith("# a comment, not a heading\n```\n")  # a fenced line is not a heading
+    assert pieces[2][1] == "![plot](data:image/png;base64,AAAA)"
+    # the table is cut between rows, each part under the header: 12 + 23 x 8 = 196 < 200
+    assert pieces[5][1] == header + "".join(rows[:23]) + "\n"
+    assert pieces[6][1] == header + "".join(rows[23:]) + "\n" + "more " * 10 + "\n"
+    assert all(len(piece) < 200 for _, piece in pieces)
+    rejoined = "".join(piece for _, piece in pieces).replace("\n" + header + "| 023", "| 023")
+    assert rejoined == text  # nothing lost or reordered: only the repeated header was added

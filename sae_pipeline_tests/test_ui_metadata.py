@@ -22,7 +22,7 @@ from sae_pipeline.defs.assets import (
     sae,
     sweep_analysis,
 )
-from sae_pipeline.markdown import round_significant
+from sae_pipeline.markdown import INLINE_MARKDOWN_CHARS, round_significant
 from sae_pipeline.storage import CORPUS_FILE
 from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline, tiny_topk
 
@@ -83,7 +83,15 @@ def test_sweep_analysis_shows_the_whole_report_with_its_plots(pipeline: Pipeline
     key, _ = labelled
     result = pipeline.materialize([sweep_analysis])
     assert result.success
-    report = _metadata(result, "sweep_analysis")["report"]
+    metadata = _metadata(result, "sweep_analysis")
+    numbered = sorted((int(label.split(":")[0].removeprefix("report ")), label) for label in metadata
+                      if re.match(r"report \d+: ", label))
+    assert [number for number, _ in numbered] == list(range(1, len(numbered) + 1))
+    pieces = {label: metadata[label] for _, label in numbered}
+    report = "".join(pieces.values())
+    for label, piece in pieces.items():  # text in place on the asset page, each plot behind its own link
+        assert len(piece) < INLINE_MARKDOWN_CHARS or label.endswith(" (plot)"), (label, len(piece))
+        assert label.endswith(" (plot)") == piece.startswith("![")
     folder = pipeline.layout.analysis_dir
     on_disk = (folder / "report.md").read_text()
     for heading in re.findall(r"^#+ .+$", on_disk, flags=re.M):
@@ -92,6 +100,15 @@ def test_sweep_analysis_shows_the_whole_report_with_its_plots(pipeline: Pipeline
     embedded = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report)
     linked = re.findall(r"\]\(([\w.]+\.png)\)", on_disk)
     assert linked and [base64.b64decode(data) for data in embedded] == [(folder / n).read_bytes() for n in linked]
+    shown = re.sub(r"\(data:image/png;base64,[^)]+\)", "(x)", report).splitlines()
+    expected = re.sub(r"\([\w.]+\.png\)", "(x)", on_disk).splitlines()
+    position = 0
+    for line in expected:  # every line of the report, in order...
+        assert line in shown[position:], f"missing or out of order: {line!r}"
+        position = shown.index(line, position) + 1
+    # ...and what the pieces add repeats a table's header (and the blank line before it)
+    added = [line for line in shown if line not in expected or shown.count(line) > expected.count(line)]
+    assert all(line == "" or line.startswith("|") for line in added), added
 
 
 def test_an_empty_calibration_says_how_to_get_a_config(pipeline: Pipeline) -> None:

@@ -82,7 +82,7 @@ from sae_pipeline.labelling import (
     write_labels,
 )
 from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
-from sae_pipeline.markdown import format_duration, markdown_table, rounded
+from sae_pipeline.markdown import format_duration, markdown_table, report_pieces, rounded
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
@@ -662,7 +662,7 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
         text = report_with_inline_plots(report)
     where = layout.location(layout.analysis_dir)
     return dg.MaterializeResult(metadata={
-        "report": dg.MetadataValue.md(text),
+        **report_metadata(text),
         "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
         "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
         "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
@@ -670,6 +670,13 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
         "top_configs": dg.MetadataValue.md(report.top_markdown),
         "pareto_l0_dead": list(report.pareto_dead),
     })
+
+
+def report_metadata(text: str) -> dict[str, dg.MetadataValue]:
+    """The report as numbered markdown entries, one per section and plot (`markdown.report_pieces`): the text
+    sections show in place on the asset page, where one entry for the whole report would be a link."""
+    return {f"report {number:02d}: {title}": dg.MetadataValue.md(piece)
+            for number, (title, piece) in enumerate(report_pieces(text), 1)}
 
 
 @dg.asset(deps=[sweep_analysis], group_name="analysis", kinds={"markdown"},

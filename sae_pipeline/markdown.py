@@ -65,14 +65,15 @@ INLINE_MARKDOWN_CHARS = 1000
 behind a "[Show Markdown]" link."""
 _HEADING = re.compile(r"^#{1,3} +(.+?)\s*$")
 _IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+_LIST_ITEM = re.compile(r"([-*]|\d+\.) ")
 
 
 def report_pieces(text: str, limit: int = INLINE_MARKDOWN_CHARS) -> list[tuple[str, str]]:
-    """`text` cut before each heading (levels 1-3, outside code fences), around each image, and between
-    paragraphs (or table rows, the header repeated) where a section is `limit` characters or longer:
-    (title, piece) in reading order, whose pieces concatenate back to `text` but for the repeated table
-    headers (each with a blank line before it). A piece's title is its section's heading, with " (plot)" on an image and " (cont.)" on a
-    continuation. Shown as one metadata value per piece, a report's text fits in place
+    """`text` cut before each heading (levels 1-3, outside code fences), around each image, and, in a section
+    of `limit` characters or more, between paragraphs, list items or table rows: (title, piece) in reading
+    order. The pieces concatenate back to `text` but for what a cut inside a table or list adds: a blank line,
+    and the table's header again. A piece's title is its section's heading, with " (plot)" on an image and
+    " (cont.)" on a continuation. Shown as one metadata value per piece, a report's text fits in place
     (INLINE_MARKDOWN_CHARS) while an embedded plot, far longer, goes behind its own link."""
     sections: list[tuple[str, list[str]]] = [("", [])]
     fenced = False
@@ -114,15 +115,23 @@ def _paragraph_runs(title: str, text: str, limit: int) -> list[tuple[str, str]]:
 
 
 def _table_chunks(paragraph: str, limit: int) -> list[str]:
-    """A markdown table of `limit` characters or more as tables of whole rows under its header and rule lines,
-    each shorter than `limit` where a row allows; any other paragraph as it is."""
+    """A paragraph of `limit` characters or more cut between lines: a markdown table between rows, each part
+    under the table's header and rule lines; a list before an item; each part shorter than `limit` where a
+    line allows. Prose stays whole."""
     lines = paragraph.splitlines(keepends=True)
-    if len(paragraph) < limit or len(lines) < 3 or not all(line.startswith("|") for line in lines[:3]):
+    table = len(lines) >= 3 and all(line.startswith("|") for line in lines[:3])
+    if len(paragraph) < limit or not (table or _LIST_ITEM.match(lines[0])):
         return [paragraph]
-    header, rows = "".join(lines[:2]), lines[2:]
-    chunks = [header]
+    header, rows = ("".join(lines[:2]), lines[2:]) if table else ("", lines)
+    units: list[str] = []  # table rows, or list items with their continuation lines
     for row in rows:
-        if chunks[-1] != header and len(chunks[-1]) + len(row) >= limit:
+        if table or _LIST_ITEM.match(row) or not units:
+            units.append(row)
+        else:
+            units[-1] += row
+    chunks = [header]
+    for unit in units:
+        if chunks[-1] != header and len(chunks[-1]) + len(unit) >= limit:
             chunks.append(header)
-        chunks[-1] += row
+        chunks[-1] += unit
     return [chunk if i == len(chunks) - 1 else chunk + "\n" for i, chunk in enumerate(chunks)]

@@ -452,17 +452,23 @@ def test_reader_numbers_and_durations() -> None:
 def test_report_pieces_cut_at_headings_images_and_long_sections() -> None:
     header = "| a |\n|---|\n"
     rows = [f"| {i:03d} |\n" for i in range(30)]  # a 252-character table: 12 + 30 x 8
+    items = [f"- item {i:02d}\n  wrapped\n" for i in range(12)]  # a 240-character list: 12 x 20
     text = ("# Report\n\nintro\n\n```\n# a comment, not a heading\n```\n"
             "## Plots\n\nbefore\n\n![plot](data:image/png;base64,AAAA)\n\nafter\n\n"
-            "## Long\n\n" + "words " * 20 + "\n\n" + header + "".join(rows) + "\n" + "more " * 10 + "\n")
+            "## Long\n\n" + "words " * 20 + "\n\n" + header + "".join(rows) + "\n" + "more " * 10 + "\n"
+            "## List\n\n" + "".join(items) + "\n" + "prose " * 40 + "\n")
     pieces = report_pieces(text, limit=200)
     assert [title for title, _ in pieces] == ["Report", "Plots", "Plots (plot)", "Plots", "Long", "Long (cont.)",
-                                              "Long (cont.)"]
+                                              "Long (cont.)", "List", "List (cont.)", "List (cont.)"]
     assert pieces[0][1].endswith("# a comment, not a heading\n```\n")  # a fenced line is not a heading
     assert pieces[2][1] == "![plot](data:image/png;base64,AAAA)"
     # the table is cut between rows, each part under the header: 12 + 23 x 8 = 196 < 200
     assert pieces[5][1] == header + "".join(rows[:23]) + "\n"
     assert pieces[6][1] == header + "".join(rows[23:]) + "\n" + "more " * 10 + "\n"
-    assert all(len(piece) < 200 for _, piece in pieces)
+    # the list is cut before an item (9 + 9 x 20 + 1 = 190 < 200), never inside one; prose over the limit stays whole
+    assert pieces[7][1] == "## List\n\n" + "".join(items[:9]) + "\n"
+    assert pieces[8][1] == "".join(items[9:]) + "\n"
+    assert pieces[9][1] == "prose " * 40 + "\n"
+    assert all(len(piece) < 200 for _, piece in pieces[:-1])
     rejoined = "".join(piece for _, piece in pieces).replace("\n" + header + "| 023", "| 023")
-    assert rejoined == text  # nothing lost or reordered: only the repeated header was added
+    assert rejoined.replace("\n\n- item 09", "\n- item 09") == text  # nothing lost or reordered

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from sae_pipeline.defs.runs import LOCATION_NAME
+from sae_pipeline.defs.runs import LOCATION_NAME, PID_TAG
 from sae_pipeline_tests import webui
 from sae_pipeline_tests.conftest import Pipeline
 
@@ -42,9 +42,10 @@ def _data(port: int, query: str, variables: dict | None = None) -> dict:
     return answer["data"]
 
 
-def _runs(home: Path, job: str) -> set[str]:
+def _runs(home: Path, job: str | None = None) -> set[str]:
+    """The runs the CLI started (they carry its pid tag), of `job` or of every job."""
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        return {run.run_id for run in instance.get_runs(filters=dg.RunsFilter(job_name=job))}
+        return {run.run_id for run in instance.get_runs(filters=dg.RunsFilter(job_name=job)) if PID_TAG in run.tags}
 
 
 def test_cli_runs_are_listed_on_their_job_pages_and_timeline(ui_home: webui.UIHome) -> None:
@@ -55,7 +56,9 @@ def test_cli_runs_are_listed_on_their_job_pages_and_timeline(ui_home: webui.UIHo
     for job, run_ids in cli_runs.items():
         page = _data(ui_home.port, JOB_RUNS, {"job": job, "location": LOCATION_NAME})["pipelineOrError"]
         assert {run["runId"] for run in page["runs"]} == run_ids, (job, page)
-    for run in _data(ui_home.port, ALL_RUNS)["runsOrError"]["results"]:  # what the timeline groups runs by
+    shown = {run["runId"]: run for run in _data(ui_home.port, ALL_RUNS)["runsOrError"]["results"]}
+    assert set(shown) >= _runs(ui_home.home)
+    for run in (shown[run_id] for run_id in _runs(ui_home.home)):  # what the timeline groups runs by
         assert run["repositoryOrigin"] == {"repositoryLocationName": LOCATION_NAME,
                                            "repositoryName": "__repository__"}, run
         assert {"key": "dagster/code_location", "value": LOCATION_NAME} in run["tags"], run

@@ -6,8 +6,11 @@ logs an error."""
 
 from __future__ import annotations
 
+import json
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -15,7 +18,16 @@ import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG
 
 from sae_pipeline.defs.checks import SAE_CHECKS
-from sae_pipeline_tests.webui import CHROMIUM_MISSING, DevToolsPage, UIHome, chromium, find_chromium, graphql
+from sae_pipeline_tests.webui import (
+    CHROMIUM_MISSING,
+    REPO,
+    DevToolsPage,
+    UIHome,
+    checkout_env,
+    chromium,
+    find_chromium,
+    graphql,
+)
 
 # before any fixture: the session-scoped materialised home would otherwise be built only to skip
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason=CHROMIUM_MISSING)
@@ -228,11 +240,31 @@ def test_job_page_and_timeline_list_the_cli_runs(page: DevToolsPage, ui_home: UI
     Overview timeline has a row for each job they ran."""
     from sae_pipeline.defs.runs import LOCATION_NAME
 
-    runs = list(instance.get_runs(filters=dg.RunsFilter(job_name="train_sweep")))
+    runs = [run for run in instance.get_runs(filters=dg.RunsFilter(job_name="train_sweep"))
+            if set(run.tags.values()) & set(ui_home.keys)]
     assert len(runs) == 3  # the ranged sae run, then features + feature_labels per partition
     text = page.open(ui_home.url(f"/locations/{LOCATION_NAME}/jobs/train_sweep/runs"),
                      lambda text: all(run.run_id[:8] in text for run in runs), "train_sweep's runs on its job page")
     assert "No runs found" not in text
     page.open(ui_home.url("/overview/activity/timeline"),
               lambda text: "train_sweep" in text and "analyze_sweep" in text, "a timeline row per job that ran")
+    _no_console_errors(page)
+
+
+def test_a_failed_run_says_why_and_what_to_do(page: DevToolsPage, ui_home: UIHome, instance) -> None:
+    """A partition added in the UI ("Add partition") has no config: its run's page says so and names the
+    command that registers one."""
+    key = "topk_added_in_the_ui"
+    instance.add_dynamic_partitions("sae_configs", [key])
+    env = checkout_env(SAE_PIPELINE_ROOT=str(ui_home.root), DAGSTER_HOME=str(ui_home.home), SAE_PIPELINE_DEVICE="cpu")
+    done = subprocess.run([str(Path(sys.executable).with_name("dagster")), "job", "execute", "-m",
+                           "sae_pipeline.definitions", "-j", "train_sweep", "--tags",
+                           json.dumps({"dagster/partition": key})], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    (run,) = instance.get_runs(filters=dg.RunsFilter(job_name="train_sweep", tags={"dagster/partition": key}))
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    text = page.open(ui_home.url(f"/runs/{run.run_id}"), lambda text: "sae-pipeline register-sweep" in text,
+                     "the failed step's reason on the run page")
+    assert key in text and "Failure" in text
     _no_console_errors(page)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -28,10 +29,10 @@ WORKLOAD = {"architecture": "topk", "k": 32, "expansion_factor": 8, "batch_size"
 
 
 def parse_variant(text: str) -> dict:
-    """`baseline` -> {}; `lr=0.002,lr_decay=cosine` -> {"lr": 0.002, "lr_decay": "cosine"}."""
+    """`baseline` -> {}; `lr=0.002,adam_betas=[0.9,0.99]` -> {"lr": 0.002, "adam_betas": [0.9, 0.99]}."""
     if text == "baseline":
         return {}
-    pairs = [item.split("=", 1) for item in text.split(",")]
+    pairs = [item.split("=", 1) for item in re.split(r",(?![^\[]*\])", text)]  # commas inside [...] stay
     if any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"--variant {text!r}: expected field=value[,field=value...] or 'baseline'")
     return {name.strip(): yaml.safe_load(value) for name, value in pairs}

@@ -151,6 +151,10 @@ class SAEConfig(_Strict):
     """Steps between Anthropic-style resamplings of latents dead over that interval (`relu` only); 0 = off."""
     lr: float = Field(3e-4, gt=0.0, le=1.0)
     """Adam learning rate."""
+    adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    b_dec_init: Literal["geometric_median", "mean", "zero"] = "mean"
+    """Initial decoder bias: the geometric median or the mean of 8,192 (normalised) training tokens, or zero."""
     lr_warmup_steps: Int = Field(50, ge=0)
     """Linear learning-rate warmup."""
     lr_decay_fraction: float = Field(0.2, ge=0.0, le=1.0)

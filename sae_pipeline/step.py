@@ -10,10 +10,11 @@ import torch
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder
 
 
-def make_optimizer(sae: SparseAutoencoder, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam (betas 0.9, 0.999); the fused kernel where PyTorch has one (CPU, CUDA): one pass over the
-    parameters instead of one per operation, the same update."""
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
+def make_optimizer(sae: SparseAutoencoder, lr: float, device: torch.device,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam; the fused kernel where PyTorch has one (CPU, CUDA): one pass over the parameters instead of one per
+    operation, the same update."""
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
 
 
 def training_step(sae: SparseAutoencoder, forward: Callable[..., ForwardOutput], optimizer: torch.optim.Optimizer,

@@ -153,6 +153,9 @@ class SAEConfig(_Strict):
     """Adam learning rate."""
     adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
+    idle_latents_still: bool = False
+    """Latents that get no gradient in a step (did not fire, not used by AuxK) keep their weights through that
+    step (lazy Adam) instead of drifting on their momentum (`step.hold_idle_latents`); needs `b_enc`."""
     b_dec_init: Literal["geometric_median", "mean", "zero"] = "mean"
     """Initial decoder bias: the geometric median or the mean of 8,192 (normalised) training tokens, or zero."""
     lr_warmup_steps: Int = Field(50, ge=0)

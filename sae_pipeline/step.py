@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,21 +19,47 @@ def make_optimizer(sae: SparseAutoencoder, lr: float, device: torch.device,
 
 def training_step(sae: SparseAutoencoder, forward: Callable[..., ForwardOutput], optimizer: torch.optim.Optimizer,
                   x: torch.Tensor, sparsity_coeff: float, dead_mask: torch.Tensor | None, grad_clip: float,
-                  autocast: contextlib.AbstractContextManager) -> ForwardOutput:
+                  autocast: contextlib.AbstractContextManager, idle_latents_still: bool = False) -> ForwardOutput:
     """Forward (`forward` is the SAE or its compiled form), backward, decoder-gradient projection, clipping,
-    Adam, unit-norm decoder, the architecture's post-step hook. No host synchronisation."""
+    Adam (with `idle_latents_still`, see `hold_idle_latents`), unit-norm decoder, the architecture's post-step
+    hook. No host synchronisation."""
     with autocast:
         out = forward(x, sparsity_coeff, dead_mask)
     out.loss.backward()
     if sae.unit_norm_decoder:
         sae.remove_gradient_parallel_to_decoder()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-    optimizer.step()
+    if idle_latents_still:
+        with hold_idle_latents(sae):
+            optimizer.step()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if sae.unit_norm_decoder:
         sae.set_decoder_norm_to_unit()
     sae.after_step(out)
     return out
+
+
+@contextlib.contextmanager
+def hold_idle_latents(sae: SparseAutoencoder) -> Iterator[None]:
+    """Around an optimiser step: latents whose decoder row got no gradient this step (not selected, nor used by
+    AuxK) keep their encoder column, decoder row and encoder bias, as lazy (sparse) Adam leaves rows without a
+    gradient alone. Plain Adam would go on moving them by their momentum for ~1 / (1 - beta1) steps after they
+    stop firing; at the learning rates TopK trains well at, that drift is what left latents dead on held-out
+    tokens (`benchmarks/RESULTS.md`, TopK defaults). Their Adam moments still decay as Adam decays them."""
+    if sae.W_dec.grad is None:
+        yield
+        return
+    idle = sae.W_dec.grad.eq(0).all(dim=1)
+    # (parameter, its latent dimension); Gated has no b_enc
+    per_latent = [(sae.W_enc, 1), (sae.W_dec, 0)] + ([(sae.b_enc, 0)] if hasattr(sae, "b_enc") else [])
+    kept = [param.detach().index_select(dim, idle.nonzero(as_tuple=True)[0]) for param, dim in per_latent]
+    yield
+    ids = idle.nonzero(as_tuple=True)[0]
+    with torch.no_grad():
+        for (param, dim), values in zip(per_latent, kept, strict=True):
+            param.index_copy_(dim, ids, values)
 
 
 def update_firing(tokens_since_fired: torch.Tensor, out: ForwardOutput, n_tokens: int) -> None:

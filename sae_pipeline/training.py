@@ -246,7 +246,7 @@ class _Member:
         x = self.transform(raw).to(self.device, non_blocking=True)
         dead_mask = self.tokens_since_fired >= self.dead_window if step >= aux_from else None
         out = training_step(self.sae, self.forward, self.optimizer, x, sparsity_coefficient(cfg, step), dead_mask,
-                            cfg.grad_clip, self.autocast)
+                            cfg.grad_clip, self.autocast, cfg.idle_latents_still)
         self.scheduler.step()
         with torch.no_grad():
             update_firing(self.tokens_since_fired, out, x.shape[0])

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -43,6 +52,18 @@ MAX_BATCH_TOKENS = 2**20
 """Upper bound on SAE batch_size (tokens per step); memory is checked against the machine separately."""
 MAX_SWEEP_CONFIGS = 10_000
 """Upper bound on the configs one sweep expands to, checked before the cross product is built."""
+
+
+ARCHITECTURE_DEFAULTS: dict[str, tuple[Any, Any]] = {"lr": (4e-3, 3e-4), "idle_latents_still": (True, False)}
+"""SAEConfig fields whose default depends on the architecture: (TOPK_FAMILY's, the others'). Measured for TopK on
+the embedded default (`benchmarks/RESULTS.md`, TopK defaults, issue 13): lr 4e-3 with idle latents held gave
+held-out FVU 0.109 where 3e-4 gave 0.185; the L1 and L0 architectures keep what they were tuned with."""
+
+
+def architecture_default(field: str, architecture: str) -> Any:
+    """The default of an `ARCHITECTURE_DEFAULTS` field for an architecture."""
+    topk_family, others = ARCHITECTURE_DEFAULTS[field]
+    return topk_family if architecture in TOPK_FAMILY else others
 
 
 class ConfigError(ValueError):
@@ -149,13 +170,15 @@ class SAEConfig(_Strict):
     """A latent that has not fired in this many training tokens counts as dead (capped at the run's length)."""
     resample_every: Int = Field(0, ge=0)
     """Steps between Anthropic-style resamplings of latents dead over that interval (`relu` only); 0 = off."""
-    lr: float = Field(3e-4, gt=0.0, le=1.0)
-    """Adam learning rate."""
+    lr: float | None = Field(None, gt=0.0, le=1.0, validate_default=True)
+    """Adam learning rate; None: the architecture's (`ARCHITECTURE_DEFAULTS`: 4e-3 for topk, batchtopk and
+    matryoshka, 3e-4 for the others)."""
     adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
-    idle_latents_still: bool = False
+    idle_latents_still: bool | None = Field(None, validate_default=True)
     """Latents that get no gradient in a step (did not fire, not used by AuxK) keep their weights through that
-    step (lazy Adam) instead of drifting on their momentum (`step.hold_idle_latents`); needs `b_enc`."""
+    step, as in lazy Adam, instead of drifting on their momentum (`step.hold_idle_latents`); None: the
+    architecture's (`ARCHITECTURE_DEFAULTS`: on for topk, batchtopk and matryoshka, off for the others)."""
     b_dec_init: Literal["geometric_median", "mean", "zero"] = "mean"
     """Initial decoder bias: the geometric median or the mean of 8,192 (normalised) training tokens, or zero."""
     lr_warmup_steps: Int = Field(50, ge=0)
@@ -197,6 +220,14 @@ class SAEConfig(_Strict):
     a controller on its thresholds, `saes/jumprelu.py`)."""
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
+
+    @field_validator("lr", "idle_latents_still", mode="after")
+    @classmethod
+    def _architecture_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """None -> the default of the config's architecture (`ARCHITECTURE_DEFAULTS`)."""
+        if value is not None or "architecture" not in info.data:
+            return value
+        return architecture_default(info.field_name, info.data["architecture"])
 
     @model_validator(mode="after")
     def _architecture_fields(self) -> SAEConfig:
@@ -300,7 +331,8 @@ class SAEConfig(_Strict):
         else:
             parts += [f"l1a{self.l1_alpha:.0e}", f"lr{self.lr:.0e}"]
         spelled = {"architecture", "expansion_factor", "k", "l1_alpha", "l0_coeff", "lr", "aux_coeff"}
-        defaults = {name: info.default for name, info in SAEConfig.model_fields.items()}
+        defaults = {name: architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULTS
+                    else info.default for name, info in SAEConfig.model_fields.items()}
         # only fields that differ from their defaults enter the hash: adding a field later keeps old keys stable
         varied = {name: value for name, value in self.model_dump().items()
                   if name not in spelled and value != defaults[name]}

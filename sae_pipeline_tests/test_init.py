@@ -1,15 +1,19 @@
-"""Initialisation and optimiser settings: geometric-median b_dec, b_dec_init, Adam betas (issue 13, item 1)."""
+"""Initialisation and optimiser settings of issue 13, item 1: geometric-median b_dec, b_dec_init, Adam betas, idle
+latents held through a step, the TopK-family defaults."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
 import torch
 
-from sae_pipeline.config import SAEConfig
+from sae_pipeline.config import TOPK_FAMILY, SAEConfig
 from sae_pipeline.saes import build_sae
 from sae_pipeline.saes.base import geometric_median
+from sae_pipeline.saes.topk import TopKSAE, topk_latents
+from sae_pipeline.step import make_optimizer, training_step
 from sae_pipeline.training import B_DEC_SAMPLE, _Member, initial_b_dec, input_transform
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store
 
@@ -94,3 +98,60 @@ def test_build_sae_is_unchanged_by_b_dec_init(store):
     a = build_sae(SAEConfig(architecture="topk", k=2, b_dec_init="zero"), 8)
     b = build_sae(SAEConfig(architecture="topk", k=2, b_dec_init="geometric_median"), 8)
     assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def _warm_topk(seed: int = 0) -> tuple[TopKSAE, torch.optim.Optimizer, torch.Tensor]:
+    """A dense-kernel TopK SAE after a few Adam steps on a wide batch (every latent has momentum)."""
+    sae = TopKSAE(8, 32, k=2, k_aux=31, kernel="dense")  # AuxK may use every dead latent
+    sae.initialize(torch.Generator().manual_seed(seed))
+    optimizer = make_optimizer(sae, 1e-2, torch.device("cpu"))
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(seed + 1))
+    for _ in range(3):
+        training_step(sae, sae, optimizer, x, 0.0, None, 1.0, contextlib.nullcontext())
+    return sae, optimizer, x
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_idle_latents_keep_their_weights_only_when_held(hold):
+    sae, optimizer, x = _warm_topk()
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    out = training_step(sae, sae, optimizer, x[:2], 0.0, None, 1.0, contextlib.nullcontext(), hold)
+    fired = out.fired()
+    assert 0 < int(fired.sum()) < sae.d_sae
+    idle_enc_same = torch.equal(before["W_enc"][:, ~fired], sae.W_enc[:, ~fired])
+    # the decoder rows are renormalised after every step: a held unit row changes by rounding at most
+    idle_dec_same = torch.allclose(before["W_dec"][~fired], sae.W_dec[~fired], rtol=0, atol=1e-6)
+    idle_bias_same = torch.equal(before["b_enc"][~fired], sae.b_enc[~fired])
+    assert (idle_enc_same, idle_dec_same, idle_bias_same) == (hold,) * 3  # plain Adam moves them by momentum
+    assert not torch.equal(before["W_enc"][:, fired], sae.W_enc[:, fired])  # the fired ones learn either way
+    assert not torch.equal(before["b_dec"], sae.b_dec)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-6)  # unit rows after the step
+
+
+def test_latents_trained_by_auxk_alone_are_not_held():
+    sae, optimizer, x = _warm_topk(seed=3)
+    with torch.no_grad():
+        pre = sae.pre_activations(x[:2])
+    fired = (topk_latents(pre, sae.k) > 0).any(dim=0)
+    dead = ~fired & (pre > 0).any(dim=0)  # positive somewhere, so AuxK gives them a gradient
+    assert dead.any()
+    before = sae.W_enc.detach().clone()
+    training_step(sae, sae, optimizer, x[:2], 0.0, dead, 1.0, contextlib.nullcontext(), True)
+    moved = (before != sae.W_enc).any(dim=0)
+    assert moved[dead].all()
+    assert not moved[~fired & ~dead].any()
+
+
+def test_topk_family_defaults():
+    for architecture in TOPK_FAMILY:
+        cfg = SAEConfig(architecture=architecture, k=8)
+        assert (cfg.lr, cfg.idle_latents_still) == (4e-3, True)
+        assert SAEConfig(architecture=architecture, k=8, lr=1e-3, idle_latents_still=False).lr == 1e-3
+    for raw in ({"architecture": "relu", "l1_alpha": 1.0}, {"architecture": "gated", "l1_alpha": 1.0},
+                {"architecture": "jumprelu", "l0_coeff": 1.0}):
+        cfg = SAEConfig(**raw)
+        assert (cfg.lr, cfg.idle_latents_still) == (3e-4, False)
+    default = SAEConfig(architecture="topk", k=8)
+    assert SAEConfig.model_validate_json(default.model_dump_json()) == default  # what a checkpoint stores
+    held_off = SAEConfig(architecture="topk", k=8, idle_latents_still=False)
+    assert held_off.partition_key() != default.partition_key()

@@ -54,10 +54,12 @@ MAX_SWEEP_CONFIGS = 10_000
 """Upper bound on the configs one sweep expands to, checked before the cross product is built."""
 
 
-ARCHITECTURE_DEFAULTS: dict[str, tuple[Any, Any]] = {"lr": (4e-3, 3e-4), "idle_latents_still": (True, False)}
+ARCHITECTURE_DEFAULTS: dict[str, tuple[Any, Any]] = {"lr": (4e-3, 3e-4), "lr_warmup_steps": (100, 50),
+                                                     "idle_latents_still": (True, False)}
 """SAEConfig fields whose default depends on the architecture: (TOPK_FAMILY's, the others'). Measured for TopK on
-the embedded default (`benchmarks/RESULTS.md`, TopK defaults, issue 13): lr 4e-3 with idle latents held gave
-held-out FVU 0.109 where 3e-4 gave 0.185; the L1 and L0 architectures keep what they were tuned with."""
+the embedded default (`benchmarks/RESULTS.md`, TopK defaults, issue 13): lr 4e-3, 100 warmup steps and idle
+latents held gave held-out FVU 0.109 with 0.5 % dead where lr 3e-4 gave 0.185; the L1 and L0 architectures keep
+what they were tuned with."""
 
 
 def architecture_default(field: str, architecture: str) -> Any:
@@ -181,8 +183,9 @@ class SAEConfig(_Strict):
     architecture's (`ARCHITECTURE_DEFAULTS`: on for topk, batchtopk and matryoshka, off for the others)."""
     b_dec_init: Literal["geometric_median", "mean", "zero"] = "mean"
     """Initial decoder bias: the geometric median or the mean of 8,192 (normalised) training tokens, or zero."""
-    lr_warmup_steps: Int = Field(50, ge=0)
-    """Linear learning-rate warmup."""
+    lr_warmup_steps: Int | None = Field(None, ge=0, validate_default=True)
+    """Linear learning-rate warmup; None: the architecture's (`ARCHITECTURE_DEFAULTS`: 100 steps for topk,
+    batchtopk and matryoshka, 50 for the others)."""
     lr_decay_fraction: float = Field(0.2, ge=0.0, le=1.0)
     """Final fraction of steps over which the learning rate decays to zero."""
     lr_decay: Literal["linear", "cosine"] = "linear"
@@ -221,7 +224,7 @@ class SAEConfig(_Strict):
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
 
-    @field_validator("lr", "idle_latents_still", mode="after")
+    @field_validator("lr", "lr_warmup_steps", "idle_latents_still", mode="after")
     @classmethod
     def _architecture_default(cls, value: Any, info: ValidationInfo) -> Any:
         """None -> the default of the config's architecture (`ARCHITECTURE_DEFAULTS`)."""

@@ -164,6 +164,8 @@ class SAEConfig(_Strict):
     1/8, 1/4, 1/2."""
     aux_coeff: float = Field(1 / 32, ge=0.0)
     """AuxK loss coefficient for `topk`/`batchtopk`/`matryoshka` (seed 004's aux_loss_coeff); 0 turns AuxK off.
+    The AuxK error is in the reconstruction loss's units (squared error summed over d_in, batch mean), as in Gao
+    et al.'s L + aux_coeff * L_aux.
     Seed 004's `aux_loss_target` has no counterpart: AuxK (Gao et al. 2024) is set by `k_aux` and the dead
     window `dead_tokens`, and a target fraction of dead latents is what the dead-fraction check reports."""
     k_aux: Int | None = Field(None, ge=1)

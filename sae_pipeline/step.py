@@ -52,14 +52,15 @@ def hold_idle_latents(sae: SparseAutoencoder) -> Iterator[None]:
         yield
         return
     idle = sae.W_dec.grad.eq(0).all(dim=1)
-    # (parameter, its latent dimension); Gated has no b_enc
-    per_latent = [(sae.W_enc, 1), (sae.W_dec, 0)] + ([(sae.b_enc, 0)] if hasattr(sae, "b_enc") else [])
-    kept = [param.detach().index_select(dim, idle.nonzero(as_tuple=True)[0]) for param, dim in per_latent]
+    # (parameter, its idle mask broadcast to its shape); Gated has no b_enc. Full copies and a `where`, not an
+    # index of the idle latents: their number is data-dependent, and reading it would synchronise with the host.
+    masks = [(sae.W_enc, idle[None, :]), (sae.W_dec, idle[:, None])]
+    masks += [(sae.b_enc, idle)] if hasattr(sae, "b_enc") else []
+    kept = [param.detach().clone() for param, _ in masks]
     yield
-    ids = idle.nonzero(as_tuple=True)[0]
     with torch.no_grad():
-        for (param, dim), values in zip(per_latent, kept, strict=True):
-            param.index_copy_(dim, ids, values)
+        for (param, mask), before in zip(masks, kept, strict=True):
+            param.copy_(torch.where(mask, before, param))
 
 
 def update_firing(tokens_since_fired: torch.Tensor, out: ForwardOutput, n_tokens: int) -> None:

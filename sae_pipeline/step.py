@@ -42,24 +42,35 @@ def training_step(sae: SparseAutoencoder, forward: Callable[..., ForwardOutput],
 
 
 @contextlib.contextmanager
-def hold_idle_latents(sae: SparseAutoencoder) -> Iterator[None]:
-    """Around an optimiser step: latents whose decoder row got no gradient this step (not selected, nor used by
-    AuxK) keep their encoder column, decoder row and encoder bias, as lazy (sparse) Adam leaves rows without a
-    gradient alone. Plain Adam would go on moving them by their momentum for ~1 / (1 - beta1) steps after they
+def hold_idle_latents(sae: SparseAutoencoder, by_index: bool | None = None) -> Iterator[None]:
+    """Around an optimiser step: latents that got no gradient this step (not selected, nor used by AuxK) keep
+    their encoder column, decoder row and encoder bias, as lazy (sparse) Adam leaves rows without a gradient
+    alone. Plain Adam would go on moving them by their momentum for ~1 / (1 - beta1) steps after they
     stop firing; at the learning rates TopK trains well at, that drift is what left latents dead on held-out
-    tokens (`benchmarks/RESULTS.md`, TopK defaults). Their Adam moments still decay as Adam decays them."""
+    tokens (`benchmarks/RESULTS.md`, TopK defaults). Their Adam moments still decay as Adam decays them.
+    `by_index` (default: on the CPU only) copies just the idle latents instead of whole weights; the same result."""
     if sae.W_dec.grad is None:
         yield
         return
-    idle = sae.W_dec.grad.eq(0).all(dim=1)
-    # (parameter, its idle mask broadcast to its shape); Gated has no b_enc. Full copies and a `where`, not an
-    # index of the idle latents: their number is data-dependent, and reading it would synchronise with the host.
-    masks = [(sae.W_enc, idle[None, :]), (sae.W_dec, idle[:, None])]
-    masks += [(sae.b_enc, idle)] if hasattr(sae, "b_enc") else []
-    kept = [param.detach().clone() for param, _ in masks]
+    has_b_enc = getattr(sae, "b_enc", None) is not None and sae.b_enc.grad is not None  # Gated has none
+    # a latent with no gradient on its encoder bias had none anywhere: it fed no pre-activation that was kept
+    idle = sae.b_enc.grad.eq(0) if has_b_enc else sae.W_dec.grad.eq(0).all(dim=1)
+    # (parameter, the dimension of its latents)
+    params = [(sae.W_enc, 1), (sae.W_dec, 0)] + ([(sae.b_enc, 0)] if has_b_enc else [])
+    if by_index if by_index is not None else idle.device.type == "cpu":  # counting them is free on the host
+        ids = idle.nonzero(as_tuple=True)[0]
+        kept = [param.detach().index_select(dim, ids) for param, dim in params]
+        yield
+        with torch.no_grad():
+            for (param, dim), before in zip(params, kept, strict=True):
+                param.index_copy_(dim, ids, before)
+        return
+    # on an accelerator their number would synchronise with the host: full copies and a `where`
+    kept = [param.detach().clone() for param, _ in params]
     yield
     with torch.no_grad():
-        for (param, mask), before in zip(masks, kept, strict=True):
+        for (param, dim), before in zip(params, kept, strict=True):
+            mask = idle[None, :] if dim == 1 else (idle[:, None] if param.dim() == 2 else idle)
             param.copy_(torch.where(mask, before, param))
 
 

@@ -13,7 +13,7 @@ from sae_pipeline.config import TOPK_FAMILY, SAEConfig
 from sae_pipeline.saes import build_sae
 from sae_pipeline.saes.base import geometric_median
 from sae_pipeline.saes.topk import TopKSAE, topk_latents
-from sae_pipeline.step import make_optimizer, training_step
+from sae_pipeline.step import hold_idle_latents, make_optimizer, training_step
 from sae_pipeline.training import B_DEC_SAMPLE, _Member, initial_b_dec, input_transform
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store
 
@@ -155,3 +155,17 @@ def test_topk_family_defaults():
     assert SAEConfig.model_validate_json(default.model_dump_json()) == default  # what a checkpoint stores
     held_off = SAEConfig(architecture="topk", k=8, idle_latents_still=False)
     assert held_off.partition_key() != default.partition_key()
+
+
+def test_hold_by_index_and_by_where_agree():
+    """The CPU path (copy the idle latents only) and the accelerator path (whole copies and a where) are equal."""
+    results = []
+    for by_index in (True, False):
+        sae, optimizer, x = _warm_topk(seed=5)
+        sae(x[:3]).loss.backward()
+        sae.remove_gradient_parallel_to_decoder()
+        with hold_idle_latents(sae, by_index=by_index):
+            optimizer.step()
+        results.append({name: p.detach().clone() for name, p in sae.named_parameters()})
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name

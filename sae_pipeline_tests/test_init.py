@@ -145,7 +145,7 @@ def test_latents_trained_by_auxk_alone_are_not_held():
 def test_topk_family_defaults():
     for architecture in TOPK_FAMILY:
         cfg = SAEConfig(architecture=architecture, k=8)
-        assert (cfg.lr, cfg.lr_warmup_steps, cfg.idle_latents_still) == (4e-3, 100, True)
+        assert (cfg.lr, cfg.lr_warmup_steps, cfg.idle_latents_still) == (4e-3, 100, architecture == "topk")
         assert SAEConfig(architecture=architecture, k=8, lr=1e-3, idle_latents_still=False).lr == 1e-3
     for raw in ({"architecture": "relu", "l1_alpha": 1.0}, {"architecture": "gated", "l1_alpha": 1.0},
                 {"architecture": "jumprelu", "l0_coeff": 1.0}):

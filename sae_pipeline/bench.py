@@ -87,9 +87,9 @@ def _autocast(setup: Setup) -> contextlib.AbstractContextManager:
 
 
 def _ours(kernel: str, before_11: bool = False, compile_step: bool = False) -> Callable[[Shape, Setup], Step]:
-    """Our trainer's step (`training_step` + the firing statistics it keeps). The trainer passes no dead mask
-    while no latent can be dead; `before_11` is the loop as it was before issue 11: a dead mask (so AuxK) every
-    step and the unfused Adam."""
+    """Our trainer's step (`training_step` + the firing statistics it keeps), with the TopK defaults' hold of idle
+    latents (`idle_latents_still`). The trainer passes no dead mask while no latent can be dead; `before_11` is the
+    loop as it was before issue 11: a dead mask (so AuxK) every step, the unfused Adam, no hold."""
 
     def build(shape: Shape, setup: Setup) -> Step:
         sae = TopKSAE(shape.d_in, shape.d_sae, k=shape.k, kernel=kernel)
@@ -104,7 +104,7 @@ def _ours(kernel: str, before_11: bool = False, compile_step: bool = False) -> C
         autocast = _autocast(setup)
 
         def step() -> None:
-            out = training_step(sae, forward, optimizer, setup.x, 0.0, mask, 1.0, autocast)
+            out = training_step(sae, forward, optimizer, setup.x, 0.0, mask, 1.0, autocast, not before_11)
             with torch.no_grad():
                 update_firing(since_fired, out, shape.batch)
                 out.l0()

@@ -28,7 +28,7 @@ from sae_pipeline.activations import ActivationStore, BatchSampler, Prefetcher
 from sae_pipeline.config import ConfigError, SAEConfig, physical_memory_bytes
 from sae_pipeline.resampling import resample_dead_latents
 from sae_pipeline.saes import ForwardOutput, SparseAutoencoder, build_sae
-from sae_pipeline.saes.base import normalize_per_token
+from sae_pipeline.saes.base import geometric_median, normalize_per_token
 from sae_pipeline.step import make_optimizer, training_step, update_firing
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,6 +137,19 @@ def input_transform(cfg: SAEConfig, store: ActivationStore) -> tuple[Callable[[t
     return (lambda x: x), 1.0
 
 
+B_DEC_SAMPLE = 8192
+"""Training tokens the initial b_dec is computed from."""
+
+
+def initial_b_dec(cfg: SAEConfig, store: ActivationStore,
+                  transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """`b_dec_init` of a sample of B_DEC_SAMPLE transformed training tokens; None (zero) for `zero`."""
+    if cfg.b_dec_init == "zero":
+        return None
+    sample = transform(store.sample(B_DEC_SAMPLE, seed=cfg.seed))
+    return geometric_median(sample) if cfg.b_dec_init == "geometric_median" else sample.mean(dim=0)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -201,10 +214,9 @@ class _Member:
         torch.manual_seed(cfg.seed)
         transform, factor = input_transform(cfg, store)
         sae = build_sae(cfg, store.d_model)
-        sample = transform(store.sample(8192, seed=cfg.seed))
-        sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=sample.mean(dim=0))
+        sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=initial_b_dec(cfg, store, transform))
         sae.to(dev)
-        optimizer = make_optimizer(sae, cfg.lr, dev)
+        optimizer = make_optimizer(sae, cfg.lr, dev, cfg.adam_betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps(cfg)))
         member = cls(cfg, store, sae, torch.compile(sae) if cfg.torch_compile else sae, optimizer, scheduler,
                      transform, factor, dev, checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, log,
@@ -234,7 +246,7 @@ class _Member:
         x = self.transform(raw).to(self.device, non_blocking=True)
         dead_mask = self.tokens_since_fired >= self.dead_window if step >= aux_from else None
         out = training_step(self.sae, self.forward, self.optimizer, x, sparsity_coefficient(cfg, step), dead_mask,
-                            cfg.grad_clip, self.autocast)
+                            cfg.grad_clip, self.autocast, cfg.idle_latents_still)
         self.scheduler.step()
         with torch.no_grad():
             update_firing(self.tokens_since_fired, out, x.shape[0])

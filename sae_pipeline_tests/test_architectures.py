@@ -458,7 +458,7 @@ def test_config_rejects(raw, field):
 
 def test_partition_keys():
     assert SAEConfig(architecture="batchtopk", k=64, expansion_factor=32).partition_key() == \
-        "batchtopk_exp32_k64_lr3e-04_aux3e-02"
+        "batchtopk_exp32_k64_lr4e-03_aux3e-02"
     assert SAEConfig(architecture="jumprelu", l0_coeff=1e-3, expansion_factor=8).partition_key() == \
         "jumprelu_exp8_l0c1e-03_lr3e-04"
     assert SAEConfig(architecture="gated", l1_alpha=5.0, expansion_factor=8).partition_key() == \

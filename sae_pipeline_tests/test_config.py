@@ -68,7 +68,9 @@ def test_validate_for_model_k_against_d_sae():
 def test_partition_key_format_and_determinism():
     cfg = SAEConfig(architecture="topk", k=64, expansion_factor=32, lr=3e-4, aux_coeff=1 / 32)
     assert cfg.partition_key() == "topk_exp32_k64_lr3e-04_aux3e-02"
-    assert SAEConfig(architecture="topk", k=64, expansion_factor=32).partition_key() == cfg.partition_key()
+    # lr spelled in the key: the topk default (4e-3) is another config
+    assert SAEConfig(architecture="topk", k=64, expansion_factor=32).partition_key() == \
+        "topk_exp32_k64_lr4e-03_aux3e-02"
     relu = SAEConfig(architecture="relu", l1_alpha=5e-3, expansion_factor=8, lr=1e-3, seed=3, batch_size=512)
     assert re.fullmatch(r"relu_exp8_l1a5e-03_lr1e-03_h[0-9a-f]{6}", relu.partition_key()), relu.partition_key()
     assert relu.partition_key() == SAEConfig(**relu.model_dump()).partition_key()
@@ -139,8 +141,8 @@ def test_sweep_deduplicates_repeated_points():
     spec = SweepSpec(name="d", base={"architecture": "topk"}, grid={"k": [8, 8, 16]},
                      points=[{"k": 16}, {"k": 32}])
     keys = [c.partition_key() for c in spec.expand()]
-    assert keys == ["topk_exp4_k8_lr3e-04_aux3e-02", "topk_exp4_k16_lr3e-04_aux3e-02",
-                    "topk_exp4_k32_lr3e-04_aux3e-02"]
+    assert keys == ["topk_exp4_k8_lr4e-03_aux3e-02", "topk_exp4_k16_lr4e-03_aux3e-02",
+                    "topk_exp4_k32_lr4e-03_aux3e-02"]
 
 
 def test_sweep_points_only_and_base_only():
@@ -222,8 +224,8 @@ def test_key_hash_covers_only_the_fields_that_differ_from_defaults():
     """A field added later with a default must not change existing keys: only varied fields are hashed."""
     digest = hashlib.sha256(json.dumps({"log_every": 7}, sort_keys=True).encode()).hexdigest()[:6]
     key = SAEConfig(architecture="topk", k=8, log_every=7).partition_key()
-    assert key == f"topk_exp4_k8_lr3e-04_aux3e-02_h{digest}"
-    assert SAEConfig(architecture="topk", k=8).partition_key() == "topk_exp4_k8_lr3e-04_aux3e-02"
+    assert key == f"topk_exp4_k8_lr4e-03_aux3e-02_h{digest}"
+    assert SAEConfig(architecture="topk", k=8).partition_key() == "topk_exp4_k8_lr4e-03_aux3e-02"
 
 
 def test_sweep_size_is_bounded_before_expansion():

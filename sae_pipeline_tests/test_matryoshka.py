@@ -127,8 +127,8 @@ def test_prefix_widths_from_group_fractions():
     thirds = SAEConfig(architecture="matryoshka", k=8, expansion_factor=1, matryoshka_groups=(1 / 3, 1 / 3, 1 / 3))
     assert thirds.matryoshka_widths(10) == [3, 7, 10]
     assert build_sae(thirds, 10).widths == [3, 7, 10]
-    assert thirds.partition_key().startswith("matryoshka_exp1_k8_lr3e-04_aux3e-02_h")
-    assert SAEConfig(architecture="matryoshka", k=8).partition_key() == "matryoshka_exp4_k8_lr3e-04_aux3e-02"
+    assert thirds.partition_key().startswith("matryoshka_exp1_k8_lr4e-03_aux3e-02_h")
+    assert SAEConfig(architecture="matryoshka", k=8).partition_key() == "matryoshka_exp4_k8_lr4e-03_aux3e-02"
 
 
 @pytest.mark.parametrize(

@@ -180,8 +180,8 @@ def test_auxk_value_matches_reference():
         aux = torch.zeros_like(pre)
         aux[:, [1, 4]] = torch.relu(pre[:, [1, 4]])
         residual_hat = aux @ sae.W_dec
-        variance = ((residual - residual.mean(0)) ** 2).sum()
-        expected = (2 / 3) * ((residual_hat - residual) ** 2).sum() / variance
+        # in recon_loss's units: squared error summed over d_in, averaged over the batch (Gao et al.)
+        expected = (2 / 3) * ((residual_hat - residual) ** 2).sum() / len(x)
     assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

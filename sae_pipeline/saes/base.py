@@ -69,6 +69,27 @@ def l1_penalty(latents: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
     return weighted.sum(dim=-1).mean()
 
 
+def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-6, eps: float = 1e-8) -> Tensor:
+    """The point minimising the summed Euclidean distance to the rows of `points` [n, d] (Weiszfeld's algorithm).
+
+    Starts at the mean; each iteration is the mean weighted by 1 / distance, distances clamped at `eps` so a
+    point that coincides with the estimate does not divide by zero. Stops after `max_iter` iterations or once the
+    estimate moves by less than `tol` times the median distance of the points to it. Computed in float64 on the
+    points' device; returned in their dtype. Unlike the mean, it is not pulled far by a few outsized tokens.
+    """
+    x = points.double()
+    median = x.mean(dim=0)
+    for _ in range(max_iter):
+        distances = (x - median).norm(dim=1).clamp(min=eps)
+        weights = 1.0 / distances
+        updated = (weights[:, None] * x).sum(dim=0) / weights.sum()
+        moved = (updated - median).norm()
+        median = updated
+        if moved <= tol * distances.median():
+            break
+    return median.to(points.dtype)
+
+
 class SparseAutoencoder(nn.Module):
     """x -> z = f((x - b_dec) W_enc + b_enc) -> x_hat = z W_dec + b_dec, with f set by the architecture."""
 
@@ -91,7 +112,9 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec.t())
         self.b_enc.zero_()
-        if b_dec is not None:
+        if b_dec is None:
+            self.b_dec.zero_()
+        else:
             self.b_dec.copy_(b_dec)
 
     def pre_activations(self, x: Tensor) -> Tensor:

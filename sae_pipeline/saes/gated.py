@@ -37,7 +37,9 @@ class GatedSAE(SparseAutoencoder):
         self.W_enc.copy_(self.W_dec.t())
         for p in (self.b_gate, self.r_mag, self.b_mag):
             p.zero_()
-        if b_dec is not None:
+        if b_dec is None:
+            self.b_dec.zero_()
+        else:
             self.b_dec.copy_(b_dec)
 
     def pre_activations(self, x: Tensor) -> Tensor:

@@ -33,11 +33,15 @@ def topk_latents(pre: Tensor, k: int) -> Tensor:
 
 
 def auxk_error(residual: Tensor, residual_hat: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
-    """AuxK's loss: squared error of the dead latents' reconstruction of the residual, over the residual's
-    variance, scaled by min(n_dead / k_aux, 1) as a tensor (no host synchronisation)."""
-    variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
+    """AuxK's loss: squared error of the dead latents' reconstruction of the residual, summed over d_in and
+    averaged over the batch (the units of `recon_loss`, as in Gao et al.'s L + alpha * L_aux), scaled by
+    min(n_dead / k_aux, 1) as a tensor (no host synchronisation).
+
+    Dividing by the residual's variance instead (sparsify's form, whose main loss is an FVU) made the term about
+    d_model times weaker than `recon_loss` here: at aux_coeff 1/32 it moved nothing (`benchmarks/RESULTS.md`,
+    TopK defaults)."""
     scale = (dead_mask.sum() / k_aux).clamp(max=1.0)
-    return scale * (residual_hat - residual).pow(2).sum() / variance
+    return scale * (residual_hat - residual).pow(2).sum(dim=-1).mean()
 
 
 class TopKSAE(SparseAutoencoder):

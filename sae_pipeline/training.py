@@ -13,6 +13,7 @@ host the first step at which any latent could be dead, and passes no dead mask b
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -165,8 +166,20 @@ def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict | None:
     except Exception as error:  # a truncated file is reported, never silently restarted over
         raise CheckpointMismatchError(f"{path}: unreadable checkpoint ({error}); delete it to start over") from None
     if state.get("config") != cfg.model_dump_json():
-        raise CheckpointMismatchError(f"{path}: checkpoint belongs to another config; delete it to start over")
+        raise CheckpointMismatchError(f"{path}: checkpoint belongs to another config (fields that differ: "
+                                      f"{', '.join(config_differences(state.get('config'), cfg)) or 'unknown'}; "
+                                      "a field it lacks was added by a later version); delete it to start over")
     return state
+
+
+def config_differences(saved: object, cfg: SAEConfig) -> list[str]:
+    """The fields of `cfg` whose value differs from, or is missing in, a checkpoint's saved config JSON."""
+    try:
+        fields = json.loads(saved) if isinstance(saved, str) else {}
+    except json.JSONDecodeError:
+        fields = {}
+    current = json.loads(cfg.model_dump_json())
+    return [name for name, value in current.items() if name not in fields or fields[name] != value]
 
 
 @dataclass

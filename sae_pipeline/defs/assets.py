@@ -114,7 +114,7 @@ from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, tra
 
 DASHBOARD_DIR = "dashboard"
 WITHDRAWN_FILE = "withdrawn.json"
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 """Code version of the assets that compute (bump when a change alters what they write): with the data versions
 of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
 ENV_AUTOMATION = "SAE_PIPELINE_AUTOMATION"

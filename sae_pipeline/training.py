@@ -166,20 +166,24 @@ def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict | None:
     except Exception as error:  # a truncated file is reported, never silently restarted over
         raise CheckpointMismatchError(f"{path}: unreadable checkpoint ({error}); delete it to start over") from None
     if state.get("config") != cfg.model_dump_json():
-        raise CheckpointMismatchError(f"{path}: checkpoint belongs to another config (fields that differ: "
-                                      f"{', '.join(config_differences(state.get('config'), cfg)) or 'unknown'}; "
-                                      "a field it lacks was added by a later version); delete it to start over")
+        raise CheckpointMismatchError(f"{path}: checkpoint belongs to another config "
+                                      f"({config_differences(state.get('config'), cfg)}); delete it to start over")
     return state
 
 
-def config_differences(saved: object, cfg: SAEConfig) -> list[str]:
-    """The fields of `cfg` whose value differs from, or is missing in, a checkpoint's saved config JSON."""
+def config_differences(saved: object, cfg: SAEConfig) -> str:
+    """Which fields of `cfg` differ from a checkpoint's saved config JSON, and which it lacks (fields added by a
+    later version)."""
     try:
         fields = json.loads(saved) if isinstance(saved, str) else {}
     except json.JSONDecodeError:
         fields = {}
     current = json.loads(cfg.model_dump_json())
-    return [name for name, value in current.items() if name not in fields or fields[name] != value]
+    differ = [name for name, value in current.items() if name in fields and fields[name] != value]
+    lacks = [name for name in current if name not in fields]
+    said = ([f"fields that differ: {', '.join(differ)}"] if differ else []) + (
+        [f"fields it lacks, added by a later version: {', '.join(lacks)}"] if lacks else [])
+    return "; ".join(said) or "unreadable saved config"
 
 
 @dataclass

@@ -4,7 +4,6 @@ and headless Chromium loading the pages from disk (file://)."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from sae_pipeline.dashboard import context_html, display_tokens, render_dashboar
 from sae_pipeline.defs.assets import feature_labels, features, sae
 from sae_pipeline.features import EXAMPLE_SCHEMA, FEATURE_SCHEMA
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
+from sae_pipeline_tests.webui import chromium
 
 
 def _latent(latent_id: int, frequency: float, peak: float, tokens: list[str]) -> dict:
@@ -95,14 +95,6 @@ def test_partition_metadata_and_tables(partition):
         assert "**Best labelled**" in labels_meta["best_and_worst_scored"]
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("chromium is not installed (make test installs Debian's chromium package; "
-                    "`apt-get install -y chromium`): the browser test cannot run")
-    return path
-
-
 def _run_chromium(binary: str, profile: Path, *args: str) -> str:
     command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", *args]
@@ -112,7 +104,7 @@ def _run_chromium(binary: str, profile: Path, *args: str) -> str:
 
 
 def test_dashboard_in_headless_chromium(partition, tmp_path):
-    binary = _chromium()
+    binary = chromium()
     layout, key = partition["layout"], partition["key"]
     folder = layout.labels_dir(key) / "dashboard"
     labels = pl.read_parquet(layout.labels_dir(key) / "labels.parquet")

@@ -101,20 +101,20 @@ def report_pieces(text: str, limit: int = INLINE_MARKDOWN_CHARS) -> list[tuple[s
 
 def _paragraph_runs(title: str, text: str, limit: int) -> list[tuple[str, str]]:
     """`text` as runs of whole paragraphs (cut after blank lines), each shorter than `limit` where its
-    paragraphs allow, a table longer than that cut into tables of whole rows, each under its header; the runs
+    paragraphs allow, a longer table or list first cut between its rows or items (`_line_chunks`); the runs
     after the first are titled " (cont.)"."""
     if len(text) < limit:
         return [(title, text)]
     runs = [""]
     for paragraph in re.split(r"(?<=\n\n)", text):
-        for part in _table_chunks(paragraph, limit):
+        for part in _line_chunks(paragraph, limit):
             if runs[-1] and len(runs[-1]) + len(part) >= limit:
                 runs.append("")
             runs[-1] += part
     return [(title if i == 0 else f"{title} (cont.)", run) for i, run in enumerate(runs)]
 
 
-def _table_chunks(paragraph: str, limit: int) -> list[str]:
+def _line_chunks(paragraph: str, limit: int) -> list[str]:
     """A paragraph of `limit` characters or more cut between lines: a markdown table between rows, each part
     under the table's header and rule lines; a list before an item; each part shorter than `limit` where a
     line allows. Prose stays whole."""

@@ -144,7 +144,7 @@ class DevToolsPage:
         self.log = profile.with_name(profile.name + ".log")  # a pipe would fill and stall chromium
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
-                    [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--remote-debugging-port=0",
                  f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
                 stdout=sink, stderr=subprocess.STDOUT)

@@ -32,11 +32,11 @@ SPEC = SyntheticSpec(d_model=16, n_features=64, planted_l0=4.0, n_parents=4, chi
 TINY = {"d_model": 8, "n_features": 16, "planted_l0": 2.0, "n_train_tokens": 2048, "n_eval_tokens": 512,
         "expansion_factor": 2, "train_tokens": 256 * 20, "batch_size": 256}
 """A benchmark small enough for a test: 16 features fit 2 parents x 3 children and 2 groups of 3 only with
-the hierarchy and groups shrunk (`tiny_spec`)."""
+the hierarchy and groups shrunk, and at 2 active of 10 roots a cap of 0.5 (`tiny_spec`)."""
 
 
 def tiny_spec(**overrides) -> SyntheticSpec:
-    return SyntheticSpec(**{**TINY, "n_parents": 2, "n_correlated_groups": 2, **overrides})
+    return SyntheticSpec(**{**TINY, "n_parents": 2, "n_correlated_groups": 2, "max_frequency": 0.5, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_frequencies_are_zipf_with_the_planted_l0(tokens):
     assert (coefficients > 0).sum(dim=1).double().mean().item() == pytest.approx(SPEC.planted_l0, rel=0.02)
     roots = features.frequency[features.frequency > 0].double().sort(descending=True).values
     assert len(roots) == SPEC.n_features - SPEC.n_parents * SPEC.children_per_parent
-    uncapped = roots[roots < SPEC.max_frequency]
+    uncapped = roots[roots < SPEC.max_frequency * (1 - 1e-6)]  # frequencies are float32
     first = len(roots) - len(uncapped)  # rank of the first uncapped root
     ranks = torch.arange(first, len(roots), dtype=torch.float64) + 1
     # p(rank) (rank + 1)^s is one constant c over the uncapped ranks
@@ -135,18 +135,28 @@ def test_each_architecture_gets_its_sparsity_field():
         benchmark_config("not_an_architecture", spec)
 
 
-def test_least_absorption_ignores_saes_far_from_the_planted_l0():
-    table = pl.DataFrame({"architecture": ["a", "b", "c", "d"], "status": ["ok", "ok", "ok", "skipped: x"],
-                          "l0": [4.0, 5.0, 4.0 * L0_BAND * 2, None], "absorbed_pairs": [3, 1, 0, None],
-                          "absorption_rate": [0.4, 0.2, 0.0, None]})
+def test_benchmark_configs_take_the_architectures_lr_unless_the_spec_sets_one():
+    spec = tiny_spec(train_tokens=256 * 4000)  # 4,000 steps: warmups are not capped at a tenth
+    assert (benchmark_config("topk", spec).lr, benchmark_config("topk", spec).lr_warmup_steps) == (4e-3, 100)
+    assert (benchmark_config("relu", spec).lr, benchmark_config("relu", spec).lr_warmup_steps) == (3e-4, 50)
+    assert benchmark_config("relu", tiny_spec(lr=1e-2)).lr == 1e-2
+    assert benchmark_config("topk", tiny_spec()).lr_warmup_steps == 2  # 20 steps
+
+
+def test_least_absorption_ignores_dense_and_collapsed_saes():
+    table = pl.DataFrame({"architecture": ["a", "b", "c", "d", "e"],
+                          "status": ["ok", "ok", "ok", "skipped: x", "ok"],
+                          "l0": [4.0, 5.0, 4.0 * L0_BAND * 2, None, 4.0], "absorbed_pairs": [3, 1, 0, None, 0],
+                          "absorption_rate": [0.4, 0.2, 0.0, None, 0.01], "mcc": [0.8, 0.7, 0.9, None, 0.04]})
     marked = _with_least_absorption(table, planted_l0=4.0)
-    assert marked.filter("absorbs_least")["architecture"].to_list() == ["b"]  # c is dense, d did not train
+    # c is dense, d did not train, e's latents do not track the features (a collapse)
+    assert marked.filter("absorbs_least")["architecture"].to_list() == ["b"]
 
 
 def test_topk_recovers_an_easy_world(tmp_path, one_torch_thread):
     spec = SyntheticSpec(d_model=16, n_features=32, planted_l0=2.0, n_parents=0, n_correlated_groups=0,
                          n_train_tokens=16_384, n_eval_tokens=2_048, expansion_factor=4, train_tokens=256 * 400,
-                         batch_size=256, lr=1e-2)
+                         batch_size=256, lr=1e-2, max_frequency=0.5)
     result = run_synthetic_benchmark(spec, ["topk", "not_an_architecture"], tmp_path)
     rows = {row["architecture"]: row for row in result.table.iter_rows(named=True)}
     assert rows["not_an_architecture"]["status"].startswith("skipped: ")
@@ -179,8 +189,13 @@ def test_the_asset_benchmarks_every_registered_architecture(tmp_path, one_torch_
     assert table.filter(pl.col("status") == "ok").height == len(ARCHITECTURES)
     metadata = result.asset_materializations_for_node("synthetic_benchmark")[0].metadata
     assert "**Least absorption:**" in metadata["benchmark"].value
+    # the default hierarchy's 8 x 3 children are 24 of the 64 features: 37.5 %
+    assert "children are 37.5% of the features" in metadata["benchmark"].value
+    assert "recovers at most 62.5% of them" in metadata["benchmark"].value
     assert "data:image/png;base64," in metadata["plot"].value
     assert set(metadata["recovered_share"].value) == set(ARCHITECTURES)
+    shares = dict(table.select("architecture", "recovered_share").iter_rows())
+    assert metadata["meets_target"].value == {"topk": shares["topk"] >= 0.9, "matryoshka": shares["matryoshka"] >= 0.9}
 
 
 def test_the_job_is_in_the_code_location():

@@ -80,7 +80,7 @@ class SyntheticSpec(BaseModel):
     zipf_exponent: float = Field(1.0, ge=0.0, le=4.0)
     """s of the root features' frequencies, proportional to (rank + 1)^-s before the cap."""
     max_frequency: float = Field(0.16, gt=0.0, le=1.0)
-    """Cap on a root feature's firing frequency. 0.16 is SynthSAEBench's (SAELens' synthetic world). At 0.5 the
+    """Cap on a root feature's firing frequency. 0.16 is that of a published SynthSAEBench world. At 0.5 the
     two capped features are near-dense, and a TopK SAE at k = the planted L0 folds them into b_dec and encodes
     each as "this one without that one" (cosine 0.84; benchmarks/RESULTS.md): a finding about dense features
     that the recovery share would mix up with the sparse ones."""

@@ -6,8 +6,9 @@ Conventions used throughout:
 - A non-finite metric (NaN or ±inf, e.g. a diverged run's FVU) is treated as +inf, i.e. the worst value:
   it ranks last, makes its group mean inf and never sits on the Pareto front; statistics and correlations
   are computed over the finite values and count the non-finite ones separately.
-- A run whose blocking (ERROR) quality checks failed (`failed_checks`, from its verdicts) is marked ✗ in every
-  table, listed with the reasons, and kept off the Pareto fronts, the balanced score and the recommendations.
+- A run whose blocking (ERROR) quality checks failed (`failed_checks`, from its verdicts) is listed with the
+  reasons and left out of every statistic, correlation, top-10, Pareto front and recommendation (the L0-FVU plot
+  shows it as an x).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ CURVES_TOP_N = 5
 CURVE_COLUMNS: tuple[str, ...] = ("l0", "dead_fraction", "loss")
 FAILED_CHECKS = "failed_checks"
 """Column of `runs`: the run's failed blocking checks as `name: description` strings (empty: it passed)."""
-FAILED_MARK = "✗"
 WALL_SECONDS = "wall_seconds"
 """Column of `runs`: the run's training wall time in seconds (summary.json); shown as a duration."""
 MAX_POINT_LABELS = 30
@@ -268,10 +268,6 @@ def _passing(table: pl.DataFrame) -> pl.DataFrame:
     return table.filter(pl.col(FAILED_CHECKS).list.len() == 0)
 
 
-def _check_names(reasons: Sequence[str]) -> str:
-    return ", ".join(reason.split(":", 1)[0] for reason in reasons)
-
-
 def _finite(series: pl.Series) -> pl.Series:
     """The series as Float64 with non-finite values turned into nulls."""
     values = series.cast(pl.Float64)
@@ -441,20 +437,12 @@ def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, with_score: bool = 
     if with_score:
         columns.append("balanced_score")
     timed = table.get_column(WALL_SECONDS).null_count() < table.height
-    marked = _failed(table).height > 0
     rows = [
-        [str(i), _key_cell(row), *(_fmt(row[c]) for c in columns),
-         *([_duration(row[WALL_SECONDS])] if timed else []),
-         *([f"{FAILED_MARK} failed: {_check_names(row[FAILED_CHECKS])}" if row[FAILED_CHECKS] else "passed"]
-           if marked else [])]
+        [str(i), f"`{row['key']}`", *(_fmt(row[c]) for c in columns),
+         *([_duration(row[WALL_SECONDS])] if timed else [])]
         for i, row in enumerate(ranked.iter_rows(named=True), start=1)
     ]
-    return _md_table(["#", "key", *columns, *(["wall time"] if timed else []),
-                      *(["blocking checks"] if marked else [])], rows)
-
-
-def _key_cell(row: dict[str, object]) -> str:
-    return f"`{row['key']}` {FAILED_MARK}" if row[FAILED_CHECKS] else f"`{row['key']}`"
+    return _md_table(["#", "key", *columns, *(["wall time"] if timed else [])], rows)
 
 
 def _render_report(
@@ -464,10 +452,11 @@ def _render_report(
     if _failed(table).height:
         sections.append(_failed_section(table))
     if table.height:
+        passing = _passing(table)
         sections += [
-            _summary_section(table),
-            _effects_section(table),
-            _best_section(table),
+            _summary_section(passing, _failed(table).height),
+            _effects_section(passing),
+            _best_section(passing),
             _pareto_section(table, front, plot_path),
             _recommendations_section(table, front),
         ]
@@ -482,8 +471,8 @@ def _header(table: pl.DataFrame, sweep_name: str, missing: list[str]) -> str:
         f"- Completed: {table.height}",
         f"- Missing (registered, not yet materialised): {len(missing)}"
         + (": " + ", ".join(f"`{key}`" for key in sorted(missing)) if missing else ""),
-        f"- Failed blocking checks (marked {FAILED_MARK}; not on any Pareto front, not ranked balanced, not "
-        f"recommended): {_failed(table).height}",
+        f"- Failed blocking checks (listed with the reasons; left out of every statistic, correlation and "
+        f"ranking): {_failed(table).height}",
     ]
     wall = table.get_column(WALL_SECONDS).drop_nulls()
     if wall.len():
@@ -502,14 +491,15 @@ def _failed_section(table: pl.DataFrame) -> str:
     """Which finished runs failed a blocking check, and why (their verdicts' descriptions)."""
     lines = ["## Failed blocking checks", "",
              "These runs finished but a blocking (ERROR) quality check failed, so their metrics do not describe a "
-             "usable SAE: they are marked " + FAILED_MARK + " in the tables below and left off the Pareto fronts, "
-             "the balanced ranking and the recommendations.", ""]
+             "usable SAE: they are left out of every statistic, correlation, top-10, Pareto front and "
+             "recommendation below.", ""]
     for row in _failed(table).iter_rows(named=True):
         lines.append(f"- `{row['key']}`: " + "; ".join(row[FAILED_CHECKS]))
     return "\n".join(lines)
 
 
-def _summary_section(table: pl.DataFrame) -> str:
+def _summary_section(table: pl.DataFrame, n_failed: int) -> str:
+    """Statistics over the runs that passed their blocking checks (`table`); `n_failed` more were left out."""
     rows = []
     for metric in _present_metrics(table, METRICS):
         finite = _finite(table.get_column(metric)).drop_nulls()
@@ -518,7 +508,10 @@ def _summary_section(table: pl.DataFrame) -> str:
         cells = [_fmt(None if v is None else float(v)) for v in stats]
         rows.append([metric, str(finite.len()), *cells, str(non_finite)])
     body = _md_table(["metric", "n finite", "mean", "median", "std", "min", "max", "non-finite"], rows)
-    note = "Over finite values; null (not measured) values are excluded, non-finite ones counted."
+    runs = "1 run" if table.height == 1 else f"{table.height} runs"
+    left_out = f" ({n_failed} that failed blocking checks left out)" if n_failed else ""
+    note = (f"Over {runs} that passed their blocking checks{left_out}; over finite values: null (not measured) "
+            "values are excluded, non-finite ones counted.")
     return "## Summary statistics\n\n" + note + "\n\n" + body
 
 
@@ -526,7 +519,8 @@ def _effects_section(table: pl.DataFrame) -> str:
     parts = [
         "## Hyperparameter effects",
         "",
-        "correlation: Pearson r between the numeric hyperparameter value and the metric over finished runs "
+        "correlation: Pearson r between the numeric hyperparameter value and the metric over the finished runs "
+        "that passed their blocking checks "
         "(— for categorical ones or without variance). best / worst: the value with the lowest / highest "
         "mean of the metric (non-finite values count as inf). Hyperparameters constant across the sweep "
         "are omitted.",
@@ -682,9 +676,10 @@ def _append_sections(report: str, table: pl.DataFrame, front_dead: list[str], bo
         parts.append("No run reports both a finite l0 and a finite dead_fraction.")
     parts += ["", "## Trade-offs", "",
               "Sign of the Pearson correlation of each numeric hyperparameter with each metric over the finished "
-              "runs (|r| < 0.1 counts as none); recommended: the value with the lowest mean balanced score.", ""]
-    offs = trade_offs(table.with_columns(balanced_scores(table)) if "balanced_score" not in table.columns
-                      else table)
+              "runs that passed their blocking checks (|r| < 0.1 counts as none); recommended: the value with the lowest mean balanced score.", ""]
+    passing = _passing(table)
+    offs = trade_offs(passing.with_columns(balanced_scores(passing)) if "balanced_score" not in passing.columns
+                      else passing)
     if offs.height:
         parts.append(_md_table(["hyperparameter", "dead_fraction", "fvu", "l0", "recommended"], [
             [r["hyperparameter"], f"{r['effect_on_dead_fraction']} (r={_fmt(r['dead_fraction_r'])})",

@@ -338,7 +338,7 @@ def test_collect_runs_adds_last_window_training_metrics(tmp_path: Path) -> None:
 # --- runs whose blocking checks failed --------------------------------------------------------------------
 
 
-def test_failed_runs_are_marked_and_kept_off_fronts_and_recommendations(tmp_path: Path) -> None:
+def test_failed_runs_are_listed_and_left_out_of_every_ranking_statistic_and_correlation(tmp_path: Path) -> None:
     rows = planted_rows()
     best_fvu = min(rows, key=lambda r: r["fvu"])["key"]  # always on the L0-FVU front
     best_dead = min(rows, key=lambda r: r["dead_fraction"])["key"]  # always on the L0-dead front
@@ -363,9 +363,17 @@ def test_failed_runs_are_marked_and_kept_off_fronts_and_recommendations(tmp_path
         assert f"- `{key}`: {reasons[0]}" in why
     for heading in ("### Top 10: lowest dead_fraction", "### Top 10: lowest FVU"):
         section = text.split(heading)[1].split("###")[0]
-        for line in section.splitlines():
-            if any(f"`{key}`" in line for key in failed):
-                assert "✗" in line and "failed: sae_" in line, line
+        assert not any(f"`{key}`" in section for key in failed), section
+    summary = text.split("## Summary statistics")[1].split("\n## ")[0]
+    assert f"Over {len(passing)} runs that passed their blocking checks ({len(failed)} that failed" in summary
+    fvu_row = next(line for line in summary.splitlines() if line.startswith("| fvu |")).split("|")
+    assert fvu_row[2].strip() == str(len(passing))  # n finite: the failed runs are not counted
+    assert float(fvu_row[6]) == pytest.approx(min(r["fvu"] for r in passing), rel=1e-3)  # min without best_fvu
+    effects = hyperparameter_effects(runs.filter(pl.col("key").is_in([r["key"] for r in passing])), "fvu")
+    effect_lines = text.split("### fvu (lower is better)")[1].split("###")[0]
+    for row in effects.iter_rows(named=True):
+        r = "—" if row["correlation"] is None else f"{row['correlation']:.4g}"
+        assert f"| {row['hyperparameter']} | {r} |" in effect_lines
     balanced = text.split("### Top 10: balanced")[1].split("##")[0]
     later = text.split("## Pareto front (L0 vs FVU)")[1]  # both fronts, trade-offs, recommendations
     recommended = later.split("## Recommendations")[1].split("## Pareto front (L0 vs dead fraction)")[0]

@@ -676,7 +676,8 @@ def _append_sections(report: str, table: pl.DataFrame, front_dead: list[str], bo
         parts.append("No run reports both a finite l0 and a finite dead_fraction.")
     parts += ["", "## Trade-offs", "",
               "Sign of the Pearson correlation of each numeric hyperparameter with each metric over the finished "
-              "runs that passed their blocking checks (|r| < 0.1 counts as none); recommended: the value with the lowest mean balanced score.", ""]
+              "runs that passed their blocking checks (|r| < 0.1 counts as none); recommended: the value with the "
+              "lowest mean balanced score.", ""]
     passing = _passing(table)
     offs = trade_offs(passing.with_columns(balanced_scores(passing)) if "balanced_score" not in passing.columns
                       else passing)

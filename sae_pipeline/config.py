@@ -50,6 +50,8 @@ MAX_SEED = 2**32 - 1
 """Seeds are bounded so that derived seeds (seed * 1_000_003 + step) stay inside torch's 64-bit seed range."""
 MAX_BATCH_TOKENS = 2**20
 """Upper bound on SAE batch_size (tokens per step); memory is checked against the machine separately."""
+STEP_BOUNDED_FIELDS = ("lr_warmup_steps", "l1_warmup_steps", "log_every", "checkpoint_every")
+"""SAEConfig fields counted in optimiser steps, which may not exceed the run's step count."""
 MAX_SWEEP_CONFIGS = 10_000
 """Upper bound on the configs one sweep expands to, checked before the cross product is built."""
 
@@ -87,8 +89,15 @@ Int = Annotated[int, BeforeValidator(_not_bool)]
 """An int field that refuses booleans (`k: true` is an error, not k = 1)."""
 
 
+def _list_as_tuple(value: Any) -> Any:
+    """YAML and JSON have lists, not tuples: strict validation would refuse `[0.9, 0.999]` for a tuple field."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    """Strict: unknown keys are errors and types are not coerced (`k: "16"` is refused, not read as 16)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class CorpusSpec(_Strict):
@@ -162,7 +171,8 @@ class SAEConfig(_Strict):
     batchtopk_threshold_decay: float = Field(0.99, ge=0.0, lt=1.0)
     """EMA decay of the `batchtopk`/`matryoshka` inference threshold (running estimate of the smallest kept
     activation)."""
-    matryoshka_groups: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] | None = None
+    matryoshka_groups: Annotated[tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] | None,
+                                 BeforeValidator(_list_as_tuple)] = None
     """`matryoshka` only: sizes of the dictionary's consecutive groups as fractions of d_sae, summing to 1
     (2 to 64 of them); prefix j, the first j groups, must reconstruct the input alone. None: 1/32, 1/32, 1/16,
     1/8, 1/4, 1/2."""
@@ -181,7 +191,8 @@ class SAEConfig(_Strict):
     lr: float | None = Field(None, gt=0.0, le=1.0, validate_default=True)
     """Adam learning rate; None: the architecture's (`ARCHITECTURE_DEFAULTS`: 4e-3 for topk, batchtopk and
     matryoshka, 3e-4 for the others)."""
-    adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    adam_betas: Annotated[tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]],
+                          BeforeValidator(_list_as_tuple)] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
     idle_latents_still: bool | None = Field(None, validate_default=True)
     """Latents that get no gradient in a step (did not fire, not used by AuxK) keep their weights through that
@@ -266,7 +277,26 @@ class SAEConfig(_Strict):
         self._check_matryoshka_groups()
         if self.resample_every and self.architecture != "relu":
             raise ValueError("resample_every: only for architecture 'relu' (TopK-style SAEs use AuxK)")
+        self._check_within_run()
         return self
+
+    def total_steps(self) -> int:
+        """Optimiser steps of the run: train_tokens // batch_size, at least 1."""
+        return max(1, self.train_tokens // self.batch_size)
+
+    def _check_within_run(self) -> None:
+        """A warmup, log or checkpoint interval set longer than the whole run is a mistake, not a setting. Only
+        values that differ from the default are judged: the defaults (e.g. checkpoint_every 500) stay valid for
+        short runs, where they simply never trigger."""
+        steps = self.total_steps()
+        for name in STEP_BOUNDED_FIELDS:
+            value = getattr(self, name)
+            default = (architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULTS
+                       else SAEConfig.model_fields[name].default)
+            if value != default and value > steps:
+                raise ValueError(f"{name}: {value} steps is longer than the run's {steps} steps (train_tokens "
+                                 f"{self.train_tokens} // batch_size {self.batch_size}); allowed: 0 to {steps}, "
+                                 "or more train_tokens")
 
     def _check_matryoshka_groups(self) -> None:
         groups = self.matryoshka_groups
@@ -525,6 +555,22 @@ class _NoAliasLoader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a sweep file", mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        """A key given twice in one mapping is an error naming both lines (YAML would keep the last silently)."""
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
+                                                        key_node.start_mark)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {first_line[key]} and line {line})",
+                    key_node.start_mark)
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_spec_yaml(path: Path) -> Any:

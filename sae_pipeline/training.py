@@ -100,11 +100,6 @@ def resample_due(cfg: SAEConfig, done: int, total_steps: int) -> bool:
     return bool(cfg.resample_every) and done % cfg.resample_every == 0 and done < decay_start
 
 
-def total_steps(cfg: SAEConfig) -> int:
-    """Optimiser steps of a run: train_tokens // batch_size, at least 1."""
-    return max(1, cfg.train_tokens // cfg.batch_size)
-
-
 def steps_until_dead_possible(tokens_since_fired: torch.Tensor, dead_window: int, batch_size: int) -> torch.Tensor:
     """Steps for which no latent can reach `dead_window` tokens without firing (each step adds at most one batch
     to every count); rounded down and capped at 2**24 so that it stays exact as a float32 in the log-row read."""
@@ -217,7 +212,7 @@ class _Member:
 
     @property
     def total_steps(self) -> int:
-        return total_steps(self.cfg)
+        return self.cfg.total_steps()
 
     @property
     def dead_window(self) -> int:
@@ -234,7 +229,7 @@ class _Member:
         sae.initialize(torch.Generator().manual_seed(cfg.seed), b_dec=initial_b_dec(cfg, store, transform))
         sae.to(dev)
         optimizer = make_optimizer(sae, cfg.lr, dev, cfg.adam_betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps(cfg)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.total_steps()))
         member = cls(cfg, store, sae, torch.compile(sae) if cfg.torch_compile else sae, optimizer, scheduler,
                      transform, factor, dev, checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, log,
                      on_checkpoint, torch.zeros(sae.d_sae, dtype=torch.long, device=dev), torch.zeros(5, device=dev))

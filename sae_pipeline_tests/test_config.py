@@ -242,3 +242,51 @@ def test_memory_estimate_bounds_batch_size():
     cfg.validate_for_model(384, memory_bytes=cfg.training_bytes(384))  # exactly fits
     with pytest.raises(ConfigError, match=r"batch_size: 4096 .* allowed: 1 to \d+"):
         cfg.validate_for_model(384, memory_bytes=cfg.training_bytes(384) - 1)
+
+
+# --- strict specs (issue 26): duplicate keys, no coercion, step counts bounded by the run ---------------------
+
+
+@pytest.mark.parametrize(("text", "key", "first", "second"), [
+    ("name: x\nbase:\n  architecture: topk\n  k: 16\n  k: 32\n", "k", 4, 5),
+    ("name: x\nname: y\nbase: {architecture: topk, k: 16}\n", "name", 1, 2),
+    ("name: x\npoints:\n  - {architecture: topk, k: 16, k: 32}\n", "k", 3, 3),
+])
+def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path, text, key, first, second):
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"duplicate key {key!r} (line {first} and line {second})")):
+        load_sweep(spec)
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ({"architecture": "topk", "k": "16"}, "k"),
+    ({"architecture": "relu", "l1_alpha": "0.5"}, "l1_alpha"),
+    ({"architecture": "topk", "k": 16, "log_every": 2.0}, "log_every"),
+    ({"architecture": "topk", "k": 16, "allow_tf32": "yes"}, "allow_tf32"),
+    ({"architecture": "topk", "k": 16, "adam_betas": ["0.9", 0.99]}, "adam_betas"),
+    ({"architecture": 3, "k": 16}, "architecture"),
+])
+def test_types_are_strict_a_string_is_not_a_number(raw, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        parse_sae_config(raw)
+
+
+def test_lists_still_give_tuples_and_ints_still_give_floats():
+    cfg = parse_sae_config({"architecture": "matryoshka", "k": 8, "matryoshka_groups": [0.5, 0.5],
+                            "adam_betas": [0.9, 0.99], "lr": 1})
+    assert cfg.matryoshka_groups == (0.5, 0.5) and cfg.adam_betas == (0.9, 0.99) and cfg.lr == 1.0
+    assert parse_sae_config(json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg  # stored configs reload
+
+
+@pytest.mark.parametrize("field", ["lr_warmup_steps", "l1_warmup_steps", "log_every", "checkpoint_every"])
+def test_a_step_count_longer_than_the_run_names_the_field_and_the_run_length(field):
+    base = {"architecture": "relu", "l1_alpha": 1.0, "train_tokens": 20 * 1024, "batch_size": 1024}
+    assert parse_sae_config({**base, field: 20}).total_steps() == 20  # as long as the run: allowed
+    with pytest.raises(ConfigError, match=f"{field}: 21 steps is longer than the run's 20 steps"):
+        parse_sae_config({**base, field: 21})
+
+
+def test_defaults_longer_than_a_short_run_stay_valid():
+    cfg = parse_sae_config({"architecture": "topk", "k": 8, "train_tokens": 10 * 1024})
+    assert cfg.total_steps() == 10 and cfg.checkpoint_every > 10 and cfg.lr_warmup_steps > 10

@@ -588,13 +588,23 @@ def read_spec_yaml(path: Path) -> Any:
     if len(data) > MAX_SPEC_BYTES:
         raise ConfigError(f"sweep file {path}: more than {MAX_SPEC_BYTES} bytes")
     try:
-        return yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"sweep file {path}: not UTF-8 text ({error})") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"sweep file {path}, line {line}: not UTF-8 text ({error})") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"sweep file {path}{line}: not valid YAML ({error})") from None
+        raise ConfigError(f"sweep file {path}, line {_error_line(error, text)}: not valid YAML ({error})") from None
+
+
+def _error_line(error: yaml.YAMLError, text: str) -> int:
+    """1-based line of a YAML error: its mark, or for a reader error (a forbidden character) its position."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    position = getattr(error, "position", None)
+    return text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

@@ -10,7 +10,6 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.execution.execution_result import ExecutionResult
 
-from sae_pipeline.activations import model_width
 from sae_pipeline.calibration import GroupPlan
 from sae_pipeline.config import CalibrationSpec, ConfigError
 from sae_pipeline.defs.assets import automation_condition
@@ -18,6 +17,7 @@ from sae_pipeline.defs.jobs import analysis_job, sweep_job
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import ModelResource, StorageResource
 from sae_pipeline.defs.schedules import latest_partition_run
+from sae_pipeline.model import model_width
 from sae_pipeline.storage import Layout
 from sae_pipeline.sweeps import (
     SweepFile,

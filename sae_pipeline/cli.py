@@ -32,7 +32,7 @@ def register(path: str, dry_run: bool) -> list[str]:
     from sae_pipeline.defs.partitions import sae_configs
     from sae_pipeline.defs.resources import default_resources
     from sae_pipeline.model import model_width
-    from sae_pipeline.sweeps import store_configs, validate_configs_for_model
+    from sae_pipeline.registry import store_configs, validate_configs_for_model
 
     spec = load_sweep(path)
     configs = spec.expand()

@@ -24,9 +24,9 @@ from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline.defs.freshness import is_current, stale_resolver
 from sae_pipeline.markdown import round_significant
 from sae_pipeline.quality import blocking_failures
+from sae_pipeline.results import read_summary
 from sae_pipeline.saes import load_sae
 from sae_pipeline.store import ActivationStore
-from sae_pipeline.sweeps import read_summary
 from sae_pipeline.training import train_sae
 from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline, tiny_topk
 

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from sae_pipeline import quality
 from sae_pipeline.activations import extract_activations
 from sae_pipeline.analysis import build_sweep_report, last_window_mean, report_with_inline_plots
-from sae_pipeline.calibration import calibration_png, how_to_calibrate, plans_markdown
+from sae_pipeline.calibration import calibration_png, calibration_state, how_to_calibrate, plans_markdown
 from sae_pipeline.config import (
     EMBEDDED_CORPUS,
     ActivationSpec,
@@ -76,6 +76,8 @@ from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_r
 from sae_pipeline.markdown import format_duration, markdown_table, report_pieces, rounded
 from sae_pipeline.model import check_layer, load_model, load_tokenizer, validate_layer
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
+from sae_pipeline.registry import load_config, sweeps_dir
+from sae_pipeline.results import METRICS_FILE, SUMMARY_FILE, collect_runs, training_logs
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
     SCORE_COLUMNS,
@@ -94,15 +96,6 @@ from sae_pipeline.storage import (
     write_parquet_atomic,
 )
 from sae_pipeline.store import META_FILE, ActivationStore
-from sae_pipeline.sweeps import (
-    METRICS_FILE,
-    SUMMARY_FILE,
-    calibration_state,
-    collect_runs,
-    load_config,
-    sweeps_dir,
-    training_logs,
-)
 from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group, train_sae
 from sae_pipeline.vocab import load_vocab_matrix
 

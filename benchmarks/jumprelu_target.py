@@ -10,10 +10,10 @@ import json
 import sys
 import time
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.quality import not_collapsed
+from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import train_sae
 
 store = ActivationStore(sys.argv[1])

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import train_sae
 
 

@@ -24,11 +24,13 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from sae_pipeline.activations import ActivationStore, extract_activations, load_model, load_tokenizer
+from sae_pipeline.activations import extract_activations
 from sae_pipeline.bench import reset_peak_rss, rss_mib
 from sae_pipeline.config import ActivationSpec, CorpusSpec, SAEConfig
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.model import load_model, load_tokenizer
+from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import plan_groups, train_group
 
 GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from scale import GROUP, build_store  # noqa: E402
 
-from sae_pipeline.activations import ActivationStore  # noqa: E402
 from sae_pipeline.config import SAEConfig  # noqa: E402
 from sae_pipeline.evaluation import evaluate_sae  # noqa: E402
+from sae_pipeline.store import ActivationStore  # noqa: E402
 from sae_pipeline.training import train_group  # noqa: E402
 
 

@@ -19,9 +19,9 @@ import time
 import torch
 import yaml
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import parse_sae_config
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import train_sae
 
 WORKLOAD = {"architecture": "topk", "k": 32, "expansion_factor": 8, "batch_size": 1024, "train_tokens": 798_720,

@@ -173,7 +173,7 @@ def build_sweep_report(
     `training_logs`: key -> metrics log (step/tokens + CURVE_COLUMNS); the top balanced configs' curves are
     overlaid in top_training_curves.png. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
     of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png. Runs with the
-    `seed_group` and `sae_dir` columns of `sweeps.collect_runs` add a cross-seed consistency section
+    `seed_group` and `sae_dir` columns of `results.collect_runs` add a cross-seed consistency section
     (`consistency.seed_consistency_section`).
     """
     out_dir = Path(out_dir)

@@ -304,8 +304,8 @@ def _cuda_peak(step: Step, device: torch.device) -> float:
 
 def bench_loop(store_dir: Path, shape: Shape, args: argparse.Namespace) -> list[dict]:
     """The whole `train_sae` loop (data loading, logging, checkpoints off) per kernel, alternating."""
-    from sae_pipeline.activations import ActivationStore
     from sae_pipeline.config import SAEConfig
+    from sae_pipeline.store import ActivationStore
     from sae_pipeline.training import train_sae
 
     store = ActivationStore(store_dir)

@@ -305,3 +305,46 @@ def plans_markdown(plans: Sequence[GroupPlan]) -> str:
         parts.append(f"### {plan.group} (target L0 {plan.target:.4g}, {plan.n_proposed} proposed runs)\n\n"
                      + "\n".join(rows) + f"\n\n**{nxt}**: {plan.reason}")
     return "\n\n".join(parts)
+
+
+# --- calibration state of the sweep files (registry + results) -------------------------------------------------
+# The state reads the registry and the results; the planning above reads neither, hence the imports here.
+from sae_pipeline.config import CalibrationSpec  # noqa: E402
+from sae_pipeline.registry import SweepFile, registered_configs, scan_sweeps, sweeps_dir  # noqa: E402
+from sae_pipeline.results import finished_l0  # noqa: E402
+from sae_pipeline.storage import Layout  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SweepCalibration:
+    """The calibration plans of one sweep spec's relu configs with a target_l0."""
+
+    sweep: SweepFile
+    settings: CalibrationSpec
+    """The spec's `calibration` section, or the defaults when it has none."""
+    plans: list[GroupPlan]
+
+    @property
+    def enabled(self) -> bool:
+        return self.sweep.spec is not None and self.sweep.spec.calibration is not None and self.settings.enabled
+
+
+def calibration_state(layout: Layout, pending: Iterable[str] = (), sweeps: list[SweepFile] | None = None
+                      ) -> list[SweepCalibration]:
+    """Plans for every valid sweep spec (in the sweeps folder) that has a relu config with a target_l0.
+
+    A spec's own keys are its seed runs; other registered keys of the same base config are proposed rounds.
+    Only registered seed keys count (a spec not yet registered has nothing to calibrate). `sweeps`: the specs
+    to look at (default: every file in the sweeps folder).
+    """
+    configs = registered_configs(layout)
+    l0 = finished_l0(layout, list(configs))
+    result = []
+    for sweep in scan_sweeps(sweeps_dir(layout)) if sweeps is None else sweeps:
+        seeds = [c.partition_key() for c in sweep.configs if calibratable(c) and c.partition_key() in configs]
+        if sweep.spec is None or not seeds:
+            continue
+        settings = sweep.spec.calibration or CalibrationSpec()
+        plans = plan_groups(configs, l0, seeds, pending, settings.tolerance, settings.max_rounds)
+        result.append(SweepCalibration(sweep, settings, plans))
+    return result

@@ -29,10 +29,10 @@ INSTANCE_LOCK = ".sae_pipeline_instance.lock"
 
 def register(path: str, dry_run: bool) -> list[str]:
     """Validate a sweep spec, then (unless dry_run) store its configs and add its partitions."""
-    from sae_pipeline.activations import model_width
     from sae_pipeline.defs.partitions import sae_configs
     from sae_pipeline.defs.resources import default_resources
-    from sae_pipeline.sweeps import store_configs, validate_configs_for_model
+    from sae_pipeline.model import model_width
+    from sae_pipeline.registry import store_configs, validate_configs_for_model
 
     spec = load_sweep(path)
     configs = spec.expand()

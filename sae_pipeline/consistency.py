@@ -81,7 +81,7 @@ def seed_consistency(runs: pl.DataFrame, threshold: float = MATCH_THRESHOLD) -> 
     """One row per group of runs with two or more seeds: the seeds, and over every pair of seeds the mean of the
     matched cosine and of the share matched above `threshold` (and the lowest matched cosine of a pair).
 
-    `runs` needs `key`, `seed`, SEED_GROUP and SAE_DIR columns (`sweeps.collect_runs` writes them); runs without
+    `runs` needs `key`, `seed`, SEED_GROUP and SAE_DIR columns (`results.collect_runs` writes them); runs without
     an SAE_DIR are left out.
     """
     schema = {"group": pl.String(), "seeds": pl.List(pl.Int64()), "n_pairs": pl.Int64(),

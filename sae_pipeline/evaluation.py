@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.saes import SparseAutoencoder
+from sae_pipeline.store import ActivationStore
 
 DENSE_THRESHOLD = 0.1
 FREQUENT_THRESHOLD = 0.01

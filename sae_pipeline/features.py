@@ -34,10 +34,11 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.markdown import format_cell
 from sae_pipeline.saes import SparseAutoencoder
 from sae_pipeline.storage import write_parquet_atomic
+from sae_pipeline.store import ActivationStore
+from sae_pipeline.vocab import excluded_vocab_ids, vocab_projection
 
 LIVE_THRESHOLD = 1e-6
 FEATURES_FILE = "features.parquet"
@@ -114,8 +115,6 @@ EXAMPLE_COLUMNS: dict[str, str] = {
 
 HIST_LOG10_EDGES: list[float] = [-6.0 + 0.25 * i for i in range(41)]
 """Bin edges of `hist_counts` in log10(activation): 40 bins from 1e-6 to 1e4; values outside go to the end bins."""
-
-VOCAB_KINDS = ("logit_effect", "nearest_embedding", "none")
 
 
 def _chunk_top(latents: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -367,67 +366,6 @@ def _window_activations(sae: SparseAutoencoder, store: ActivationStore, spans: l
     return [row[: int(n)] for row, n in zip(out.cpu().double().tolist(), lengths.tolist(), strict=True)]
 
 
-def load_vocab_matrix(model: str, trust_remote_code: bool = False) -> tuple[str, Tensor]:
-    """("logit_effect", W_U [vocab, d]) for a causal LM, else ("nearest_embedding", input embeddings [vocab, d]).
-
-    A causal LM is a config whose `architectures` name a `...ForCausalLM` / `...LMHeadModel` class (GPT-2,
-    Llama, ...); its output embeddings are the unembedding W_U. Encoders (the default MiniLM) have no
-    unembedding over the vocabulary, so their decoder directions are compared with the input embeddings.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from sae_pipeline.activations import resolve_model_path
-
-    path = resolve_model_path(model)
-    local = Path(path).exists()
-    config = AutoConfig.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
-    architectures = getattr(config, "architectures", None) or []
-    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
-        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
-        return "logit_effect", lm.get_output_embeddings().weight.detach().float()
-    encoder = AutoModel.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
-    return "nearest_embedding", encoder.get_input_embeddings().weight.detach().float()
-
-
-def excluded_vocab_ids(tokenizer) -> list[int]:
-    """Special tokens and WordPiece's untrained `[unusedN]` slots: never shown as a latent's vocabulary."""
-    vocab = tokenizer.get_vocab()
-    unused = [i for token, i in vocab.items() if token.startswith("[unused") and token.endswith("]")]
-    return sorted(set(tokenizer.all_special_ids) | set(unused))
-
-
-@torch.no_grad()
-def vocab_projection(decoder: Tensor, matrix: Tensor, kind: str, tokenizer, k: int = 10,
-                     exclude_ids: list[int] | None = None, block: int = 1024) -> dict[str, list]:
-    """Top and bottom k vocabulary entries per decoder row (SAEDashboard's logit tables / nearest tokens).
-
-    kind `logit_effect`: decoder row . W_U row per token (the direct effect on the logits, no final norm);
-    kind `nearest_embedding`: cosine similarity of the decoder row with each token's input embedding.
-    Computed `block` latents at a time, so memory stays [block, vocab].
-    """
-    if kind not in ("logit_effect", "nearest_embedding"):
-        raise ValueError(f"kind: {kind!r}; allowed logit_effect, nearest_embedding")
-    matrix = matrix.to(decoder.device, torch.float32)
-    if kind == "nearest_embedding":
-        matrix = matrix / matrix.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    k = min(k, len(matrix))
-    out: dict[str, list] = {"top_vocab_tokens": [], "top_vocab_values": [], "bottom_vocab_tokens": [],
-                            "bottom_vocab_values": []}
-    for start in range(0, len(decoder), block):
-        rows = decoder[start:start + block].float()
-        if kind == "nearest_embedding":
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        scores = rows @ matrix.t()
-        if exclude_ids:
-            scores[:, exclude_ids] = torch.nan
-        top = scores.nan_to_num(-torch.inf).topk(k, dim=1)
-        bottom = scores.nan_to_num(torch.inf).topk(k, dim=1, largest=False)
-        for name, result in (("top", top), ("bottom", bottom)):
-            out[f"{name}_vocab_values"] += result.values.double().cpu().tolist()
-            out[f"{name}_vocab_tokens"] += [tokenizer.convert_ids_to_tokens(ids) for ids in result.indices.tolist()]
-    return out
-
-
 class FeatureTables(NamedTuple):
     """What `extract_features` returns."""
 
@@ -449,7 +387,7 @@ def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.
     """Latents and examples tables from three streamed passes over the eval split (see the module docstring).
 
     `window` tokens on each side of the centre make a context (16: a 33-token window); top_contexts keep the
-    decoded-text form. `vocab` is (kind, matrix) from `load_vocab_matrix`; None leaves the vocabulary
+    decoded-text form. `vocab` is (kind, matrix) from `vocab.load_vocab_matrix`; None leaves the vocabulary
     columns empty with vocab_kind "none".
     """
     if top_n < 1 or window < 0 or chunk < 1 or n_bands < 1 or per_band < 0 or n_random < 0:
@@ -515,17 +453,6 @@ def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.
         **projected,
     }, schema=FEATURE_SCHEMA)
     return FeatureTables(latents, examples)
-
-
-def compute_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.DataFrame, tokenizer,
-                     top_n: int = 20, window: int = 16, device: str | torch.device = "cpu",
-                     chunk: int = 4096) -> pl.DataFrame:
-    """The latents table alone (FEATURE_SCHEMA, no quantile examples, no vocabulary projection).
-
-    Top examples with equal activations are listed in eval-token order, whatever the chunk size.
-    """
-    return extract_features(sae, store, corpus, tokenizer, top_n=top_n, window=window, per_band=0, n_random=0,
-                            device=device, chunk=chunk).latents
 
 
 def features_summary(features: pl.DataFrame) -> dict:

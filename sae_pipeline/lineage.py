@@ -67,10 +67,3 @@ def lineage_mismatch(activations_dir: Path, corpus_dir: Path, model: str | None 
         return (f"the activations in {activations_dir} were extracted from model {record['model']!r}, but the "
                 f"model resource is {model!r}; {RERUN} with that model, or set the model resource back")
     return None
-
-
-def require_lineage(activations_dir: Path, corpus_dir: Path, model: str | None = None) -> None:
-    """Raise LineageError (naming what to rerun) when the store does not belong to the current corpus/model."""
-    problem = lineage_mismatch(activations_dir, corpus_dir, model)
-    if problem:
-        raise LineageError(problem)

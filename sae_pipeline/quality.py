@@ -19,10 +19,10 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import parse_spec
 from sae_pipeline.features import LIVE_THRESHOLD
 from sae_pipeline.storage import read_json, write_json_atomic
+from sae_pipeline.store import ActivationStore
 
 VERDICT_FILE = "quality.json"
 Severity = Literal["ERROR", "WARN"]

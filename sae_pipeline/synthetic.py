@@ -33,13 +33,14 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from sae_pipeline.activations import META_FILE, ActivationStore, _ShardWriter, norm_statistics
+from sae_pipeline.activations import norm_statistics
 from sae_pipeline.config import MAX_SEED, ConfigError, Int, SAEConfig, architecture_default, parse_sae_config
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.ground_truth import RECOVERED_COSINE, GroundTruthScores, recovery, score_against_truth
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import figure_png
 from sae_pipeline.saes import SparseAutoencoder
+from sae_pipeline.store import META_FILE, ActivationStore, ShardWriter
 from sae_pipeline.training import TrainResult, train_group
 
 MIN_COEFFICIENT, MAX_COEFFICIENT = 0.5, 1.5
@@ -251,7 +252,7 @@ def write_planted_store(features: PlantedFeatures, spec: SyntheticSpec, folder: 
     `activations` layout the trainer reads); returns the eval split's (activations, true coefficients)."""
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(spec.seed + 1)
-    writers = {split: _ShardWriter(folder, split, SHARD_TOKENS, torch.float32) for split in ("train", "eval")}
+    writers = {split: ShardWriter(folder, split, SHARD_TOKENS, torch.float32) for split in ("train", "eval")}
     train_norms, evals = [], []
     first_eval_sequence = math.ceil(spec.n_train_tokens / SEQUENCE_LENGTH)
     for split, n_tokens, offset in (("train", spec.n_train_tokens, 0),

@@ -25,12 +25,12 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from sae_pipeline.activations import ActivationStore, BatchSampler, Prefetcher
 from sae_pipeline.config import ConfigError, SAEConfig, physical_memory_bytes
 from sae_pipeline.resampling import resample_dead_latents
 from sae_pipeline.saes import ForwardOutput, SparseAutoencoder, build_sae
 from sae_pipeline.saes.base import geometric_median, normalize_per_token
 from sae_pipeline.step import make_optimizer, training_step, update_firing
+from sae_pipeline.store import ActivationStore, BatchSampler, Prefetcher
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RESAMPLE_INPUTS = 8192

@@ -17,8 +17,8 @@ from sae_pipeline.config import SAEConfig  # noqa: E402
 from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae, sweep_analysis  # noqa: E402
 from sae_pipeline.defs.partitions import sae_configs  # noqa: E402
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource  # noqa: E402
+from sae_pipeline.registry import store_configs  # noqa: E402
 from sae_pipeline.storage import Layout  # noqa: E402
-from sae_pipeline.sweeps import store_configs  # noqa: E402
 from sae_pipeline_tests.synthetic import torch_threads  # noqa: E402
 from sae_pipeline_tests.webui import UIHome, materialise_home, webserver  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sae_pipeline.activations import META_FILE, ActivationStore
+from sae_pipeline.store import META_FILE, ActivationStore
 from sae_pipeline.synthetic import torch_threads  # noqa: F401 (the tests' import path)
 
 

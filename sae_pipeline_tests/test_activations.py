@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae_pipeline.activations import (
-    ActivationStore,
-    BatchSampler,
-    Prefetcher,
-    StoreError,
-    norm_statistics,
-    split_sequences,
-)
+from sae_pipeline.activations import norm_statistics, split_sequences
 from sae_pipeline.config import ActivationSpec, ConfigError
+from sae_pipeline.store import ActivationStore, BatchSampler, Prefetcher, StoreError
 from sae_pipeline_tests.synthetic import write_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -260,8 +254,9 @@ def test_prefetcher_raises_the_threads_error(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16_bit_shards_halve_the_files_and_read_back_as_float32(pipeline, tmp_path, dtype):
-    from sae_pipeline.activations import extract_activations, load_model, load_tokenizer
+    from sae_pipeline.activations import extract_activations
     from sae_pipeline.defs.assets import read_corpus
+    from sae_pipeline.model import load_model, load_tokenizer
 
     reference = ActivationStore(pipeline.layout.activations_dir)
     spec = ActivationSpec(shard_tokens=1024, dtype=dtype)  # as the session fixture's store, in 16 bits

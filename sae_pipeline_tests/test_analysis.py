@@ -26,8 +26,8 @@ from sae_pipeline.analysis import (
     trade_offs,
 )
 from sae_pipeline.markdown import format_duration, report_pieces, round_significant, rounded
+from sae_pipeline.results import collect_runs
 from sae_pipeline.storage import Layout, write_json_atomic, write_parquet_atomic
-from sae_pipeline.sweeps import collect_runs
 
 EXPANSIONS = (4, 8, 16)
 KS = (8, 16, 32, 64)

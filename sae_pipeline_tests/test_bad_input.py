@@ -178,7 +178,7 @@ def test_hostile_spec_is_rejected_within_a_second_naming_file_and_line(
 
 
 def test_sweep_files_sensor_reads_hostile_specs_with_the_same_bounds(tmp_path: Path) -> None:
-    from sae_pipeline.sweeps import scan_sweeps
+    from sae_pipeline.registry import scan_sweeps
 
     folder = tmp_path / "sweeps"
     folder.mkdir()

@@ -12,8 +12,9 @@ import torch
 from sae_pipeline.analysis import build_sweep_report
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.consistency import MATCH_THRESHOLD, decoder_match, seed_consistency, seed_group
+from sae_pipeline.registry import store_configs
+from sae_pipeline.results import SUMMARY_FILE, collect_runs
 from sae_pipeline.storage import Layout
-from sae_pipeline.sweeps import SUMMARY_FILE, collect_runs, store_configs
 from sae_pipeline.training import train_sae
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store
 

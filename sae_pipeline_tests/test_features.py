@@ -1,4 +1,4 @@
-"""compute_features against a brute-force computation over the full latent matrix, on a hand-built store.
+"""extract_features' latents table against a brute-force computation over the full latent matrix, on a hand-built store.
 
 The setup plants an 'import' direction: activation dim 0 is non-zero only on 'import' tokens, with a
 magnitude that encodes (seq_id, position), and latent 0 reads only that dim, so its top examples are known
@@ -20,23 +20,20 @@ from polars.testing import assert_frame_equal
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from sae_pipeline.activations import META_FILE, ActivationStore
 from sae_pipeline.features import (
     EXAMPLE_SCHEMA,
     FEATURE_SCHEMA,
     HIST_LOG10_EDGES,
     LIVE_THRESHOLD,
-    compute_features,
-    excluded_vocab_ids,
     extract_features,
     features_summary,
-    load_vocab_matrix,
     top_features_markdown,
-    vocab_projection,
     write_examples,
     write_features,
 )
 from sae_pipeline.saes.relu import ReluSAE
+from sae_pipeline.store import META_FILE, ActivationStore
+from sae_pipeline.vocab import excluded_vocab_ids, load_vocab_matrix, vocab_projection
 
 TEXTS = [
     "we import numpy and import torch",
@@ -134,9 +131,14 @@ def sae() -> ReluSAE:
     return model
 
 
+def latents_table(*args, **kwargs) -> pl.DataFrame:
+    """The latents table alone: extract_features without quantile or random examples."""
+    return extract_features(*args, per_band=0, n_random=0, **kwargs).latents
+
+
 @pytest.fixture(scope="module")
 def features(sae, store, corpus, tokenizer) -> pl.DataFrame:
-    return compute_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=2, chunk=4096)
+    return latents_table(sae, store, corpus, tokenizer, top_n=TOP_N, window=2, chunk=4096)
 
 
 def brute_force_latents(sae: ReluSAE, acts: torch.Tensor) -> torch.Tensor:
@@ -187,7 +189,7 @@ def test_planted_latent_points_at_the_planted_tokens(features):
 
 
 def test_chunk_size_does_not_change_the_result(features, sae, store, corpus, tokenizer):
-    small = compute_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=2, chunk=3)
+    small = latents_table(sae, store, corpus, tokenizer, top_n=TOP_N, window=2, chunk=3)
     assert_frame_equal(small, features, check_exact=False, rel_tol=1e-6)
 
 
@@ -232,7 +234,7 @@ def test_write_features_round_trip_leaves_no_temp_file(features, tmp_path):
 
 def test_corpus_out_of_sync_is_a_clear_error(sae, store, corpus, tokenizer):
     with pytest.raises(ValueError, match="not in the corpus"):
-        compute_features(sae, store, corpus.filter(pl.col("seq_id") != 0), tokenizer, top_n=TOP_N)
+        latents_table(sae, store, corpus.filter(pl.col("seq_id") != 0), tokenizer, top_n=TOP_N)
 
 
 # --- extract_features: histogram, quantile / random examples, per-token window values, vocabulary ---------------
@@ -251,7 +253,7 @@ def brute_force_by_location(sae, eval_rows) -> dict[tuple[int, int], torch.Tenso
     return {(int(s), int(p)): latents[i] for i, (s, p) in enumerate(eval_rows[1].tolist())}
 
 
-def test_latents_table_extends_compute_features(tables, features):
+def test_latents_table_with_examples_equals_it_without(tables, features):
     assert dict(tables.latents.schema) == FEATURE_SCHEMA
     assert_frame_equal(tables.latents.select(features.columns).drop("hist_counts"), features.drop("hist_counts"))
     assert set(tables.latents["vocab_kind"].to_list()) == {"none"}

@@ -17,7 +17,6 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._daemon.backfill import execute_backfill_iteration
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs import assets
 from sae_pipeline.defs.assets import SAE_RUN_SIZE, sae
@@ -25,8 +24,9 @@ from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline.defs.freshness import is_current, stale_resolver
 from sae_pipeline.markdown import round_significant
 from sae_pipeline.quality import blocking_failures
+from sae_pipeline.results import read_summary
 from sae_pipeline.saes import load_sae
-from sae_pipeline.sweeps import read_summary
+from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import train_sae
 from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline, tiny_topk
 

@@ -22,9 +22,9 @@ from sae_pipeline.defs.assets import activations, corpus, feature_labels, featur
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
 from sae_pipeline.quality import VERDICT_FILE
+from sae_pipeline.registry import load_config, registered_keys, store_configs, sweeps_dir
 from sae_pipeline.saes import load_sae
 from sae_pipeline.storage import Layout, default_root
-from sae_pipeline.sweeps import load_config, registered_keys, store_configs, sweeps_dir
 from sae_pipeline.training import CHECKPOINT_FILE, train_sae
 from sae_pipeline_tests.conftest import ALL_ASSETS, TINY_RUN_CONFIG, tiny_topk
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_pipeline.activations import ActivationStore
 from sae_pipeline.config import SAEConfig
+from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import CHECKPOINT_FILE, train_sae
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store
 
@@ -27,7 +27,7 @@ CONFIG = {"architecture": "topk", "expansion_factor": 4, "k": 3, "lr": 3e-3, "ba
 # the run computes.
 CHILD = textwrap.dedent("""
     import sys, time, torch
-    from sae_pipeline.activations import ActivationStore
+    from sae_pipeline.store import ActivationStore
     from sae_pipeline.config import SAEConfig
     from sae_pipeline.training import train_sae
     torch.set_num_threads(1)

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from sae_pipeline.activations import META_FILE, ActivationStore
 from sae_pipeline.features import extract_features
 from sae_pipeline.labelling import OfflineLabeller, label_features
 from sae_pipeline.saes.relu import ReluSAE
@@ -34,6 +33,7 @@ from sae_pipeline.scoring import (
     scores_summary,
     with_scores,
 )
+from sae_pipeline.store import META_FILE, ActivationStore
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "we", "ran", "to", "see", "it", "in", "my", "old", "red",
          "car", "with", "one", "big", "dog", "at", "home", "but", "not", "you", "they", "she", "he", "was", "is", "are"]

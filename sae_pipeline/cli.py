@@ -120,11 +120,11 @@ def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]
     """Train `keys` as ranged `sae` runs (the path an asset backfill takes: each run trains its partitions as
     groups in one pass); returns the keys that were not materialised."""
     import dagster as dg
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from sae_pipeline.defs.assets import SAE_RUN_SIZE
     from sae_pipeline.defs.partitions import key_ranges, sae_configs
     from sae_pipeline.defs.runs import failure_message
+    from sae_pipeline.defs.schedules import RANGE_END_TAG, RANGE_START_TAG
 
     failed: set[str] = set()
     ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), SAE_RUN_SIZE)
@@ -132,7 +132,7 @@ def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]
         print(f"== train_sweep sae [{index}/{len(ranges)}]: {len(members)} config(s) in one run, trained as groups "
               f"in one pass each: {', '.join(members)}", flush=True)
         where = ({"partition_key": members[0]} if len(members) == 1 else
-                 {"tags": {ASSET_PARTITION_RANGE_START_TAG: members[0], ASSET_PARTITION_RANGE_END_TAG: members[-1]}})
+                 {"tags": {RANGE_START_TAG: members[0], RANGE_END_TAG: members[-1]}})
         result = stop.execute(defs.resolve_job_def("train_sweep"), instance, run_config=QUIET,
                               asset_selection=[dg.AssetKey("sae")], **where)
         if not result.success:

@@ -6,13 +6,16 @@ sweep_analysis + calibration) over what has finished. A partition goes from miss
 import os
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from sae_pipeline.defs.assets import SAE_RUN_SIZE, calibration, feature_labels, features, sae, sweep_analysis
 from sae_pipeline.defs.jobs import sweep_job
 from sae_pipeline.defs.partitions import key_ranges, sae_configs
 
 PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+"""Documented run tag: first partition key of a ranged run."""
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+"""Documented run tag: last partition key of a ranged run."""
 DEFAULT_CRON = "0 * * * *"
 CRON_ENV = "SAE_PIPELINE_BACKFILL_CRON"
 PARTITION_ASSETS = [sae, features, feature_labels]
@@ -39,7 +42,7 @@ def run_partitions(run: dg.DagsterRun, ordered: list[str]) -> set[str]:
     """The config partitions a run targets: its partition, or every key of its range (in partition order)."""
     if PARTITION_TAG in run.tags:
         return {run.tags[PARTITION_TAG]}
-    start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    start, end = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
     if start in ordered and end in ordered:
         return set(ordered[ordered.index(start):ordered.index(end) + 1])
     return set()
@@ -66,7 +69,7 @@ def sae_requests(instance: dg.DagsterInstance, ordered: list[str], busy: set[str
     requests = []
     for keys in key_ranges(ordered, todo, SAE_RUN_SIZE):
         where = ({"partition_key": keys[0]} if len(keys) == 1 else
-                 {"tags": {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}})
+                 {"tags": {RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]}})
         requests.append(dg.RunRequest(run_key=f"sae:{keys[0]}..{keys[-1]}:{attempt}", asset_selection=[sae.key],
                                       **where))
     return requests

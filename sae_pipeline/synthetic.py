@@ -304,7 +304,7 @@ def benchmark_config(architecture: str, spec: SyntheticSpec) -> SAEConfig:
     base = {"architecture": architecture, "expansion_factor": spec.expansion_factor, "batch_size": spec.batch_size,
             "train_tokens": spec.train_tokens, "seed": spec.seed, "log_every": max(1, steps // 20),
             "lr_warmup_steps": warmup, "dead_tokens": max(spec.batch_size, spec.train_tokens // 10),
-            "checkpoint_every": steps + 1}
+            "checkpoint_every": steps}  # as long as the run: never checkpoints (the last step is not)
     if spec.lr is not None:
         base["lr"] = spec.lr
     values, reasons = sparsity_values(spec, architecture), []

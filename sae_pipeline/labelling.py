@@ -86,15 +86,6 @@ class _Transient(Exception):
     """A failure worth retrying: no connection, no complete answer in time, HTTP 429 or 5xx."""
 
 
-class PartialLabels(LLMError):
-    """The labeller failed part-way; `labels` holds the LABEL_SCHEMA rows obtained before (kept to resume)."""
-
-    def __init__(self, cause: LLMError, labels: pl.DataFrame):
-        super().__init__(f"{cause} ({len(labels)} latents labelled before it)")
-        self.labels = labels
-        self.transient = cause.transient
-
-
 @dataclass(frozen=True)
 class ChatClient:
     """An OpenAI-compatible chat-completions client (http.client, no SDK): POST {base_url}/chat/completions.
@@ -304,15 +295,17 @@ class OfflineLabeller:
 
 def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
                    live_threshold: float = LIVE_THRESHOLD, examples: pl.DataFrame | None = None,
-                   max_latents: int = 0, done: pl.DataFrame | None = None) -> pl.DataFrame:
+                   max_latents: int = 0, done: pl.DataFrame | None = None,
+                   obtained: list[dict] | None = None) -> pl.DataFrame:
     """Labels for live latents only (is_live and max_activation >= live_threshold); LABEL_SCHEMA columns.
 
     Never-firing and near-zero latents are filtered out before the labeller sees any row, so lowering
     `live_threshold` below the features table's own LIVE_THRESHOLD cannot let them through either.
     `examples` (the examples table) hands each row its `top` examples only: the quantile and random ones stay
     held out for scoring. `max_latents` > 0 labels only that many, highest max activation first.
-    `done`: labels this labeller already gave (an interrupted run's), reused instead of asked again. An
-    LLMError part-way raises PartialLabels with every label obtained so far.
+    `done`: labels this labeller already gave (an interrupted run's), reused instead of asked again.
+    `obtained`: each LABEL_SCHEMA row is appended here as it is obtained, so that a caller keeps them when the
+    labeller fails part-way or the step is stopped.
     """
     labeller = labeller or OfflineLabeller()
     previous = {} if done is None else {row["latent_id"]: row for row in done.iter_rows(named=True)
@@ -322,7 +315,7 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
         live = live.sort("max_activation", descending=True).head(max_latents).sort("latent_id")
     top = {} if examples is None else examples.filter(pl.col("kind") == "top").sort("rank").partition_by(
         "latent_id", as_dict=True)
-    rows = []
+    rows = [] if obtained is None else obtained
     for row in live.iter_rows(named=True):
         if row["latent_id"] in previous:
             rows.append(previous[row["latent_id"]])
@@ -330,10 +323,7 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
         if examples is not None:
             found = top.get((row["latent_id"],))
             row["examples"] = [] if found is None else list(found.iter_rows(named=True))
-        try:
-            label = labeller.label(row)
-        except LLMError as error:
-            raise PartialLabels(error, pl.DataFrame(rows, schema=LABEL_SCHEMA)) from None
+        label = labeller.label(row)
         top_token, share = (token_shares(row) or [("", 0.0)])[0]
         rows.append({"latent_id": row["latent_id"], "label": label, "labeller": labeller.name,
                      "top_token": top_token, "top_token_share": share,

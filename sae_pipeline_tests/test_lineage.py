@@ -1,5 +1,6 @@
 """Lineage: activations record the corpus (sha256), model and layer they came from; downstream assets refuse
-a store that does not match the corpus on disk, and materialising `corpus` alone makes `activations` stale."""
+a store that does not match the corpus on disk, and materialising `corpus` alone makes `activations` stale;
+each computing asset has its own code version, so a change to one step leaves the steps above it current."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae
+from sae_pipeline.defs.assets import CODE_VERSIONS, activations, corpus, feature_labels, features, sae
 from sae_pipeline.defs.freshness import is_current, stale_causes, stale_resolver
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch, lineage_record, write_lineage
 from sae_pipeline.storage import CORPUS_FILE, write_bytes_atomic
@@ -67,3 +68,29 @@ def test_lineage_names_a_model_mismatch_and_tolerates_a_store_without_record(tmp
     assert problem is not None and "'gpt2'" in problem and "prepare_activations" in problem
     write_bytes_atomic(corpus_dir / CORPUS_FILE, b"another corpus")
     assert "sha256" in (lineage_mismatch(acts, corpus_dir) or "")
+
+
+def test_each_computing_asset_has_its_own_code_version() -> None:
+    versions = {spec.key.to_user_string(): spec.code_version for assets in ALL_ASSETS for spec in assets.specs
+                if spec.code_version is not None}
+    assert versions == CODE_VERSIONS
+
+
+def test_a_new_labelling_code_version_marks_only_feature_labels_stale(tmp_path: Path) -> None:
+    pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
+    assert pipe.materialize([corpus, activations], run_config=TINY_RUN_CONFIG).success
+    key = pipe.register(tiny_topk(train_tokens=256 * 4, log_every=2))
+    for asset in (sae, features, feature_labels):
+        assert pipe.materialize([asset], partition_key=key).success
+    resolver = stale_resolver(pipe.instance, DEFS)
+    assert all(is_current(resolver, name, key) for name in ("sae", "features", "feature_labels"))
+
+    relabelled = feature_labels.map_asset_specs(lambda spec: spec.replace_attributes(
+        code_version=f"{CODE_VERSIONS['feature_labels']}-changed"))
+    defs = dg.Definitions(assets=[corpus, activations, sae, features, relabelled],
+                          resources=Pipeline(Path("unused"), None).resources())  # type: ignore[arg-type]
+    resolver = stale_resolver(pipe.instance, defs)
+    assert is_current(resolver, "activations") and is_current(resolver, "sae", key)
+    assert is_current(resolver, "features", key)
+    assert not is_current(resolver, "feature_labels", key)
+    assert any("code version" in cause for cause in stale_causes(resolver, "feature_labels", key))

@@ -17,7 +17,8 @@ import polars as pl
 import pytest
 
 from sae_pipeline import quality
-from sae_pipeline.defs.assets import LABELS_RETRY_POLICY, feature_labels, features, sae
+from sae_pipeline.defs.assets import feature_labels, features, sae
+from sae_pipeline.defs.stops import LABELS_RETRY_POLICY
 from sae_pipeline.labelling import (
     ENV_API_KEY,
     ENV_BASE_URL,
@@ -324,7 +325,13 @@ def test_a_stop_during_labelling_is_not_retried(pipeline: Pipeline, server, monk
     assert not result.success and _retries(result) == 0
     message = "\n".join(e.step_failure_data.error.message for e in result.all_events if e.is_step_failure)
     assert f"feature_labels for partition {key} was stopped" in message
-    assert len(server.labelling_requests()) <= 3  # it stopped there, and no retry asked again
+    assert len(server.labelling_requests()) == 2  # it stopped there, and no retry asked again
+    assert f"kept: 1 label(s) of {key} obtained so far" in message  # the answer to the first request
+    server.on_label = None
+    assert pipeline.materialize([feature_labels], partition_key=key, run_config=run_config).success
+    assert len(server.labelling_requests()) == 2 + 5  # the rerun asks only for the other five
+    labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
+    assert labels.height == 6 and labels["latent_id"].n_unique() == 6
 
 
 def test_requests_go_through_the_environments_proxy(server, monkeypatch):

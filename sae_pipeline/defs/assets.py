@@ -9,8 +9,8 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -47,7 +47,7 @@ from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
-from sae_pipeline.defs.runs import Stopped
+from sae_pipeline.defs.stops import LABELS_RETRY_POLICY, not_retried, stops_without_retry
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
     EXAMPLE_COLUMNS,
@@ -64,9 +64,9 @@ from sae_pipeline.features import (
 from sae_pipeline.fidelity import measure_downstream
 from sae_pipeline.labelling import (
     LABEL_COLUMNS,
+    LABEL_SCHEMA,
     LABELS_FILE,
     LLMError,
-    PartialLabels,
     label_features,
     labels_markdown,
     load_progress,
@@ -102,18 +102,13 @@ from sae_pipeline.vocab import load_vocab_matrix
 
 DASHBOARD_DIR = "dashboard"
 WITHDRAWN_FILE = "withdrawn.json"
-CODE_VERSION = "2"
-"""Code version of the assets that compute (bump when a change alters what they write): with the data versions
-of corpus and activations, it is what makes a partition stale in the UI and what `run-sweep` compares."""
+CODE_VERSIONS = {"corpus": "2", "activations": "2", "sae": "2", "features": "2", "feature_labels": "2"}
+"""Each computing asset's code version (bump only its own when a change alters what it writes): with the data
+versions upstream, it is what makes a partition stale in the UI and what `run-sweep` compares, so a change to
+labelling leaves `sae` and `features` current. "2" is what every asset carried when they shared one version, so
+partitions made before are still current."""
 ENV_AUTOMATION = "SAE_PIPELINE_AUTOMATION"
 """`eager`: partitions are materialised by declarative automation as soon as they can be (off when unset)."""
-LABELS_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL)
-"""`feature_labels` is retried 30 s, 90 s, then 210 s after an attempt failed on an LLM endpoint that stayed
-unavailable past its own per-request retries; each attempt resumes from the labels the previous ones kept.
-Failures that a retry cannot fix (a refusal, a bad config, an HTTP 4xx, the step's deadline, a stop) raise
-`Failure(allow_retries=False)`."""
-
-
 def automation_condition(environ: Mapping[str, str] | None = None) -> dg.AutomationCondition | None:
     """`AutomationCondition.eager()` when SAE_PIPELINE_AUTOMATION=eager, so a newly registered partition (and
     one whose upstream changed) is materialised without a launch; None, no automation, when it is unset."""
@@ -121,40 +116,6 @@ def automation_condition(environ: Mapping[str, str] | None = None) -> dg.Automat
     if mode not in ("", "eager"):
         raise ConfigError(f"{ENV_AUTOMATION}: {mode!r}; allowed: eager, or unset (no automation)")
     return dg.AutomationCondition.eager() if mode else None
-
-
-@contextmanager
-def stops_without_retry(asset: str, keys: list[str], next_run: Callable[[], str] = lambda: "") -> Iterator[None]:
-    """A stop (Ctrl-C, SIGTERM, a terminated run) ends the step as a failure that is not retried, saying what a
-    rerun starts from (`next_run`, read when the stop arrives): under a RetryPolicy Dagster turns an interrupt
-    into a retry, and would rerun a step it was told to stop."""
-    try:
-        yield
-    except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError, Stopped):
-        where = f"partition {keys[0]}" if len(keys) == 1 else f"partitions {', '.join(keys)}"
-        rerun = next_run()
-        raise dg.Failure(description=f"{asset} for {where} was stopped (interrupt or termination); not retried"
-                         + (f". {rerun}" if rerun else ""), allow_retries=False) from None
-
-
-def resume_points(layout: Layout, keys: list[str]) -> str:
-    """What a rerun of `sae` starts each partition from: its last checkpoint's step, or the start."""
-    points = []
-    for key in keys:
-        step = checkpoint_step(layout.checkpoint_dir(key))
-        points.append(f"{key} from checkpoint step {step}" if step else f"{key} from the start (no checkpoint yet)")
-    return "A rerun resumes " + "; ".join(points)
-
-
-@contextmanager
-def not_retried(asset: str) -> Iterator[None]:
-    """A bad config or an LLM error that is not transient fails the step at once: no retry would change it."""
-    try:
-        yield
-    except (ConfigError, LLMError) as error:
-        if isinstance(error, LLMError) and error.transient:
-            raise
-        raise dg.Failure(description=f"{asset}: {error}", allow_retries=False) from None
 
 
 def column_schema(frame: pl.DataFrame, descriptions: Mapping[str, str]) -> dg.TableSchema:
@@ -236,64 +197,67 @@ def validate_downstream_config(context: dg.AssetExecutionContext, *assets: str) 
             parse_spec(DOWNSTREAM_SPECS[asset], raw, where=f"{asset} config")
 
 
-@dg.asset(group_name="data", kinds={"parquet"}, code_version=CODE_VERSION,
+@dg.asset(group_name="data", kinds={"parquet"}, code_version=CODE_VERSIONS["corpus"],
           description="Tokenised text sequences from the configured corpus.")
 def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: StorageResource,
            model: ModelResource) -> dg.MaterializeResult:
-    spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
-    validate_run_activations_config(context, model)
-    tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
-    frame = tokenize_corpus(iter_texts(spec), tokenizer, spec)
-    layout = storage.layout
-    with layout.publish(layout.corpus_dir) as folder:
-        write_parquet_atomic(frame, folder / CORPUS_FILE)
-    n_tokens = int(frame["input_ids"].list.len().sum())
-    context.log.info(f"corpus: {len(frame)} sequences, {n_tokens} tokens from {spec.source}")
-    fingerprint = file_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE) / CORPUS_FILE)
-    return dg.MaterializeResult(data_version=dg.DataVersion(fingerprint), metadata={
-        "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens, "corpus_sha256": fingerprint,
-        "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
-        "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
-        "dagster/column_schema": column_schema(frame, CORPUS_COLUMNS),
-    })
+    with stops_without_retry(context, storage.layout):
+        spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
+        validate_run_activations_config(context, model)
+        tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
+        frame = tokenize_corpus(iter_texts(spec), tokenizer, spec)
+        layout = storage.layout
+        with layout.publish(layout.corpus_dir) as folder:
+            write_parquet_atomic(frame, folder / CORPUS_FILE)
+        n_tokens = int(frame["input_ids"].list.len().sum())
+        context.log.info(f"corpus: {len(frame)} sequences, {n_tokens} tokens from {spec.source}")
+        fingerprint = file_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE) / CORPUS_FILE)
+        return dg.MaterializeResult(data_version=dg.DataVersion(fingerprint), metadata={
+            "source": spec.source, "n_sequences": len(frame), "n_tokens": n_tokens, "corpus_sha256": fingerprint,
+            "path": dg.MetadataValue.path(layout.location(layout.corpus_dir, CORPUS_FILE)),
+            "preview": dg.MetadataValue.md(markdown_table(frame.head(5).select("seq_id", "text"))),
+            "dagster/column_schema": column_schema(frame, CORPUS_COLUMNS),
+        })
 
 
 corpus = validated_at_launch(corpus, CorpusConfig)
 
 
 @dg.asset(deps=[corpus], group_name="data", kinds={"pytorch", "safetensors"},
-          check_specs=ACTIVATIONS_CHECKS, code_version=CODE_VERSION,
+          check_specs=ACTIVATIONS_CHECKS, code_version=CODE_VERSIONS["activations"],
           description="Residual-stream activations at one layer, sharded safetensors with a held-out eval slice.")
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
                 model: ModelResource, device: DeviceResource,
                 quality_thresholds: QualityResource) -> dg.MaterializeResult:
-    spec = parse_spec(ActivationSpec, {"model": model.name, "trust_remote_code": model.trust_remote_code,
-                                       **config.model_dump()}, where="activations config")
-    thresholds = quality_thresholds.thresholds()
-    validate_layer(spec)  # from the model's config alone: before any weights load or file write
-    layout = storage.layout
-    lineage = lineage_record(corpus_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE)), spec.model, spec.layer)
-    frame = read_corpus(layout)
-    tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
-    check_layer(transformer, spec.layer)
-    with layout.publish(layout.activations_dir) as folder:
-        meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
-        scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
-        outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
-                    quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"]),
-                    quality.activations_duplicates(scan, thresholds)]
-        quality.write_verdict(folder, outcomes)
-        write_lineage(folder, lineage)
-    context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(file_fingerprint(layout.pull(layout.activations_dir, META_FILE) / META_FILE)),
-        metadata={"corpus_sha256": str(lineage["corpus_sha256"]),
-                  "activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
-                  "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
-                  "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
-                  "layer": spec.layer, "dtype": meta["dtype"], "norm_stats": meta["norm_stats"]},
-        check_results=[check_result(o) for o in outcomes],
-    )
+    with stops_without_retry(context, storage.layout):
+        spec = parse_spec(ActivationSpec, {"model": model.name, "trust_remote_code": model.trust_remote_code,
+                                           **config.model_dump()}, where="activations config")
+        thresholds = quality_thresholds.thresholds()
+        validate_layer(spec)  # from the model's config alone: before any weights load or file write
+        layout = storage.layout
+        corpus_sha256 = corpus_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE))
+        lineage = lineage_record(corpus_sha256, spec.model, spec.layer)
+        frame = read_corpus(layout)
+        tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
+        check_layer(transformer, spec.layer)
+        with layout.publish(layout.activations_dir) as folder:
+            meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
+            scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
+            outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
+                        quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"]),
+                        quality.activations_duplicates(scan, thresholds)]
+            quality.write_verdict(folder, outcomes)
+            write_lineage(folder, lineage)
+        context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(file_fingerprint(layout.pull(layout.activations_dir, META_FILE) / META_FILE)),
+            metadata={"corpus_sha256": str(lineage["corpus_sha256"]),
+                      "activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
+                      "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
+                      "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
+                      "layer": spec.layer, "dtype": meta["dtype"], "norm_stats": meta["norm_stats"]},
+            check_results=[check_result(o) for o in outcomes],
+        )
 
 
 activations = validated_at_launch(activations, ActivationsConfig)
@@ -390,7 +354,7 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
             cfgs.pop(key, None)
             failures[key] = str(error)
     ready = list(cfgs)
-    tags = provenance_tags(context.instance, context.run, CODE_VERSION, [activations.key])
+    tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], [activations.key])
     for key in ready:
         layout.restore(layout.checkpoint_dir(key))
     groups = plan_groups([cfgs[k] for k in ready], store.d_model, device.memory_bytes(),
@@ -431,7 +395,8 @@ SAE_KEY = dg.AssetKey("sae")
 @dg.multi_asset(
     name="sae", partitions_def=sae_configs, check_specs=SAE_CHECKS, can_subset=True, pool="gpu",
     op_tags=gpu_op_tags(), backfill_policy=dg.BackfillPolicy.multi_run(SAE_RUN_SIZE),
-    specs=[dg.AssetSpec(SAE_KEY, deps=[activations], group_name="sae", kinds={"pytorch"}, code_version=CODE_VERSION,
+    specs=[dg.AssetSpec(SAE_KEY, deps=[activations], group_name="sae", kinds={"pytorch"},
+                        code_version=CODE_VERSIONS["sae"],
                         automation_condition=automation_condition(),
                         description="One SAE per config partition, in the SAELens file layout. A run over several "
                                     "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
@@ -440,25 +405,31 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
         quality_thresholds: QualityResource, model: ModelResource) -> Iterator[dg.MaterializeResult
                                                                                 | dg.AssetMaterialization]:
     layout = storage.layout
+    with stops_without_retry(context, layout):
+        yield from train_and_publish(context, layout, device, quality_thresholds.thresholds(), model)
+
+
+def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device: DeviceResource,
+                      thresholds: quality.QualityThresholds,
+                      model: ModelResource) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """The body of `sae`: one partition trained and published, or a range trained as groups (`train_partitions`)."""
     validate_downstream_config(context, "features", "feature_labels")
-    thresholds = quality_thresholds.thresholds()
     refuse_if_other_lineage("sae", layout, model.name)
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
                       quality.blocking_failures(acts, missing_ok=True))
     store = ActivationStore(acts)
-    keys = list(context.partition_keys)
-    with stops_without_retry("sae", keys, lambda: resume_points(layout, keys)):
-        if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
-            yield from train_partitions(context, layout, store, keys, device, thresholds, model.trust_remote_code)
-            return
-        key = context.partition_key
-        cfg = load_config(layout, key)
-        cfg.validate_for_model(store.d_model, device.memory_bytes())
-        checkpoints = layout.checkpoint_dir(key)
-        layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
-        log, on_checkpoint = training_hooks(context, layout, key)
-        result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
+    if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
+        yield from train_partitions(context, layout, store, list(context.partition_keys), device, thresholds,
+                                    model.trust_remote_code)
+        return
+    key = context.partition_key
+    cfg = load_config(layout, key)
+    cfg.validate_for_model(store.d_model, device.memory_bytes())
+    checkpoints = layout.checkpoint_dir(key)
+    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
+    log, on_checkpoint = training_hooks(context, layout, key)
+    result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
     published = publish_sae(layout, key, cfg, store, result, device.resolve(), thresholds, model.trust_remote_code)
     yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
                                check_results=[check_result(o, key) for o in published.outcomes])
@@ -476,52 +447,54 @@ class FeaturesConfig(dg.Config):
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
-          check_specs=FEATURES_CHECKS, code_version=CODE_VERSION, automation_condition=automation_condition(),
+          check_specs=FEATURES_CHECKS, code_version=CODE_VERSIONS["features"],
+          automation_condition=automation_condition(),
           description="Per-latent statistics, top/quantile contexts with per-token activations, vocabulary "
                       "projection and a static HTML dashboard, on held-out tokens.")
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource,
              device: DeviceResource, model: ModelResource, quality_thresholds: QualityResource) -> dg.MaterializeResult:
-    key, layout = context.partition_key, storage.layout
-    spec = parse_spec(FeaturesSpec, config.model_dump(), where="features config")
-    validate_downstream_config(context, "feature_labels")
-    thresholds = quality_thresholds.thresholds()
-    refuse_if_other_lineage("features", layout, model.name)
-    acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
-    refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
-                      + quality.blocking_failures(weights, missing_ok=True))
-    autoencoder = load_sae(weights)
-    store = ActivationStore(acts)
-    tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
-    vocab = load_vocab_matrix(model.name, model.trust_remote_code) if spec.vocab_projection else None
-    tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,
-                              top_n=spec.top_n, window=spec.window, n_bands=spec.n_bands,
-                              per_band=spec.per_band, n_random=spec.n_random, vocab=vocab,
-                              device=device.resolve())
-    frame = tables.latents
-    vocab_kind = vocab[0] if vocab else "none"
-    outcomes = [quality.features_not_near_zero(frame, thresholds), quality.features_table_valid(frame)]
-    with layout.publish(layout.features_dir(key)) as folder:
-        write_features(frame, folder / FEATURES_FILE)
-        write_examples(tables.examples, folder / EXAMPLES_FILE)
-        write_json_atomic(folder / FEATURES_META_FILE, {**spec.model_dump(), "vocab_kind": vocab_kind,
-                                                        "model": model.name})
-        render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=spec.n_bands)
-        quality.write_verdict(folder, outcomes)
-    summary = features_summary(frame)
-    where = layout.location(layout.features_dir(key))
-    return dg.MaterializeResult(
-        metadata={"features_path": dg.MetadataValue.path(f"{where}/{FEATURES_FILE}"),
-                  "examples_path": dg.MetadataValue.path(f"{where}/{EXAMPLES_FILE}"),
-                  "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
-                  "n_examples": len(tables.examples),
-                  "vocab_projection": vocab_kind,
-                  "n_live": summary["n_live"], "n_dead": summary["n_dead"],
-                  "n_near_zero": summary["n_near_zero"],
-                  "top_latents": dg.MetadataValue.md(top_features_markdown(frame)),
-                  "dagster/column_schema": column_schema(frame, FEATURE_COLUMNS),
-                  "examples_column_schema": column_schema(tables.examples, EXAMPLE_COLUMNS)},
-        check_results=[check_result(o, key) for o in outcomes],
-    )
+    with stops_without_retry(context, storage.layout):
+        key, layout = context.partition_key, storage.layout
+        spec = parse_spec(FeaturesSpec, config.model_dump(), where="features config")
+        validate_downstream_config(context, "feature_labels")
+        thresholds = quality_thresholds.thresholds()
+        refuse_if_other_lineage("features", layout, model.name)
+        acts, weights = layout.pull(layout.activations_dir), layout.pull(layout.sae_dir(key))
+        refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
+                          + quality.blocking_failures(weights, missing_ok=True))
+        autoencoder = load_sae(weights)
+        store = ActivationStore(acts)
+        tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
+        vocab = load_vocab_matrix(model.name, model.trust_remote_code) if spec.vocab_projection else None
+        tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,
+                                  top_n=spec.top_n, window=spec.window, n_bands=spec.n_bands,
+                                  per_band=spec.per_band, n_random=spec.n_random, vocab=vocab,
+                                  device=device.resolve())
+        frame = tables.latents
+        vocab_kind = vocab[0] if vocab else "none"
+        outcomes = [quality.features_not_near_zero(frame, thresholds), quality.features_table_valid(frame)]
+        with layout.publish(layout.features_dir(key)) as folder:
+            write_features(frame, folder / FEATURES_FILE)
+            write_examples(tables.examples, folder / EXAMPLES_FILE)
+            write_json_atomic(folder / FEATURES_META_FILE, {**spec.model_dump(), "vocab_kind": vocab_kind,
+                                                            "model": model.name})
+            render_dashboard(frame, tables.examples, folder / DASHBOARD_DIR, f"features {key}", n_bands=spec.n_bands)
+            quality.write_verdict(folder, outcomes)
+        summary = features_summary(frame)
+        where = layout.location(layout.features_dir(key))
+        return dg.MaterializeResult(
+            metadata={"features_path": dg.MetadataValue.path(f"{where}/{FEATURES_FILE}"),
+                      "examples_path": dg.MetadataValue.path(f"{where}/{EXAMPLES_FILE}"),
+                      "dashboard_path": dg.MetadataValue.path(f"{where}/{DASHBOARD_DIR}/index.html"),
+                      "n_examples": len(tables.examples),
+                      "vocab_projection": vocab_kind,
+                      "n_live": summary["n_live"], "n_dead": summary["n_dead"],
+                      "n_near_zero": summary["n_near_zero"],
+                      "top_latents": dg.MetadataValue.md(top_features_markdown(frame)),
+                      "dagster/column_schema": column_schema(frame, FEATURE_COLUMNS),
+                      "examples_column_schema": column_schema(tables.examples, EXAMPLE_COLUMNS)},
+            check_results=[check_result(o, key) for o in outcomes],
+        )
 
 
 class LabelsConfig(dg.Config):
@@ -584,12 +557,13 @@ def step_started(context: dg.AssetExecutionContext) -> float:
 
 
 def label_resumably(layout: Layout, key: str, stamp: dict[str, str], deadline: Deadline, retry_delay: float,
-                    label: Callable[[pl.DataFrame | None], pl.DataFrame],
+                    label: Callable[[pl.DataFrame | None, list[dict]], pl.DataFrame],
                     score: Callable[[pl.DataFrame], pl.DataFrame]) -> pl.DataFrame:
-    """`score(label(done))`, where `done` are the labels a previous interrupted run kept (same features, same
-    labeller). When the endpoint fails part-way (or the step's deadline passes), every label obtained is kept
-    in the partition's progress folder and the run fails saying so; the next run asks only for the rest. Past
-    the deadline (or too close to it for a retry's delay) the failure is final: no retry is scheduled."""
+    """`score(label(done, obtained))`, where `done` are the labels a previous interrupted run kept (same features,
+    same labeller) and `label` appends each label to `obtained` as it gets it. When the endpoint fails part-way,
+    the step's deadline passes or the step is stopped, every label obtained is kept in the partition's progress
+    folder (the run fails saying so) and the next run asks only for the rest. Past the deadline (or too close to
+    it for a retry's delay) the failure is final: no retry is scheduled."""
     folder = layout.labels_progress_dir(key)
     layout.restore(folder)
     done = load_progress(folder, stamp)
@@ -598,16 +572,13 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str], deadline: D
         raise dg.Failure(description=f"Labelling partition {key} stopped: {deadline.describe()}; not retried. "
                          f"{n_done} label(s) kept; a rerun resumes from them", metadata={"n_kept": n_done},
                          allow_retries=False)
-    labels = None
+    obtained: list[dict] = []
     try:
-        labels = label(done)
-        return score(labels)
-    except LLMError as error:
-        kept = labels if labels is not None else error.labels if isinstance(error, PartialLabels) else None
-        if kept is not None and kept.height:
-            save_progress(folder, kept, stamp)
-            layout.push(folder)
-        n_kept = 0 if kept is None else kept.height
+        return score(label(done, obtained))
+    except BaseException as error:  # an LLM failure, or a stop: keep what was obtained, then fail
+        n_kept = keep_progress(layout, folder, obtained, stamp)
+        if not isinstance(error, LLMError):
+            raise
         retry = error.transient and deadline.left() > retry_delay
         why = (" (the endpoint was unavailable: retried with backoff)" if retry else
                f" ({deadline.describe()}: no retry)" if error.transient else "")
@@ -615,15 +586,22 @@ def label_resumably(layout: Layout, key: str, stamp: dict[str, str], deadline: D
                          f"resumes from them{why}", metadata={"n_kept": n_kept}, allow_retries=retry) from None
 
 
+def keep_progress(layout: Layout, folder: Path, obtained: list[dict], stamp: dict[str, str]) -> int:
+    """Save the labels obtained so far (when there are any) for the next run; returns how many."""
+    if obtained:
+        save_progress(folder, pl.DataFrame(obtained, schema=LABEL_SCHEMA), stamp)
+        layout.push(folder)
+    return len(obtained)
 
 
 @dg.asset(partitions_def=sae_configs, deps=[features], group_name="sae", kinds={"parquet", "html"},
-          code_version=CODE_VERSION, retry_policy=LABELS_RETRY_POLICY, automation_condition=automation_condition(),
+          code_version=CODE_VERSIONS["feature_labels"], retry_policy=LABELS_RETRY_POLICY,
+          automation_condition=automation_condition(),
           description="A label and a detection score per live latent, and the dashboard with them; refuses "
                       "partitions whose blocking checks failed.")
 def feature_labels(context: dg.AssetExecutionContext, config: LabelsConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
-    with stops_without_retry("feature_labels", [context.partition_key]):
+    with stops_without_retry(context, storage.layout):
         return label_partition(context, config, storage.layout)
 
 
@@ -653,8 +631,8 @@ def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, lay
                                                step_seconds=max(deadline.left(), 1e-3))
     stamp = {"labeller": labeller.name,
              "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
-    scored = label_resumably(layout, key, stamp, deadline, retry_delay, lambda done: label_features(
-        table, labeller, examples=examples, max_latents=spec.max_latents, done=done),
+    scored = label_resumably(layout, key, stamp, deadline, retry_delay, lambda done, obtained: label_features(
+        table, labeller, examples=examples, max_latents=spec.max_latents, done=done, obtained=obtained),
         lambda labels: with_scores(labels, score_labels(labels, examples, scorer)))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:
@@ -683,23 +661,24 @@ def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, lay
           description="The sweep report (seed 004's form) over every finished config partition; the `report` "
                       "metadata holds it whole, plots inline.")
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    layout = storage.layout
-    keys = context.instance.get_dynamic_partitions(sae_configs.name)
-    logs = training_logs(layout, keys)
-    runs, missing = collect_runs(layout, keys, logs)
-    with layout.publish(layout.analysis_dir) as folder:
-        report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs)
-        text = report_with_inline_plots(report)
-    where = layout.location(layout.analysis_dir)
-    return dg.MaterializeResult(metadata={
-        **report_metadata(text),
-        "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
-        "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
-        "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
-        "best_balanced": report.best_balanced or "none",
-        "top_configs": dg.MetadataValue.md(report.top_markdown),
-        "pareto_l0_dead": list(report.pareto_dead),
-    })
+    with stops_without_retry(context, storage.layout):
+        layout = storage.layout
+        keys = context.instance.get_dynamic_partitions(sae_configs.name)
+        logs = training_logs(layout, keys)
+        runs, missing = collect_runs(layout, keys, logs)
+        with layout.publish(layout.analysis_dir) as folder:
+            report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs)
+            text = report_with_inline_plots(report)
+        where = layout.location(layout.analysis_dir)
+        return dg.MaterializeResult(metadata={
+            **report_metadata(text),
+            "report_path": dg.MetadataValue.path(f"{where}/{report.report_path.name}"),
+            "table_path": dg.MetadataValue.path(f"{where}/{report.table_path.name}"),
+            "n_configs": report.n_configs, "n_missing": len(missing), "failed_blocking_checks": list(report.failed),
+            "best_balanced": report.best_balanced or "none",
+            "top_configs": dg.MetadataValue.md(report.top_markdown),
+            "pareto_l0_dead": list(report.pareto_dead),
+        })
 
 
 def report_metadata(text: str) -> dict[str, dg.MetadataValue]:
@@ -712,31 +691,32 @@ def report_metadata(text: str) -> dict[str, dg.MetadataValue]:
 @dg.asset(deps=[sweep_analysis], group_name="analysis", kinds={"markdown"},
           description="l1_alpha calibration toward target_l0 for relu configs: fitted points and the next proposal.")
 def calibration(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    layout = storage.layout
-    states = calibration_state(layout)
-    plans = [plan for state in states for plan in state.plans]
-    sections, proposals, pngs = [], {}, {}
-    for state in states:
-        for plan in state.plans:
-            png = pngs[f"{plan.group}.png"] = calibration_png(plan, state.settings.tolerance)
-            proposals[plan.group] = {"sweep": state.sweep.path.name, "status": plan.status, "reason": plan.reason,
-                                     "target_l0": plan.target, "n_proposed": plan.n_proposed,
-                                     "proposed_l1_alpha": plan.proposal.l1_alpha,
-                                     "proposed_key": plan.config.partition_key() if plan.config else None,
-                                     "points": [[p.key, p.l1_alpha, p.l0] for p in plan.points]}
-            sections.append(plans_markdown([plan]) + "\n\n" + png_markdown(png, f"L0 vs l1_alpha {plan.group}"))
-    empty = how_to_calibrate(sweeps_dir(layout)) if not plans else None
-    report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or empty)
-    with layout.publish(layout.calibration_dir) as folder:
-        for name, png in pngs.items():
-            write_bytes_atomic(folder / name, png)
-        write_json_atomic(folder / "proposals.json", proposals)
-        write_bytes_atomic(folder / "report.md", report.encode())
-    context.log.info(f"calibration: {len(plans)} base configs, statuses {[p.status for p in plans]}")
-    return dg.MaterializeResult(metadata={
-        "report_path": dg.MetadataValue.path(layout.location(layout.calibration_dir, "report.md")),
-        "n_groups": len(plans), "statuses": {p.group: p.status for p in plans},
-        "proposals": rounded(proposals),
-        "fitted_points": dg.MetadataValue.md(empty or plans_markdown(plans)),
-        "plot": dg.MetadataValue.md("\n\n".join(sections) if sections else "no calibrated config"),
-    })
+    with stops_without_retry(context, storage.layout):
+        layout = storage.layout
+        states = calibration_state(layout)
+        plans = [plan for state in states for plan in state.plans]
+        sections, proposals, pngs = [], {}, {}
+        for state in states:
+            for plan in state.plans:
+                png = pngs[f"{plan.group}.png"] = calibration_png(plan, state.settings.tolerance)
+                proposals[plan.group] = {"sweep": state.sweep.path.name, "status": plan.status, "reason": plan.reason,
+                                         "target_l0": plan.target, "n_proposed": plan.n_proposed,
+                                         "proposed_l1_alpha": plan.proposal.l1_alpha,
+                                         "proposed_key": plan.config.partition_key() if plan.config else None,
+                                         "points": [[p.key, p.l1_alpha, p.l0] for p in plan.points]}
+                sections.append(plans_markdown([plan]) + "\n\n" + png_markdown(png, f"L0 vs l1_alpha {plan.group}"))
+        empty = how_to_calibrate(sweeps_dir(layout)) if not plans else None
+        report = "# l1_alpha calibration\n\n" + ("\n\n".join(sections) or empty)
+        with layout.publish(layout.calibration_dir) as folder:
+            for name, png in pngs.items():
+                write_bytes_atomic(folder / name, png)
+            write_json_atomic(folder / "proposals.json", proposals)
+            write_bytes_atomic(folder / "report.md", report.encode())
+        context.log.info(f"calibration: {len(plans)} base configs, statuses {[p.status for p in plans]}")
+        return dg.MaterializeResult(metadata={
+            "report_path": dg.MetadataValue.path(layout.location(layout.calibration_dir, "report.md")),
+            "n_groups": len(plans), "statuses": {p.group: p.status for p in plans},
+            "proposals": rounded(proposals),
+            "fitted_points": dg.MetadataValue.md(empty or plans_markdown(plans)),
+            "plot": dg.MetadataValue.md("\n\n".join(sections) if sections else "no calibrated config"),
+        })

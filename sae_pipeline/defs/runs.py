@@ -2,8 +2,9 @@
 
 Dagster turns a signal during a step into a step failure and returns; the CLI would then start the next run.
 A wakeup fd records every signal at C level, whichever Python handler Dagster has installed at that moment,
-so after each run the CLI knows it was told to stop: it marks the run cancelled by the user (the checkpoint
-stays for the next run), starts nothing more and exits 128 + the signal number.
+so after each run the CLI knows it was told to stop: it marks the run cancelled by the user, naming the step
+that stopped and what it kept (`stops.kept_after_stop`), starts nothing more and exits 128 + the signal
+number. The console shows no traceback for the stop: the CLI says it in one line.
 
 Each run carries the pid and host of the process executing it. At start-up, a run still STARTING/STARTED
 whose process is gone (SIGKILL, OOM, power loss) is marked failed and its concurrency-pool slots freed, so the
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, 
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 import sae_pipeline
+from sae_pipeline.defs.partitions import sae_configs
+from sae_pipeline.defs.schedules import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
+from sae_pipeline.defs.stops import Stopped, kept_after_stop, published_in_run
+from sae_pipeline.storage import Layout
 
 PID_TAG = "sae_pipeline/pid"
 HOST_TAG = "sae_pipeline/host"
@@ -47,32 +53,21 @@ LOCATION_NAME = "sae_pipeline.definitions"
 DEFS_ATTRIBUTE = "defs"
 
 
-class Stopped(Exception):  # noqa: N818 (a request, not an error)
-    """The user asked the process to stop (SIGINT/SIGTERM); `exit_code` is 128 + the signal number."""
-
-    def __init__(self, signum: int, detail: str = "") -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-        self.detail = detail
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
 def process_tags() -> dict[str, str]:
     """Tags naming the process that executes a run (read back by `release_dead_runs`)."""
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
 class StopSignals:
-    """Records SIGINT/SIGTERM through a wakeup fd; between runs a signal raises `Stopped` at once."""
+    """Records SIGINT/SIGTERM through a wakeup fd; between runs a signal raises `Stopped` at once. `layout` is
+    where the stopped step's partitions are read to say what it kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: Layout) -> None:
         self._read, self._write = os.pipe()
         for fd in (self._read, self._write):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self._received: int | None = None
+        self.layout = layout
 
     def _raise(self, signum: int, _frame: Any) -> None:
         raise Stopped(signum)
@@ -99,16 +94,45 @@ class StopSignals:
         return self._received
 
     def execute(self, job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs: Any) -> ExecutionResult:
-        """`execute_location_run`, tagged with this process; if a stop signal arrived meanwhile, the run is
-        marked cancelled by the user (when it did not finish) and `Stopped` is raised."""
+        """`execute_location_run`, tagged with this process, its console quiet about a stop's failures; if a
+        stop signal arrived meanwhile, the run is marked cancelled by the user (when it did not finish) and
+        `Stopped` is raised, naming the step that was running and what it kept."""
+        job = job.with_logger_defs({"console": console_logger(lambda: self.received() is not None)})
         result = execute_location_run(job, instance, tags={**kwargs.pop("tags", {}), **process_tags()}, **kwargs)
         signum = self.received()
-        if signum is not None:
-            detail = failure_message(result) if not result.success else ""
-            if not result.success:
-                mark_cancelled(instance, result.run_id, signum, detail)
-            raise Stopped(signum, detail)
-        return result
+        if signum is None:
+            return result
+        if result.success:
+            raise Stopped(signum)
+        step, keys = stopped_step(result), run_partitions(instance, result.run_id)
+        published = published_in_run(instance, step, keys, result.run_id) if step else []
+        stopped = Stopped(signum, step, keys, kept_after_stop(step, keys, self.layout, published) if step else "")
+        mark_cancelled(instance, result.run_id, stopped)
+        raise stopped
+
+
+def console_logger(stopping: Callable[[], bool]) -> dg.LoggerDefinition:
+    """Dagster's console output (its format, to stderr) less the ERROR records once `stopping()`: after a stop
+    the step's and the run's failures, each with a framework traceback, are the stop itself, which the CLI
+    reports in one line (the run's event log keeps them)."""
+
+    def build(context: dg.InitLoggerContext) -> logging.Logger:
+        logger = logging.Logger(context.logger_config["name"], level=context.logger_config["log_level"])
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s",
+                                               "%Y-%m-%d %H:%M:%S %z"))
+        handler.addFilter(lambda record: record.levelno < logging.ERROR or not stopping())
+        logger.addHandler(handler)
+        return logger
+
+    return dg.LoggerDefinition(build, description="Console logger of the CLI's runs", config_schema={
+        "log_level": dg.Field(str, is_required=False, default_value="INFO"),
+        "name": dg.Field(str, is_required=False, default_value="dagster")})
+
+
+def stopped_step(result: ExecutionResult) -> str | None:
+    """The step that failed in a stopped run (the one the stop interrupted), or None when none had started."""
+    return next((event.step_key for event in result.all_events if event.is_step_failure), None)
 
 
 def failure_message(result: ExecutionResult) -> str:
@@ -118,6 +142,20 @@ def failure_message(result: ExecutionResult) -> str:
         if event.is_step_failure and error is not None:
             return f"{event.step_key}: {error.message.strip().splitlines()[0]}"
     return "see the run in the UI"
+
+
+def run_partitions(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The partition keys of a run: its one partition, every key of its range (in registration order), or
+    none."""
+    run = instance.get_run_by_id(run_id)
+    tags = run.tags if run else {}
+    if PARTITION_TAG in tags:
+        return [tags[PARTITION_TAG]]
+    start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+    if start is None or end is None:
+        return []
+    keys = instance.get_dynamic_partitions(sae_configs.name)
+    return keys[keys.index(start):keys.index(end) + 1] if start in keys and end in keys else [start, end]
 
 
 def location_origins(job_name: str) -> tuple[RemoteJobOrigin, Any]:
@@ -151,16 +189,16 @@ def execute_location_run(job: dg.JobDefinition, instance: dg.DagsterInstance, *,
     return execute_run(in_process, run, instance)
 
 
-def mark_cancelled(instance: dg.DagsterInstance, run_id: str, signum: int, detail: str = "") -> None:
-    """Record an interrupted run as CANCELED by the user, not as a failure, and free its pool slots; `detail`
-    (the stopped step's message, which says what a rerun resumes from) goes into the run's message."""
+def mark_cancelled(instance: dg.DagsterInstance, run_id: str, stopped: Stopped) -> None:
+    """Record an interrupted run as CANCELED by the user, not as a failure, and free its pool slots; its
+    message names the step that stopped and what it kept."""
     run = instance.get_run_by_id(run_id)
     if run is None:
         return
-    name = signal.Signals(signum).name
+    name = signal.Signals(stopped.signum).name
     instance.add_run_tags(run_id, {STOPPED_TAG: name})
-    instance.report_run_canceled(run, message=f"Stopped by the user ({name}); its checkpoint is kept for the "
-                                              "next run" + (f" ({detail})" if detail else ""))
+    instance.report_run_canceled(run, message=f"Stopped by the user ({name}) {stopped.where()}; "
+                                              + (stopped.kept or "kept: every finished step"))
     instance.event_log_storage.free_concurrency_slots_for_run(run_id)
 
 

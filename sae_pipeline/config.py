@@ -97,7 +97,8 @@ def _list_as_tuple(value: Any) -> Any:
 class _Strict(BaseModel):
     """Strict: unknown keys are errors and types are not coerced (`k: "16"` is refused, not read as 16)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True,
+                              use_attribute_docstrings=True)
 
 
 class CorpusSpec(_Strict):
@@ -111,7 +112,7 @@ class CorpusSpec(_Strict):
     """Split of a `datasets` source."""
     context_length: Int = Field(128, ge=8, le=8192)
     """Tokens per sequence, special tokens included."""
-    max_sequences: Int = Field(2048, ge=1)
+    max_sequences: Int = Field(4096, ge=1)
     """Upper bound on the number of sequences kept."""
     min_words: Int = Field(8, ge=1)
     """Documents with fewer words are skipped (one-word docstrings carry no context)."""
@@ -527,7 +528,10 @@ def _allowed_range(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
 def _format_validation_error(error: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
     lines = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(config)"
+        field = ".".join(str(p) if str(p) else repr(p) for p in item["loc"]) or "(config)"
+        if item["type"] == "extra_forbidden" and len(item["loc"]) == 1:  # a misspelt or unknown field
+            lines.append(f"{field}: unknown field; allowed: {', '.join(model.model_fields)}")
+            continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{field}: {item['msg']}{shown}{_allowed_range(model, item['loc'])}")

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -88,6 +88,7 @@ def _check_spec_file(folder: Path, text: str) -> None:
 
 @FUZZ
 @given(spec=specs)
+@example(spec={"name": "fuzz", "points": [{"": None}]})  # an empty key once named no field
 def test_generated_specs_are_accepted_and_round_trip_or_refused_naming_a_field(tmp_path: Path, spec: object) -> None:
     _check_spec_file(tmp_path, yaml.safe_dump(spec, allow_unicode=True))
 

@@ -15,14 +15,12 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
-from pydantic import Field, model_validator
 
 from sae_pipeline import quality
 from sae_pipeline.activations import extract_activations
 from sae_pipeline.analysis import build_sweep_report, last_window_mean, report_with_inline_plots
 from sae_pipeline.calibration import calibration_png, calibration_state, how_to_calibrate, plans_markdown
 from sae_pipeline.config import (
-    EMBEDDED_CORPUS,
     ActivationSpec,
     ConfigError,
     CorpusSpec,
@@ -47,6 +45,7 @@ from sae_pipeline.defs.launch import validated_at_launch
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.run_config import config_from_spec
 from sae_pipeline.defs.stops import LABELS_RETRY_POLICY, not_retried, stops_without_retry
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.features import (
@@ -128,41 +127,14 @@ def read_corpus(layout: Layout) -> pl.DataFrame:
     return pl.read_parquet(layout.pull(layout.corpus_dir) / CORPUS_FILE)
 
 
-class CorpusConfig(dg.Config):
-    """Which text to tokenise (see CorpusSpec for the rules each field is validated against)."""
-
-    source: str = Field(EMBEDDED_CORPUS, description="embedded:stdlib-docstrings, a datasets name, or local files")
-    text_column: str = Field("text", description="Text column of a datasets/jsonl/parquet source")
-    split: str = Field("train", description="Split of a datasets source")
-    context_length: int = Field(128, description="Tokens per sequence, special tokens included")
-    max_sequences: int = Field(4096, description="Sequences kept")
-    min_words: int = Field(8, description="Shorter documents are skipped")
-
-    @model_validator(mode="after")
-    def _valid(self) -> "CorpusConfig":
-        check_source(parse_spec(CorpusSpec, self.model_dump(), where="corpus config").source)
-        return self
-
-
-class ActivationsConfig(dg.Config):
-    """Which layer to read and how to store it (see ActivationSpec)."""
-
-    layer: int = Field(3, description="Transformer block whose output is recorded (0-based)")
-    batch_size: int = Field(32, description="Sequences per forward pass")
-    shard_tokens: int = Field(65536, description="Tokens per safetensors shard")
-    eval_fraction: float = Field(0.1, description="Share of sequences held out for evaluation")
-    exclude_special_tokens: bool = Field(True, description="Drop [CLS]/[SEP]/BOS tokens")
-    exclude_norm_outliers: float | None = Field(
-        None, description="Drop tokens with norm > this x the median train-token norm (attention sinks); "
-                          "unset keeps all")
-    seed: int = Field(0, description="Seed of the train/eval split")
-    dtype: str = Field("float32", description="Shard storage type: float32, float16 or bfloat16 (16-bit halves "
-                                              "the disk; training and evaluation upcast)")
-
-    @model_validator(mode="after")
-    def _valid(self) -> "ActivationsConfig":
-        parse_spec(ActivationSpec, self.model_dump(), where="activations config")  # the layer: at the step
-        return self
+CorpusConfig = config_from_spec("CorpusConfig", CorpusSpec, where="corpus config",
+                                check=lambda spec: check_source(spec.source))
+ActivationsConfig = config_from_spec("ActivationsConfig", ActivationSpec, where="activations config",
+                                     omit=("model", "trust_remote_code"))
+"""The model comes from the `model` resource; the layer is checked against it when the step starts."""
+FeaturesConfig = config_from_spec("FeaturesConfig", FeaturesSpec, where="features config")
+LabelsConfig = config_from_spec("LabelsConfig", LabelsSpec, where="feature_labels config")
+"""The LLM's endpoint, model and key come from the environment only."""
 
 
 def _run_config_of(context: dg.AssetExecutionContext, asset: str) -> dict | None:
@@ -435,17 +407,6 @@ def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device:
                                check_results=[check_result(o, key) for o in published.outcomes])
 
 
-class FeaturesConfig(dg.Config):
-    """How many examples per latent are kept (see features.extract_features)."""
-
-    top_n: int = Field(20, description="Top activating examples per latent (shown to the labeller)")
-    window: int = Field(16, description="Context tokens on each side of an example's token")
-    n_bands: int = Field(5, description="Equal-width activation bands of (0, max] for quantile samples")
-    per_band: int = Field(5, description="Examples sampled per band (held out for scoring)")
-    n_random: int = Field(10, description="Non-activating examples per latent (held out for scoring)")
-    vocab_projection: bool = Field(True, description="Logit effects (causal LM) or nearest embeddings (encoder)")
-
-
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
           check_specs=FEATURES_CHECKS, code_version=CODE_VERSIONS["features"],
           automation_condition=automation_condition(),
@@ -495,18 +456,6 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
                       "examples_column_schema": column_schema(tables.examples, EXAMPLE_COLUMNS)},
             check_results=[check_result(o, key) for o in outcomes],
         )
-
-
-class LabelsConfig(dg.Config):
-    """Which labeller writes the labels (the LLM's endpoint, model and key come from the environment only)."""
-
-    labeller: str = Field("offline", description="offline (no network) or llm (SAE_PIPELINE_LLM_BASE_URL, "
-                                                  "SAE_PIPELINE_LLM_MODEL, SAE_PIPELINE_LLM_API_KEY)")
-    max_latents: int = Field(0, description="Label at most this many live latents (highest max first); 0 = all")
-    request_timeout: float = Field(60.0, description="llm: seconds per request, wall clock, to the last byte")
-    retries: int = Field(3, description="llm: further attempts after a timeout, a lost connection, HTTP 429 or 5xx")
-    step_timeout: float = Field(3600.0, description="llm: seconds for all labelling and scoring; labels obtained "
-                                                    "by then are kept and a rerun resumes from them")
 
 
 def withdraw_labels(context: dg.AssetExecutionContext, layout: Layout, key: str, reasons: list[str]) -> bool:

@@ -12,10 +12,8 @@ import warnings
 from typing import Any
 
 import dagster as dg
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (  # no public constructor yet
-    AssetCheckEvaluationTargetMaterializationData,
-)
 
+from sae_pipeline.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch
 from sae_pipeline.markdown import rounded

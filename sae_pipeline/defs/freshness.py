@@ -2,27 +2,29 @@
 
 A materialisation is current when the asset's code version and its upstream data versions (corpus: its
 sha256; activations: its meta.json's) are those it was made with. Dagster exposes the resolver, and the tags that
-record provenance, only through internal modules; this file is the one place that imports them.
+record provenance, only through internal modules (imported from `dagster_private`).
 """
 
 from __future__ import annotations
 
 import dagster as dg
-from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-from dagster._core.definitions.data_version import (
+
+from sae_pipeline.defs.dagster_private import (
+    BACKFILL_ID_TAG,
     CODE_VERSION_TAG,
     DATA_VERSION_TAG,
     DEFAULT_DATA_VERSION,
     NULL_EVENT_POINTER,
+    AssetGraphView,
     CachingStaleStatusResolver,
     DataVersion,
     StaleStatus,
+    TemporalContext,
     compute_logical_data_version,
+    get_current_datetime,
     get_input_data_version_tag,
     get_input_event_pointer_tag,
 )
-from dagster._core.storage.tags import BACKFILL_ID_TAG
-from dagster._time import get_current_datetime
 
 
 def stale_resolver(instance: dg.DagsterInstance, defs: dg.Definitions) -> CachingStaleStatusResolver:

@@ -29,16 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster._core.definitions.job_base import InMemoryJob
-from dagster._core.definitions.reconstruct import ReconstructableRepository
-from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
-from dagster._core.execution.api import create_execution_plan, execute_run
-from dagster._core.execution.execute_in_process import merge_run_tags
-from dagster._core.execution.execution_result import ExecutionResult
-from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 import sae_pipeline
+from sae_pipeline.defs.dagster_private import (
+    SINGLETON_REPOSITORY_NAME,
+    ExecutionResult,
+    InMemoryJob,
+    LoadableTargetOrigin,
+    ManagedGrpcPythonEnvCodeLocationOrigin,
+    ReconstructableRepository,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
+    create_execution_plan,
+    execute_run,
+    merge_run_tags,
+)
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.schedules import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from sae_pipeline.defs.stops import Stopped, kept_after_stop, published_in_run

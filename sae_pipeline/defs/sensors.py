@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.execution.execution_result import ExecutionResult
 
 from sae_pipeline.calibration import GroupPlan, calibration_state
 from sae_pipeline.config import CalibrationSpec, ConfigError
 from sae_pipeline.defs.assets import automation_condition
+from sae_pipeline.defs.dagster_private import ExecutionResult
 from sae_pipeline.defs.jobs import analysis_job, sweep_job
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.resources import ModelResource, StorageResource

@@ -429,7 +429,8 @@ class LabelsSpec(_Strict):
     """Which labeller the `feature_labels` step uses (validated when a run starts, before training)."""
 
     labeller: LabellerKind = "offline"
-    """`offline` (no network) or `llm` (endpoint, model and key from the environment)."""
+    """`offline` (no network) or `llm` (endpoint, model and key from the environment only:
+    SAE_PIPELINE_LLM_BASE_URL, SAE_PIPELINE_LLM_MODEL, SAE_PIPELINE_LLM_API_KEY)."""
     max_latents: Int = Field(0, ge=0)
     """Label at most this many live latents (highest max first); 0 = all."""
     request_timeout: float = Field(60.0, gt=0.0, le=3600.0)

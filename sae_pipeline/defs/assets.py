@@ -108,6 +108,8 @@ labelling leaves `sae` and `features` current. "2" is what every asset carried w
 partitions made before are still current."""
 ENV_AUTOMATION = "SAE_PIPELINE_AUTOMATION"
 """`eager`: partitions are materialised by declarative automation as soon as they can be (off when unset)."""
+
+
 def automation_condition(environ: Mapping[str, str] | None = None) -> dg.AutomationCondition | None:
     """`AutomationCondition.eager()` when SAE_PIPELINE_AUTOMATION=eager, so a newly registered partition (and
     one whose upstream changed) is materialised without a launch; None, no automation, when it is unset."""

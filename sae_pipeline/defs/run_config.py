@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import dagster as dg
 from pydantic import BaseModel, Field, create_model, model_validator
@@ -14,9 +14,12 @@ from sae_pipeline.config import parse_spec
 
 
 def plain_type(annotation: Any) -> Any:
-    """`annotation` without its `Annotated` validators (Dagster's config types are plain ones): `Int | None`
-    becomes `int | None`; a Literal stays a Literal."""
+    """`annotation` as a plain Dagster config type: `Int | None` becomes `int | None`, and a Literal of strings
+    becomes `str`, so that a value outside it fails the run with the spec's own error (the field, the allowed
+    values), as every other bad value does, not with Dagster's config-type error before the run exists."""
     origin = get_origin(annotation)
+    if origin is Literal:
+        return type(get_args(annotation)[0])
     if origin is Annotated:
         return plain_type(get_args(annotation)[0])
     if origin in (Union, types.UnionType):

@@ -131,7 +131,7 @@ def _line_chunks(paragraph: str, limit: int) -> list[str]:
             units[-1] += row
     chunks = [header]
     for unit in units:
-        if chunks[-1] != header and len(chunks[-1]) + len(unit) >= limit:
+        if chunks[-1] != header and len(chunks[-1]) + len(unit) + 1 >= limit:  # + the "\n" a cut adds
             chunks.append(header)
         chunks[-1] += unit
     return [chunk if i == len(chunks) - 1 else chunk + "\n" for i, chunk in enumerate(chunks)]

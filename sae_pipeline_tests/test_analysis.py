@@ -457,6 +457,13 @@ def test_reader_numbers_and_durations() -> None:
 
 
 
+@pytest.mark.parametrize("limit", range(150, 260))
+def test_a_cut_table_stays_under_the_limit_with_the_blank_line_the_cut_adds(limit: int) -> None:
+    """Every limit a part can land on, its added line included (a part once reached the limit exactly)."""
+    text = "## Table\n\n| a |\n|---|\n" + "".join(f"| {i:03d} |\n" for i in range(80)) + "\nafter\n"
+    assert all(len(piece) < limit for _, piece in report_pieces(text, limit=limit))
+
+
 def test_report_pieces_cut_at_headings_images_and_long_sections() -> None:
     header = "| a |\n|---|\n"
     rows = [f"| {i:03d} |\n" for i in range(30)]  # a 252-character table: 12 + 30 x 8

@@ -78,6 +78,22 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> N
         time.sleep(0.1)
 
 
+def _stop(process: subprocess.Popen, group: bool, timeout: float) -> tuple[str, float]:
+    """SIGINT to the process (Ctrl-C), or SIGTERM to its process group; its output and the seconds it took to
+    exit (killed after `timeout`)."""
+    sent = time.monotonic()
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGINT)
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return output, time.monotonic() - sent
+
+
 def _runs(env: dict, job: str) -> list[dg.DagsterRun]:
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         return list(instance.get_runs(filters=dg.RunsFilter(job_name=job)))
@@ -90,17 +106,8 @@ def test_stop_signal_cancels_the_run_keeps_the_checkpoint_and_starts_nothing_els
     checkpoint = Path(env["SAE_PIPELINE_ROOT"]) / "checkpoints" / keys[0] / CHECKPOINT_FILE
     process = _start(env, spec)
     _wait_for(checkpoint, process)  # training is under way
-    sent = time.monotonic()
-    if how == "SIGINT":
-        process.send_signal(signal.SIGINT)
-    else:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        output = process.communicate(timeout=30)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert time.monotonic() - sent < 10, output[-3000:]
+    output, seconds = _stop(process, group=how != "SIGINT", timeout=30)
+    assert seconds < 10, output[-3000:]
     signum = signal.SIGINT if how == "SIGINT" else signal.SIGTERM
     assert process.returncode == 128 + signum, output[-3000:]
     (run,) = _runs(env, "train_sweep")  # nothing later started
@@ -183,14 +190,8 @@ def test_ctrl_c_in_each_step_prints_one_line_keeps_what_it_made_and_cancels_the_
                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     _wait_for(marker, process, timeout=240)
-    sent = time.monotonic()
-    process.send_signal(signal.SIGINT)
-    try:
-        output = process.communicate(timeout=60)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert time.monotonic() - sent < 20, output[-3000:]
+    output, seconds = _stop(process, group=False, timeout=60)
+    assert seconds < 20, output[-3000:]
     assert process.returncode == 128 + signal.SIGINT, output[-3000:]
     partition = "" if step in ("activations", "sweep_analysis") else f" (partition {key})"
     kept = kept.format(key=key)

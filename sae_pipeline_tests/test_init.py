@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from sae_pipeline.config import TOPK_FAMILY, SAEConfig
-from sae_pipeline.saes import build_sae
+from sae_pipeline.config import SAEConfig
+from sae_pipeline.saes import ARCHITECTURES, build_sae
 from sae_pipeline.saes.base import geometric_median
 from sae_pipeline.saes.topk import TopKSAE, topk_latents
 from sae_pipeline.step import hold_idle_latents, make_optimizer, training_step
@@ -143,7 +143,7 @@ def test_latents_trained_by_auxk_alone_are_not_held():
 
 
 def test_topk_family_defaults():
-    for architecture in TOPK_FAMILY:
+    for architecture in [name for name, cls in ARCHITECTURES.items() if cls.sparsity_field == "k"]:
         cfg = SAEConfig(architecture=architecture, k=8)
         assert (cfg.lr, cfg.lr_warmup_steps, cfg.idle_latents_still) == (4e-3, 100, architecture == "topk")
         assert SAEConfig(architecture=architecture, k=8, lr=1e-3, idle_latents_still=False).lr == 1e-3

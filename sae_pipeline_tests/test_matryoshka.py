@@ -123,9 +123,9 @@ def test_matryoshka_learns_planted_directions_on_cpu(planted):
 
 def test_prefix_widths_from_group_fractions():
     cfg = SAEConfig(architecture="matryoshka", k=8, expansion_factor=8)
-    assert cfg.matryoshka_widths(384) == [96, 192, 384, 768, 1536, 3072]  # the default groups
+    assert MatryoshkaSAE.prefix_widths(cfg, 384) == [96, 192, 384, 768, 1536, 3072]  # the default groups
     thirds = SAEConfig(architecture="matryoshka", k=8, expansion_factor=1, matryoshka_groups=(1 / 3, 1 / 3, 1 / 3))
-    assert thirds.matryoshka_widths(10) == [3, 7, 10]
+    assert MatryoshkaSAE.prefix_widths(thirds, 10) == [3, 7, 10]
     assert build_sae(thirds, 10).widths == [3, 7, 10]
     assert thirds.partition_key().startswith("matryoshka_exp1_k8_lr4e-03_aux3e-02_h")
     assert SAEConfig(architecture="matryoshka", k=8).partition_key() == "matryoshka_exp4_k8_lr4e-03_aux3e-02"

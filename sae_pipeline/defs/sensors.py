@@ -74,11 +74,11 @@ def sweep_files_sensor(context: dg.SensorEvaluationContext, storage: StorageReso
 
 
 def _group_keys(plan: GroupPlan, layout: Layout) -> list[str]:
-    from sae_pipeline.calibration import group_id
+    from sae_pipeline.calibration import calibratable, group_id
     from sae_pipeline.registry import registered_configs
 
     return [key for key, config in registered_configs(layout).items()
-            if config.architecture == "relu" and group_id(config) == plan.group]
+            if calibratable(config) and group_id(config) == plan.group]
 
 
 def calibration_requests(instance: dg.DagsterInstance, layout: Layout,

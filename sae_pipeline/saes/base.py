@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from sae_pipeline.kernels import SparseCode
+
+if TYPE_CHECKING:  # the architectures import with torch alone (sae_pipeline.bench on a GPU machine)
+    from sae_pipeline.config import SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -94,12 +97,27 @@ class SparseAutoencoder(nn.Module):
     """x -> z = f((x - b_dec) W_enc + b_enc) -> x_hat = z W_dec + b_dec, with f set by the architecture."""
 
     architecture: ClassVar[str]
+    """The name configs use (`architecture: topk`) and cfg.json records."""
     saelens_architecture: ClassVar[str]
     unit_norm_decoder: ClassVar[bool] = True
+    sparsity_field: ClassVar[str]
+    """The SAEConfig field that sets this architecture's sparsity (required; the other architectures' are refused)."""
+    key_fields: ClassVar[tuple[str, ...]]
+    """SAEConfig fields spelled out in the partition key after `<architecture>_exp<expansion_factor>`, in order."""
+    config_defaults: ClassVar[dict[str, Any]] = {"lr": 3e-4, "lr_warmup_steps": 50, "idle_latents_still": False}
+    """Defaults of the SAEConfig fields whose default depends on the architecture (a subclass may set some of them;
+    the rest come from its parents)."""
+    exclusive_fields: ClassVar[tuple[str, ...]] = ()
+    """SAEConfig fields only this architecture (and its subclasses) may set away from their default."""
+    sparse_kernel: ClassVar[bool] = False
+    """Whether `kernel: sparse` exists for this architecture (the TopK family's sparse training step)."""
+    l1_steered: ClassVar[bool] = False
+    """L0 is set by the l1_alpha penalty alone: the calibration loop tunes l1_alpha toward `target_l0`, and the
+    L0-trend check expects L0 to fall during training."""
 
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None):
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none"):
         super().__init__()
-        self.d_in, self.d_sae, self.normalize, self.k = d_in, d_sae, normalize, k
+        self.d_in, self.d_sae, self.normalize = d_in, d_sae, normalize
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
@@ -173,8 +191,41 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def cfg_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        """Constructor keyword arguments (beyond d_in, d_sae, normalize, k) read back from cfg.json."""
+        """Constructor keyword arguments (beyond d_in, d_sae, normalize) read back from cfg.json."""
         return {}
+
+    @classmethod
+    def config_kwargs(cls, cfg: SAEConfig, d_in: int) -> dict[str, Any]:
+        """Constructor keyword arguments (beyond d_in, d_sae, normalize) taken from a training config."""
+        return {}
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig, d_in: int) -> SparseAutoencoder:
+        """A fresh (uninitialised) SAE of this architecture for a config and model width."""
+        normalize = "per_token" if cfg.normalize == "per_token" else "none"
+        return cls(d_in, cfg.d_sae(d_in), normalize, **cls.config_kwargs(cfg, d_in))
+
+    @classmethod
+    def default(cls, field: str) -> Any:
+        """The architecture's default of a `config_defaults` field: the nearest class in the MRO that sets it."""
+        for klass in cls.__mro__:
+            table = vars(klass).get("config_defaults", {})
+            if field in table:
+                return table[field]
+        raise KeyError(f"{field}: no architecture default")
+
+    @classmethod
+    def penalty_coefficient(cls, cfg: SAEConfig) -> float | None:
+        """The coefficient the trainer passes to `forward` (ramped over l1_warmup_steps); None: no penalty."""
+        return getattr(cfg, cls.sparsity_field)
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Architecture-specific rules on a config beyond the generic ones; raise ValueError naming the field."""
+
+    @classmethod
+    def check_for_model(cls, cfg: SAEConfig, d_model: int) -> None:
+        """Architecture-specific rules that need the model's width; raise ConfigError naming the field."""
 
     def file_tensors(self) -> dict[str, Tensor]:
         """The tensors written to sae_weights.safetensors (the state dict unless the file layout differs)."""

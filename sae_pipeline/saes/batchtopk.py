@@ -9,12 +9,17 @@ file is SAELens' JumpReLU layout (W_enc, b_enc, W_dec, b_dec, threshold [d_sae])
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
 from sae_pipeline.kernels import batch_topk_selection
 from sae_pipeline.saes.base import ForwardOutput
 from sae_pipeline.saes.topk import Kernel, TopKSAE
+
+if TYPE_CHECKING:
+    from sae_pipeline.config import SAEConfig
 
 
 def batch_topk_latents(pre: Tensor, k: int) -> Tensor:
@@ -38,11 +43,13 @@ def min_kept_activation(latents: Tensor) -> Tensor:
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
+    config_defaults = {"idle_latents_still": False}
+    """TopK's lr and warmup, not its hold: holding idle latents cost BatchTopK and Matryoshka a third of their
+    recovered features on the synthetic ground truth (`benchmarks/RESULTS.md`, issue 13)."""
 
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None,
-                 k_aux: int | None = None, aux_coeff: float = 1 / 32, threshold_decay: float = 0.99,
-                 kernel: Kernel = "auto"):
-        super().__init__(d_in, d_sae, normalize, k, k_aux=k_aux, aux_coeff=aux_coeff, kernel=kernel)
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", *, k: int, k_aux: int | None = None,
+                 aux_coeff: float = 1 / 32, threshold_decay: float = 0.99, kernel: Kernel = "auto"):
+        super().__init__(d_in, d_sae, normalize, k=k, k_aux=k_aux, aux_coeff=aux_coeff, kernel=kernel)
         self.threshold_decay = threshold_decay
         # inference threshold on the pre-activations; negative (a plain ReLU) until the first training step
         self.register_buffer("threshold", torch.full((d_sae,), -1.0))
@@ -75,5 +82,9 @@ class BatchTopKSAE(TopKSAE):
                 "threshold_from": "batchtopk running estimate (EMA of the smallest kept activation per batch)"}
 
     @classmethod
-    def cfg_kwargs(cls, cfg: dict) -> dict:
-        return {"threshold_decay": cfg.get("threshold_decay", 0.99)}
+    def cfg_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {**super().cfg_kwargs(cfg), "threshold_decay": cfg.get("threshold_decay", 0.99)}
+
+    @classmethod
+    def config_kwargs(cls, cfg: SAEConfig, d_in: int) -> dict[str, Any]:
+        return {**super().config_kwargs(cfg, d_in), "threshold_decay": cfg.batchtopk_threshold_decay}

@@ -21,8 +21,10 @@ from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder, l1_penalty
 class GatedSAE(SparseAutoencoder):
     architecture = "gated"
     saelens_architecture = "gated"
+    sparsity_field = "l1_alpha"
+    key_fields = ("l1_alpha", "lr")
 
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None):
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none"):
         super().__init__(d_in, d_sae, normalize)
         del self.b_enc  # the two paths have their own biases
         self.b_gate = nn.Parameter(torch.zeros(d_sae))

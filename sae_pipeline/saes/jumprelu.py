@@ -29,12 +29,15 @@ moves it. s is a buffer: it is checkpointed with the weights, and the saved `thr
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder
+
+if TYPE_CHECKING:
+    from sae_pipeline.config import SAEConfig
 
 TARGET_GAIN = 0.05
 """Step of the threshold controller in log-threshold per unit of log-L0 error (see the module docstring)."""
@@ -96,9 +99,11 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
+    sparsity_field = "l0_coeff"
+    key_fields = ("l0_coeff", "lr")
 
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None,
-                 bandwidth: float = 1e-3, init_threshold: float = 1e-3, target_l0: float | None = None):
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", bandwidth: float = 1e-3,
+                 init_threshold: float = 1e-3, target_l0: float | None = None):
         super().__init__(d_in, d_sae, normalize)
         if bandwidth <= 0 or init_threshold <= 0:
             raise ValueError(f"bandwidth {bandwidth} and init_threshold {init_threshold} must be > 0")
@@ -178,6 +183,13 @@ class JumpReLUSAE(SparseAutoencoder):
     def extra_cfg(self) -> dict[str, Any]:
         return {"activation_fn": "relu", "jumprelu_bandwidth": self.bandwidth,
                 "jumprelu_init_threshold": self.init_threshold, "jumprelu_target_l0": self.target_l0}
+
+    @classmethod
+    def config_kwargs(cls, cfg: SAEConfig, d_in: int) -> dict[str, Any]:
+        """target_l0, a fraction of d_sae in the config, is a number of latents per token here."""
+        target = None if cfg.target_l0 is None else cfg.target_l0 * cfg.d_sae(d_in)
+        return {"bandwidth": cfg.jumprelu_bandwidth, "init_threshold": cfg.jumprelu_init_threshold,
+                "target_l0": target}
 
     @classmethod
     def cfg_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:

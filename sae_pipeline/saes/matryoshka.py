@@ -16,7 +16,7 @@ MatryoshkaBatchTopK as JumpReLU after training too).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,6 +25,13 @@ from sae_pipeline.kernels import sparse_decode
 from sae_pipeline.saes.base import ForwardOutput
 from sae_pipeline.saes.batchtopk import BatchTopKSAE
 from sae_pipeline.saes.topk import Kernel
+
+if TYPE_CHECKING:
+    from sae_pipeline.config import SAEConfig
+
+DEFAULT_GROUPS = (1 / 32, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+"""Group sizes when a config gives none: prefixes of d_sae / 32, / 16, / 8, / 4, / 2 and all of it."""
+MAX_GROUPS = 64
 
 
 def inner_prefix_reconstructions(latents: Tensor, W_dec: Tensor, b_dec: Tensor, widths: list[int]) -> list[Tensor]:
@@ -41,11 +48,12 @@ def inner_prefix_reconstructions(latents: Tensor, W_dec: Tensor, b_dec: Tensor, 
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
     saelens_architecture = "jumprelu"
+    exclusive_fields = ("matryoshka_groups",)
 
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None,
-                 k_aux: int | None = None, aux_coeff: float = 1 / 32, threshold_decay: float = 0.99,
-                 kernel: Kernel = "auto", widths: list[int] | None = None):
-        super().__init__(d_in, d_sae, normalize, k, k_aux=k_aux, aux_coeff=aux_coeff,
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", *, k: int, k_aux: int | None = None,
+                 aux_coeff: float = 1 / 32, threshold_decay: float = 0.99, kernel: Kernel = "auto",
+                 widths: list[int] | None = None):
+        super().__init__(d_in, d_sae, normalize, k=k, k_aux=k_aux, aux_coeff=aux_coeff,
                          threshold_decay=threshold_decay, kernel=kernel)
         self.widths = list(widths) if widths is not None else [d_sae]
         """Prefix widths, increasing, the last = d_sae."""
@@ -74,3 +82,40 @@ class MatryoshkaSAE(BatchTopKSAE):
     @classmethod
     def cfg_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {**super().cfg_kwargs(cfg), "widths": cfg["matryoshka_widths"]}
+
+    @classmethod
+    def config_kwargs(cls, cfg: SAEConfig, d_in: int) -> dict[str, Any]:
+        return {**super().config_kwargs(cfg, d_in), "widths": cls.prefix_widths(cfg, d_in)}
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        groups = cfg.matryoshka_groups
+        if groups is None:
+            return
+        if not 2 <= len(groups) <= MAX_GROUPS:
+            raise ValueError(f"matryoshka_groups: {len(groups)} group(s); allowed: 2 to {MAX_GROUPS} "
+                             "(one group is `batchtopk`)")
+        if abs(sum(groups) - 1.0) > 1e-6:
+            raise ValueError(f"matryoshka_groups: fractions of d_sae sum to {sum(groups):.6g}; allowed: a sum of 1")
+
+    @classmethod
+    def check_for_model(cls, cfg: SAEConfig, d_model: int) -> None:
+        cls.prefix_widths(cfg, d_model)
+
+    @staticmethod
+    def prefix_widths(cfg: SAEConfig, d_model: int) -> list[int]:
+        """Cumulative widths of the prefixes (the groups' fractions of d_sae, rounded; the last is d_sae);
+        ConfigError when rounding leaves a group without a latent."""
+        from sae_pipeline.config import ConfigError  # the architectures import with torch alone
+
+        d_sae, widths, total = cfg.d_sae(d_model), [], 0.0
+        groups = cfg.matryoshka_groups or DEFAULT_GROUPS
+        for fraction in groups:
+            total += fraction
+            widths.append(round(total * d_sae))
+        widths[-1] = d_sae
+        if any(b <= a for a, b in zip([0, *widths], widths, strict=False)):
+            raise ConfigError(f"matryoshka_groups: {list(groups)} of d_sae {d_sae} gives prefix widths {widths}; "
+                              "every group needs at least one latent (fewer or larger groups, or a larger "
+                              "expansion_factor)")
+        return widths

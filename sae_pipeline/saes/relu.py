@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
 from sae_pipeline.saes.base import ForwardOutput, SparseAutoencoder, l1_penalty
 
+if TYPE_CHECKING:
+    from sae_pipeline.config import SAEConfig
+
 
 class ReluSAE(SparseAutoencoder):
     architecture = "relu"
     saelens_architecture = "standard"
+    sparsity_field = "l1_alpha"
+    key_fields = ("l1_alpha", "lr")
+    exclusive_fields = ("resample_every",)
+    l1_steered = True
 
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", k: int | None = None,
-                 weight_l1_by_decoder_norm: bool = False):
+    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", weight_l1_by_decoder_norm: bool = False):
         super().__init__(d_in, d_sae, normalize)
         self.weight_l1_by_decoder_norm = weight_l1_by_decoder_norm
+
+    @classmethod
+    def config_kwargs(cls, cfg: SAEConfig, d_in: int) -> dict[str, Any]:
+        return {"weight_l1_by_decoder_norm": cfg.l1_weighted_by_decoder_norm}
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_activations(x))

@@ -28,13 +28,14 @@ from typing import Literal
 
 from matplotlib.figure import Figure
 
-from sae_pipeline.config import CalibrationSpec, SAEConfig
+from sae_pipeline.config import SAEConfig
 from sae_pipeline.markdown import round_significant
 from sae_pipeline.plots import figure_png
 from sae_pipeline.registry import SweepFile, registered_configs, scan_sweeps, sweeps_dir
 from sae_pipeline.results import finished_l0
 from sae_pipeline.saes import architecture_class
 from sae_pipeline.storage import Layout
+from sae_pipeline.sweep_spec import CalibrationSpec
 
 DEFAULT_TOLERANCE = 0.10
 """Relative tolerance on L0: a run is on target when |L0 - target| <= tolerance * target."""

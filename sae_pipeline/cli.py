@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae_pipeline.config import ConfigError, load_sweep, validate_partition_key
+from sae_pipeline.config import ConfigError, validate_partition_key
 from sae_pipeline.storage import Layout, default_root, exclusive
+from sae_pipeline.sweep_spec import load_sweep
 
 if TYPE_CHECKING:
     from sae_pipeline.defs.runs import StopSignals

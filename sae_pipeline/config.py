@@ -7,15 +7,11 @@ ignored setting. Validation runs before any compute or file write.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -45,8 +41,6 @@ EMBEDDED_CORPUS = "embedded:stdlib-docstrings"
 """Name of the default corpus: docstrings of the Python standard library installed on this machine."""
 
 PARTITION_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
-MAX_SPEC_BYTES = 256 * 1024
-"""Sweep files larger than this are refused before parsing (a real spec is a few hundred bytes)."""
 
 MAX_SEED = 2**32 - 1
 """Seeds are bounded so that derived seeds (seed * 1_000_003 + step) stay inside torch's 64-bit seed range."""
@@ -54,8 +48,6 @@ MAX_BATCH_TOKENS = 2**20
 """Upper bound on SAE batch_size (tokens per step); memory is checked against the machine separately."""
 STEP_BOUNDED_FIELDS = ("lr_warmup_steps", "l1_warmup_steps", "log_every", "checkpoint_every")
 """SAEConfig fields counted in optimiser steps, which may not exceed the run's step count."""
-MAX_SWEEP_CONFIGS = 10_000
-"""Upper bound on the configs one sweep expands to, checked before the cross product is built."""
 
 
 ARCHITECTURE_DEFAULT_FIELDS = ("lr", "lr_warmup_steps", "idle_latents_still")
@@ -103,14 +95,14 @@ def _list_as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-class _Strict(BaseModel):
+class StrictSpec(BaseModel):
     """Strict: unknown keys are errors and types are not coerced (`k: "16"` is refused, not read as 16)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True,
                               use_attribute_docstrings=True)
 
 
-class CorpusSpec(_Strict):
+class CorpusSpec(StrictSpec):
     """Which text the activations are computed on."""
 
     source: str = EMBEDDED_CORPUS
@@ -127,7 +119,7 @@ class CorpusSpec(_Strict):
     """Documents with fewer words are skipped (one-word docstrings carry no context)."""
 
 
-class ActivationSpec(_Strict):
+class ActivationSpec(StrictSpec):
     """Which model and layer the activations are read from, and how they are stored."""
 
     model: str = EMBEDDED_MODEL
@@ -154,7 +146,7 @@ class ActivationSpec(_Strict):
     upcast every batch to float32 (norm statistics are computed before the cast)."""
 
 
-class SAEConfig(_Strict):
+class SAEConfig(StrictSpec):
     """One sparse autoencoder training run: a partition of the `sae_configs` dimension."""
 
     architecture: str = DEFAULT_ARCHITECTURE
@@ -387,7 +379,7 @@ def validate_partition_key(key: str) -> str:
 LabellerKind = Literal["offline", "llm"]
 
 
-class FeaturesSpec(_Strict):
+class FeaturesSpec(StrictSpec):
     """How many examples per latent the `features` step keeps (validated when a run starts, before training)."""
 
     top_n: Int = Field(20, ge=1, le=1000)
@@ -404,7 +396,7 @@ class FeaturesSpec(_Strict):
     """Logit effects (causal LM) or nearest embeddings (encoder)."""
 
 
-class LabelsSpec(_Strict):
+class LabelsSpec(StrictSpec):
     """Which labeller the `feature_labels` step uses (validated when a run starts, before training)."""
 
     labeller: LabellerKind = "offline"
@@ -418,76 +410,6 @@ class LabelsSpec(_Strict):
     """`llm`: further attempts after a transient failure (no connection, timeout, HTTP 429 or 5xx)."""
     step_timeout: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
     """`llm`: seconds the whole labelling and scoring may take; labels obtained by then are kept for a rerun."""
-
-
-class CalibrationSpec(_Strict):
-    """Settings of the calibration sensor for one sweep: propose l1_alpha runs until L0 is on target."""
-
-    enabled: bool = True
-    """Whether the calibration sensor acts on this sweep's relu configs with a `target_l0`."""
-    tolerance: float = Field(0.10, gt=0.0, lt=1.0)
-    """Relative tolerance: a run is on target when |L0 - target_l0| <= tolerance * target_l0."""
-    max_rounds: Int = Field(5, ge=1)
-    """Proposed runs per base config before the loop stops."""
-
-
-class SweepSpec(_Strict):
-    """A grid of SAE configs: `base` fields shared by all, `grid` values crossed, `points` added as they are."""
-
-    name: str = Field(min_length=1)
-    """Sweep name (shown in reports); the file-name rule of partition keys applies (see validate_name)."""
-    description: str = ""
-    """Free text."""
-    base: dict[str, Any] = Field(default_factory=dict)
-    """SAEConfig fields shared by every point."""
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-    """SAEConfig field -> values; the sweep is their cross product (over `base`)."""
-    points: list[dict[str, Any]] = Field(default_factory=list)
-    """Explicit extra points (each over `base`)."""
-    calibration: CalibrationSpec | None = None
-    """Closed-loop l1_alpha calibration of the sweep's relu configs that set `target_l0` (off when absent)."""
-
-    @model_validator(mode="after")
-    def _bounded_size(self) -> SweepSpec:
-        """Count the points from the grid lengths, before any cross product is built."""
-        n_grid = math.prod(len(values) for values in self.grid.values()) if self.grid else 0
-        total = n_grid + len(self.points)
-        if total > MAX_SWEEP_CONFIGS:
-            sizes = " x ".join(f"{field} {len(values)}" for field, values in self.grid.items()) or "no grid"
-            raise ValueError(f"sweep size: {total} configs (grid {sizes} = {n_grid}, plus {len(self.points)} "
-                             f"points); allowed: at most {MAX_SWEEP_CONFIGS}")
-        return self
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_file_name(cls, name: str) -> str:
-        try:
-            return validate_name(name, "name")
-        except ConfigError as error:
-            raise ValueError(str(error).removeprefix("name: ")) from None
-
-    def expand(self) -> list[SAEConfig]:
-        """All configs of the sweep, de-duplicated by key, in a stable order; ConfigError on any bad point."""
-        known = set(SAEConfig.model_fields)
-        for section, fields in (("base", self.base), ("grid", self.grid)):
-            for field in fields:
-                if field not in known:
-                    raise ConfigError(f"{section}.{field}: unknown SAEConfig field; allowed: {sorted(known)}")
-        for field, values in self.grid.items():
-            if not values:
-                raise ConfigError(f"grid.{field}: empty list; give at least one value")
-        names = list(self.grid)
-        combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*self.grid.values())]
-        if not names:
-            combos = [] if self.points else [{}]
-        raw_points = [{**self.base, **combo} for combo in combos] + [{**self.base, **p} for p in self.points]
-        configs: dict[str, SAEConfig] = {}
-        for index, raw in enumerate(raw_points):
-            config = parse_sae_config(raw, where=f"sweep {self.name!r} point {index}")
-            configs.setdefault(config.partition_key(), config)
-        if not configs:
-            raise ConfigError(f"sweep {self.name!r}: expands to zero configs")
-        return list(configs.values())
 
 
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
@@ -505,7 +427,7 @@ def _allowed_range(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     return f"; allowed: {', '.join(rules)}" if rules else ""
 
 
-def _format_validation_error(error: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
+def format_validation_error(error: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
     lines = []
     for item in error.errors():
         field = ".".join(str(p) if str(p) else repr(p) for p in item["loc"]) or "(config)"
@@ -528,82 +450,6 @@ def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise _format_validation_error(error, where, model) from None
+        raise format_validation_error(error, where, model) from None
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases (`*a`): a few lines of nested aliases expand to gigabytes."""
-
-    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a sweep file", mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 (PyYAML's signature)
-        """A key given twice in one mapping is an error naming both lines (YAML would keep the last silently)."""
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, list | dict):
-                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
-                                                        key_node.start_mark)
-            if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {first_line[key]} and line {line})",
-                    key_node.start_mark)
-            first_line[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_spec_yaml(path: Path) -> Any:
-    """Parse a spec file: at most MAX_SPEC_BYTES, no aliases; ConfigError names the file (and the line)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path}: does not exist") from None
-    if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
-        raise ConfigError(f"sweep file {path}: not a regular file")
-    if size > MAX_SPEC_BYTES:
-        raise ConfigError(f"sweep file {path}: {size} bytes; at most {MAX_SPEC_BYTES} bytes")
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_SPEC_BYTES + 1)  # the file may grow between stat and read
-    if len(data) > MAX_SPEC_BYTES:
-        raise ConfigError(f"sweep file {path}: more than {MAX_SPEC_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ConfigError(f"sweep file {path}, line {line}: not UTF-8 text ({error})") from None
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"sweep file {path}, line {_error_line(error, text)}: not valid YAML ({error})") from None
-
-
-def _error_line(error: yaml.YAMLError, text: str) -> int:
-    """1-based line of a YAML error: its mark, or for a reader error (a forbidden character) its position."""
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    if mark is not None:
-        return mark.line + 1
-    position = getattr(error, "position", None)
-    return text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
-
-
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep YAML file; ConfigError names the file and the field."""
-    path = Path(path)
-    validate_name(path.stem, f"sweep file {path}: file name")
-    raw = read_spec_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file {path}: top level must be a mapping with name/base/grid/points")
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as error:
-        raise _format_validation_error(error, f"sweep file {path}", SweepSpec) from None
-    try:
-        spec.expand()
-    except ConfigError as error:
-        raise ConfigError(f"sweep file {path}: {error}") from None
-    return spec

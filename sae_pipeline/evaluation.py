@@ -19,7 +19,7 @@ Definitions (all over the held-out tokens t, on raw activations x_t and their re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -38,19 +38,27 @@ class EvalMetrics:
     l0_fraction: float
     dead_fraction: float
     dense_fraction: float
+    frequent_fraction: float
     fvu: float
     explained_variance: float
     mse: float
     cosine: float
     l2_ratio: float
-    n_tokens: int
-    frequent_fraction: float
     relative_reconstruction_bias: float
     decoder_max_cosine_mean: float
     decoder_max_cosine_max: float
+    n_tokens: int
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def reported(self) -> dict[str, float]:
+        """The metrics of REPORTED_METRICS, in that order (the `sae` metadata and the sweep report's columns)."""
+        return {name: getattr(self, name) for name in REPORTED_METRICS}
+
+
+REPORTED_METRICS: tuple[str, ...] = tuple(f.name for f in fields(EvalMetrics) if f.name != "n_tokens")
+"""The one list of held-out metrics: every EvalMetrics field but the token count, so a new metric is one field."""
 
 
 @torch.no_grad()

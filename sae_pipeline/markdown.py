@@ -135,3 +135,16 @@ def _line_chunks(paragraph: str, limit: int) -> list[str]:
             chunks.append(header)
         chunks[-1] += unit
     return [chunk if i == len(chunks) - 1 else chunk + "\n" for i, chunk in enumerate(chunks)]
+
+
+def format_value(value: object) -> str:
+    """4 significant digits for floats, NaN/inf spelled out, — for null."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.4g}"
+    return str(value)

@@ -1,6 +1,7 @@
-"""Pure quality checks: each reads data and returns an outcome with what it measured, the threshold and the verdict.
+"""Pure quality checks: each reads data and returns a finding with what it measured, the threshold and the verdict.
 
-The Dagster layer (`sae_pipeline.defs.checks`) turns outcomes into asset-check results; the verdict file written
+`checks.py` names each check once (`CHECKS`) and runs them; the Dagster layer (`sae_pipeline.defs.checks`) turns
+the named outcomes into asset-check results; the verdict file written
 beside each partition's outputs (`quality.json`) lets downstream assets refuse a partition whose blocking checks
 failed, also when they are launched in a later run. Thresholds live in `QualityThresholds`; the defaults come
 from the seeds (003: L0 3-7 % for a 5 % target, dead latents < 10 %, max activation > 1e-6; 000: collapse to
@@ -19,11 +20,11 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sae_pipeline.activation_scan import ActivationScan, DuplicateScan
 from sae_pipeline.config import parse_spec
 from sae_pipeline.features import LIVE_THRESHOLD
 from sae_pipeline.saes import architecture_class
 from sae_pipeline.storage import read_json, write_json_atomic
-from sae_pipeline.store import ActivationStore
 
 VERDICT_FILE = "quality.json"
 Severity = Literal["ERROR", "WARN"]
@@ -103,15 +104,11 @@ def parse_thresholds(raw: dict[str, Any] | None) -> QualityThresholds:
     return parse_spec(QualityThresholds, raw or {}, where="quality thresholds")
 
 
-@dataclass(frozen=True)
-class CheckOutcome:
-    """Result of one check: `passed`, how bad a failure is, and the measured values with their thresholds."""
+class _Blocking:
+    """`blocks`, for anything with `passed` and `severity`."""
 
-    name: str
     passed: bool
     severity: Severity
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def blocks(self) -> bool:
@@ -119,134 +116,48 @@ class CheckOutcome:
         return not self.passed and self.severity == "ERROR"
 
 
-def _graded(name: str, value: float, warn: float, error: float, what: str, extra: dict[str, Any]) -> CheckOutcome:
+@dataclass(frozen=True)
+class Finding(_Blocking):
+    """What a check function measured: `passed`, how bad a failure is, and the values with their thresholds."""
+
+    passed: bool
+    severity: Severity
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def named(self, name: str) -> CheckOutcome:
+        return CheckOutcome(name, self.passed, self.severity, self.description, self.metadata)
+
+
+@dataclass(frozen=True)
+class CheckOutcome(_Blocking):
+    """A finding under its check's name (from `checks.CHECKS`): what the verdict file and Dagster record."""
+
+    name: str
+    passed: bool
+    severity: Severity
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _graded(value: float, warn: float, error: float, what: str, extra: dict[str, Any]) -> Finding:
     """A value that should stay at or below `warn`: WARN above it, ERROR above `error` (NaN is an ERROR)."""
     bad = not math.isfinite(value)
     severity: Severity = "ERROR" if bad or value > error else "WARN"
     passed = not bad and value <= warn
     verdict = "ok" if passed else severity
-    return CheckOutcome(name, passed, severity, f"{what} {value:.4g} (warn > {warn:g}, error > {error:g}): {verdict}",
+    return Finding(passed, severity, f"{what} {value:.4g} (warn > {warn:g}, error > {error:g}): {verdict}",
                         {what.replace(" ", "_"): value, "warn_above": warn, "error_above": error, **extra})
 
 
 # ----------------------------------------------------------------------------------------------- activations
 
 
-@dataclass(frozen=True)
-class ShardScan:
-    """Per-shard token statistics (one streamed pass; the shard is never held twice)."""
-
-    file: str
-    n_tokens: int
-    n_nonfinite: int
-    n_zero: int
-    """Rows whose every value is exactly 0."""
-    n_constant: int
-    """Rows whose values are all equal (zero rows included)."""
-
-
-@dataclass(frozen=True)
-class DuplicateScan:
-    """Token rows that are bit-identical to another row, over both splits."""
-
-    n_rows: int
-    """Finite rows identical to at least one other row (every member of a group counts)."""
-    largest_group: int
-    """Rows sharing the most frequent repeated vector."""
-    examples: list[dict[str, Any]]
-    """Where some of them are: shard file, row, seq_id and token position; the largest groups first."""
-
-
-DUPLICATE_EXAMPLES = 20
-"""Positions of duplicated rows kept in the check's metadata."""
-
-
-def _row_keys(x: torch.Tensor) -> torch.Tensor:
-    """One int64 per row, equal for identical rows: two fixed float64 projections' bits, mixed. A collision
-    between distinct rows needs both 64-bit projections to agree exactly."""
-    generator = torch.Generator().manual_seed(12345)
-    projections = torch.randn(x.shape[-1], 2, generator=generator, dtype=torch.float64)
-    bits = (x @ projections).contiguous().view(torch.int64)
-    return bits[:, 0] * 1_000_003 + bits[:, 1]
-
-
-def find_duplicates(store: ActivationStore, keys: torch.Tensor, rows: torch.Tensor,
-                    where: list[tuple[str, int, int]]) -> DuplicateScan:
-    """Group finite rows by key (`rows`: their global index; `where`: (split, shard index, first global row)
-    per shard, in order) and locate up to DUPLICATE_EXAMPLES members, largest groups first."""
-    if keys.numel() == 0:
-        return DuplicateScan(0, 0, [])
-    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    sizes = counts[inverse]
-    duplicated = sizes > 1
-    if not bool(duplicated.any()):
-        return DuplicateScan(0, 1, [])
-    order = torch.argsort(-sizes[duplicated] * (keys.numel() + 1) + inverse[duplicated])  # largest groups first
-    picked = rows[duplicated][order][:DUPLICATE_EXAMPLES].tolist()
-    examples = []
-    starts = [first for _, _, first in where]
-    for row in picked:
-        shard = max(i for i, first in enumerate(starts) if first <= row)
-        split, index, first = where[shard]
-        _, location = store.read(split, index, row - first, row - first + 1, with_locations=True)
-        examples.append({"shard": store.shards(split)[index]["file"], "row": row - first,
-                         "seq_id": int(location[0, 0]), "position": int(location[0, 1])})
-    return DuplicateScan(int(duplicated.sum()), int(counts.max()), examples)
-
-
-@dataclass(frozen=True)
-class ActivationScan:
-    """What the activation checks measure: per-shard counts and the token-norm distribution of every split."""
-
-    shards: list[ShardScan]
-    norms: torch.Tensor
-    """Finite token norms, float64, train and eval shards together."""
-    duplicates: DuplicateScan | None = None
-    """Rows identical to another row (None: not measured)."""
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(s.n_tokens for s in self.shards)
-
-    def norm_stats(self) -> dict[str, float]:
-        if self.norms.numel() == 0:
-            return {k: math.nan for k in ("mean", "median", "std", "min", "max", "p99")}
-        return {"mean": self.norms.mean().item(), "median": self.norms.median().item(),
-                "std": self.norms.std().item() if self.norms.numel() > 1 else 0.0,
-                "min": self.norms.min().item(), "max": self.norms.max().item(),
-                "p99": torch.quantile(self.norms, 0.99).item() if self.norms.numel() <= 16_000_000 else math.nan}
-
-
-def scan_activations(store: ActivationStore, chunk: int = 65536) -> ActivationScan:
-    """Read every shard of both splits once and count non-finite, all-zero, constant and duplicated rows; collect
-    norms."""
-    shards, norms, keys, rows, where, offset = [], [], [], [], [], 0
-    for split in ("train", "eval"):
-        for index, shard in enumerate(store.shards(split)):
-            counts = [0, 0, 0]
-            where.append((split, index, offset))
-            for start in range(0, shard["n_tokens"], chunk):
-                x = store.read(split, index, start, min(start + chunk, shard["n_tokens"])).double()
-                finite = torch.isfinite(x).all(dim=-1)
-                counts[0] += int((~finite).sum())
-                counts[1] += int((x == 0).all(dim=-1).sum())
-                counts[2] += int((x.amax(dim=-1) == x.amin(dim=-1)).sum())
-                norms.append(x[finite].norm(dim=-1))
-                keys.append(_row_keys(x[finite]))
-                rows.append(offset + start + finite.nonzero().squeeze(1))
-            shards.append(ShardScan(shard["file"], shard["n_tokens"], *counts))
-            offset += shard["n_tokens"]
-    empty = torch.empty(0, dtype=torch.int64)
-    duplicates = find_duplicates(store, torch.cat(keys) if keys else empty, torch.cat(rows) if rows else empty,
-                                 where)
-    return ActivationScan(shards, torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64), duplicates)
-
-
-def activations_finite(scan: ActivationScan) -> CheckOutcome:
+def activations_finite(scan: ActivationScan) -> Finding:
     """Every stored token activation is finite (a NaN/Inf row poisons training and every metric)."""
     n_bad = sum(s.n_nonfinite for s in scan.shards)
     bad_shards = {s.file: s.n_nonfinite for s in scan.shards if s.n_nonfinite}
-    return CheckOutcome("activations_finite", n_bad == 0, "ERROR",
+    return Finding(n_bad == 0, "ERROR",
                         f"{n_bad} non-finite token row(s) of {scan.n_tokens}"
                         + (f" in {', '.join(sorted(bad_shards))}" if bad_shards else ""),
                         {"n_nonfinite_tokens": n_bad, "threshold": 0, "n_tokens": scan.n_tokens,
@@ -254,7 +165,7 @@ def activations_finite(scan: ActivationScan) -> CheckOutcome:
 
 
 def activations_not_degenerate(scan: ActivationScan, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
-                               ) -> CheckOutcome:
+                               ) -> Finding:
     """No shard has more than the allowed share of all-zero or constant rows, and token norms vary at all."""
     bad = {}
     for s in scan.shards:
@@ -271,7 +182,7 @@ def activations_not_degenerate(scan: ActivationScan, thresholds: QualityThreshol
                    f"{constant_fraction:.2%}; norm std {stats['std']:.4g}")
     if bad:
         description += f" (worst: {max(bad, key=lambda f: max(bad[f].values()))})"
-    return CheckOutcome("activations_not_degenerate", passed, "ERROR", description, {
+    return Finding(passed, "ERROR", description, {
         "zero_token_fraction": zero_fraction, "max_zero_token_fraction": thresholds.max_zero_token_fraction,
         "constant_row_fraction": constant_fraction,
         "max_constant_row_fraction": thresholds.max_constant_row_fraction,
@@ -280,15 +191,15 @@ def activations_not_degenerate(scan: ActivationScan, thresholds: QualityThreshol
 
 
 def activations_norm_outliers(scan: ActivationScan, thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
-                              n_excluded: int = 0) -> CheckOutcome:
+                              n_excluded: int = 0) -> Finding:
     """Record the norm statistics; count tokens with norm > N x median (attention sinks); WARN above a share."""
     stats = scan.norm_stats()
     limit = thresholds.outlier_norm_ratio * stats["median"]
     n_outliers = int((scan.norms > limit).sum()) if math.isfinite(limit) else 0
     share = n_outliers / max(scan.n_tokens, 1)
     passed = share <= thresholds.max_outlier_fraction
-    return CheckOutcome(
-        "activations_norm_outliers", passed, "WARN",
+    return Finding(
+        passed, "WARN",
         f"{n_outliers} token(s) with norm > {thresholds.outlier_norm_ratio:g} x median ({limit:.4g}): {share:.3%} "
         f"(warn > {thresholds.max_outlier_fraction:.3%}); {n_excluded} excluded at extraction",
         {"n_outlier_tokens": n_outliers, "outlier_fraction": share, "outlier_norm_ratio": thresholds.outlier_norm_ratio,
@@ -297,12 +208,12 @@ def activations_norm_outliers(scan: ActivationScan, thresholds: QualityThreshold
 
 
 def activations_duplicates(scan: ActivationScan, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
-                           ) -> CheckOutcome:
+                           ) -> Finding:
     """Share of token rows identical to another row: WARN / ERROR above the thresholds; the metadata says where
     some of them are (seq_id and position in corpus.parquet)."""
     found = scan.duplicates or DuplicateScan(0, 0, [])
     share = found.n_rows / max(scan.n_tokens, 1)
-    return _graded("activations_duplicates", share, thresholds.duplicate_row_fraction_warn,
+    return _graded(share, thresholds.duplicate_row_fraction_warn,
                    thresholds.duplicate_row_fraction_error, "duplicate row fraction",
                    {"n_duplicate_rows": found.n_rows, "n_tokens": scan.n_tokens,
                     "largest_duplicate_group": found.largest_group, "duplicate_positions": found.examples})
@@ -311,11 +222,11 @@ def activations_duplicates(scan: ActivationScan, thresholds: QualityThresholds =
 # ------------------------------------------------------------------------------------------------------- sae
 
 
-def finite_weights(state: dict[str, torch.Tensor]) -> CheckOutcome:
+def finite_weights(state: dict[str, torch.Tensor]) -> Finding:
     """No NaN or Inf in any parameter of the saved SAE."""
     bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items()}
     n_bad = sum(bad.values())
-    return CheckOutcome("sae_finite_weights", n_bad == 0, "ERROR", f"{n_bad} non-finite weight(s)",
+    return Finding(n_bad == 0, "ERROR", f"{n_bad} non-finite weight(s)",
                         {"nonfinite_by_tensor": bad, "n_nonfinite": n_bad, "threshold": 0})
 
 
@@ -342,13 +253,13 @@ def _never_alive(steps: list[int], live: list[float], l0: list[float]) -> tuple[
 
 
 def not_collapsed(metrics: pl.DataFrame, d_sae: int, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
-                  ) -> CheckOutcome:
+                  ) -> Finding:
     """Collapse: live latents fall below `collapse_live_fraction` x their running peak, or L0 below
     `collapse_l0_fraction` x its running peak, and stay there to the end of the log (seed 000: "step 15,000:
     1.2 % L0, 91 % dead"). The outcome names the step where the final collapse began."""
     live_fraction, l0_fraction = thresholds.collapse_live_fraction, thresholds.collapse_l0_fraction
     if metrics.is_empty():
-        return CheckOutcome("sae_not_collapsed", False, "ERROR", "empty metrics log: nothing to judge",
+        return Finding(False, "ERROR", "empty metrics log: nothing to judge",
                             {"collapsed_at_step": -1, "n_log_rows": 0})
     steps = metrics["step"].to_list()
     live = [(1.0 - d) * d_sae for d in metrics["dead_fraction"].to_list()]
@@ -363,34 +274,33 @@ def not_collapsed(metrics: pl.DataFrame, d_sae: int, thresholds: QualityThreshol
     never = _never_alive(steps, live, l0)
     if never is not None:
         at, description = never
-    return CheckOutcome("sae_not_collapsed", at is None, "ERROR", description, {
+    return Finding(at is None, "ERROR", description, {
         "collapsed_at_step": at if at is not None else -1,
         "final_live_latents": live[-1], "peak_live_latents": live_peak, "live_threshold_fraction": live_fraction,
         "final_l0": l0[-1], "peak_l0": l0_peak, "l0_threshold_fraction": l0_fraction,
     })
 
 
-def dead_fraction(value: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+def dead_fraction(value: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> Finding:
     """Latents that never fire on held-out tokens: WARN above the target, ERROR above the collapse bound."""
-    return _graded("sae_dead_fraction", value, thresholds.dead_fraction_warn, thresholds.dead_fraction_error,
+    return _graded(value, thresholds.dead_fraction_warn, thresholds.dead_fraction_error,
                    "dead fraction", {})
 
 
-def dense_fraction(frequency: torch.Tensor, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+def dense_fraction(frequency: torch.Tensor, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> Finding:
     """Share of latents firing on more than `dense_frequency` of held-out tokens (`frequency`: per latent)."""
     value = (frequency > thresholds.dense_frequency).double().mean().item() if frequency.numel() else math.nan
-    return _graded("sae_dense_fraction", value, thresholds.dense_fraction_warn, thresholds.dense_fraction_error,
+    return _graded(value, thresholds.dense_fraction_warn, thresholds.dense_fraction_error,
                    "dense fraction", {"dense_frequency": thresholds.dense_frequency,
                                       "n_dense": int((frequency > thresholds.dense_frequency).sum())})
 
 
 def l0_in_target_band(l0_fraction: float, target_l0: float | None,
-                      thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+                      thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> Finding:
     """Held-out L0 (fraction of latents active per token) against the config's `target_l0`: WARN outside
     [warn_low, warn_high] x target, ERROR outside [error_low, error_high] x target. No target: passes."""
-    name = "sae_l0_in_target_band"
     if target_l0 is None:
-        return CheckOutcome(name, True, "WARN", f"no target_l0 set; held-out L0 fraction {l0_fraction:.4g}",
+        return Finding(True, "WARN", f"no target_l0 set; held-out L0 fraction {l0_fraction:.4g}",
                             {"l0_fraction": l0_fraction, "target_l0": "none", "applicable": False})
     warn = (thresholds.l0_warn_low * target_l0, thresholds.l0_warn_high * target_l0)
     error = (thresholds.l0_error_low * target_l0, thresholds.l0_error_high * target_l0)
@@ -404,35 +314,34 @@ def l0_in_target_band(l0_fraction: float, target_l0: float | None,
     passed = inside(thresholds.l0_warn_low, thresholds.l0_warn_high)
     severity: Severity = "ERROR" if far else "WARN"
     verdict = "ok" if passed else severity
-    return CheckOutcome(name, passed, severity,
+    return Finding(passed, severity,
                         f"held-out L0 {l0_fraction:.3%} vs target {target_l0:.3%} (band {warn[0]:.2%}-{warn[1]:.2%}, "
                         f"error outside {error[0]:.2%}-{error[1]:.2%}): {verdict}",
                         {"l0_fraction": l0_fraction, "target_l0": target_l0, "warn_band": list(warn),
                          "error_band": list(error), "applicable": True})
 
 
-def fvu_bound(fvu: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> CheckOutcome:
+def fvu_bound(fvu: float, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> Finding:
     """Held-out fraction of variance unexplained: WARN above `fvu_warn`, ERROR above `fvu_error` or NaN."""
-    return _graded("sae_fvu", fvu, thresholds.fvu_warn, thresholds.fvu_error, "fvu", {})
+    return _graded(fvu, thresholds.fvu_warn, thresholds.fvu_error, "fvu", {})
 
 
 def l0_trend(metrics: pl.DataFrame, architecture: str, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
-             ) -> CheckOutcome:
+             ) -> Finding:
     """An L1-steered SAE's L0 must fall during training: the mean L0 of the last window of log rows may not
     exceed the first window's mean by more than the tolerance (windows, not single steps: seed 000). Elsewhere
     (TopK fixes L0 at k) the check does not apply."""
-    name = "sae_l0_trend"
     n = len(metrics)
     steered = architecture_class(architecture).l1_steered
     if not steered or n < 2:
         why = f"{n} log row(s): too few to judge" if steered else f"{architecture}'s L0 is not set by l1_alpha alone"
-        return CheckOutcome(name, True, "WARN", f"not applicable: {why}", {"applicable": False, "n_log_rows": n})
+        return Finding(True, "WARN", f"not applicable: {why}", {"applicable": False, "n_log_rows": n})
     width = max(1, int(n * thresholds.l0_trend_window))
     l0 = metrics["l0"]
     first, last = float(l0.head(width).mean()), float(l0.tail(width).mean())
     limit = first * (1.0 + thresholds.l0_trend_tolerance)
     passed = last <= limit
-    return CheckOutcome(name, passed, "WARN",
+    return Finding(passed, "WARN",
                         f"L0 window mean {first:.4g} (first {width} rows) -> {last:.4g} (last {width} rows): "
                         + ("falls or holds" if passed else f"rises above {limit:.4g}"),
                         {"first_window_l0": first, "last_window_l0": last, "window_rows": width,
@@ -444,14 +353,14 @@ def l0_trend(metrics: pl.DataFrame, architecture: str, thresholds: QualityThresh
 
 
 def features_not_near_zero(features: pl.DataFrame, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
-                           ) -> CheckOutcome:
+                           ) -> Finding:
     """Latents whose max activation is below `live_threshold` are not live for labelling (seed 003's 1e-16
     activations); a partition where more than `near_zero_error_share` of latents are like that is an ERROR."""
     live_threshold, error_above = thresholds.live_threshold, thresholds.near_zero_error_share
     n = len(features)
     not_live = int((features["max_activation"] < live_threshold).sum())
     share = not_live / n if n else 1.0
-    return CheckOutcome("features_not_near_zero", share <= error_above, "ERROR",
+    return Finding(share <= error_above, "ERROR",
                         f"{not_live}/{n} latents below {live_threshold:g} max activation ({share:.1%}; "
                         f"error > {error_above:.0%})",
                         {"n_not_live": not_live, "n_latents": n, "share_not_live": share,
@@ -475,7 +384,7 @@ def _expectations():
     ]
 
 
-def features_table_valid(features: pl.DataFrame) -> CheckOutcome:
+def features_table_valid(features: pl.DataFrame) -> Finding:
     """A Great Expectations 1.x suite over the feature table, run directly (ephemeral context, pandas frame):
     ids unique, no nulls, frequency in [0, 1], max >= mean >= 0, context windows non-empty for live latents."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -504,7 +413,7 @@ def features_table_valid(features: pl.DataFrame) -> CheckOutcome:
             label = f"{item.expectation_config.type}({kwargs.get('column') or kwargs.get('column_A', '')})"
             failed[label] = int(item.result.get("unexpected_count", 0) or 0)
     n = len(result.results)
-    return CheckOutcome("features_table_valid", bool(result.success), "ERROR",
+    return Finding(bool(result.success), "ERROR",
                         f"{n - len(failed)}/{n} expectations met"
                         + (f"; failed: {', '.join(failed)}" if failed else ""),
                         {"n_expectations": n, "n_failed": len(failed), "failed_unexpected_counts": failed,

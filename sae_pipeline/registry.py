@@ -10,16 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_pipeline.config import (
-    MAX_SPEC_BYTES,
-    ConfigError,
-    SAEConfig,
-    SweepSpec,
-    load_sweep,
-    parse_sae_config,
-    validate_partition_key,
-)
+from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config, validate_partition_key
 from sae_pipeline.storage import Layout
+from sae_pipeline.sweep_spec import MAX_SPEC_BYTES, SweepSpec, load_sweep
 
 
 def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:

@@ -11,23 +11,20 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sae_pipeline.analysis import (
-    CURVES_TOP_N,
-    HYPERPARAMETERS,
-    MAX_POINT_LABELS,
-    METRICS,
-    balanced_scores,
-    build_sweep_report,
-    hyperparameter_effects,
-    l0_fvu_figure,
-    last_window_mean,
-    pareto_front,
-    report_with_inline_plots,
-    trade_offs,
-)
+from sae_pipeline.analysis import CURVES_TOP_N, build_sweep_report, report_with_inline_plots
 from sae_pipeline.markdown import format_duration, report_pieces, round_significant, rounded
 from sae_pipeline.results import collect_runs
 from sae_pipeline.storage import Layout, write_json_atomic, write_parquet_atomic
+from sae_pipeline.sweep_plots import MAX_POINT_LABELS, l0_fvu_figure
+from sae_pipeline.sweep_stats import (
+    HYPERPARAMETERS,
+    METRICS,
+    balanced_scores,
+    hyperparameter_effects,
+    last_window_mean,
+    pareto_front,
+    trade_offs,
+)
 
 EXPANSIONS = (4, 8, 16)
 KS = (8, 16, 32, 64)
@@ -191,6 +188,20 @@ def test_report_on_planted_sweep(planted: pl.DataFrame, tmp_path: Path) -> None:
     assert "| k |" in effects_section and "architecture" not in effects_section
     assert f"`{rows[best]['key']}`" in report.top_markdown
     assert report.top_markdown.count("\n| ") == 5
+
+
+def test_every_held_out_metric_is_a_report_column(tmp_path: Path) -> None:
+    """cosine and l2_ratio (missing before the one metric list) are tabulated like the rest."""
+    from sae_pipeline.evaluation import REPORTED_METRICS
+
+    assert set(REPORTED_METRICS) <= set(METRICS) and {"cosine", "l2_ratio"} <= set(REPORTED_METRICS)
+    runs = pl.DataFrame({"key": ["a", "b", "c"], "k": [8, 16, 32], "l0": [8.0, 16.0, 32.0], "fvu": [0.3, 0.2, 0.1],
+                         "dead_fraction": [0.1, 0.05, 0.0], "cosine": [0.8, 0.9, 0.95], "l2_ratio": [0.7, 0.8, 0.9]})
+    report = build_sweep_report(runs, tmp_path)
+    text = report.report_path.read_text()
+    assert f"| cosine | 3 | {np.mean([0.8, 0.9, 0.95]):.4g} | 0.9 |" in text
+    assert f"| l2_ratio | 3 | {np.mean([0.7, 0.8, 0.9]):.4g} | 0.8 |" in text
+    assert pl.read_parquet(report.table_path)["cosine"].to_list() == [0.8, 0.9, 0.95]
 
 
 # --- edge cases ----------------------------------------------------------------------------------------

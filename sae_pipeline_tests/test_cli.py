@@ -10,9 +10,9 @@ import dagster as dg
 import pytest
 
 from sae_pipeline import cli
-from sae_pipeline.config import load_sweep
 from sae_pipeline.defs.partitions import key_ranges
 from sae_pipeline.storage import Layout
+from sae_pipeline.sweep_spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sae_pipeline.config import SAEConfig, load_sweep
+from sae_pipeline.config import SAEConfig
+from sae_pipeline.sweep_spec import load_sweep
 
 PINNED: dict[str, dict] = json.loads((Path(__file__).parent / "data" / "partition_keys.json").read_text())
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import sae_pipeline.defs.assets as assets_module
 from sae_pipeline import quality
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import activations, feature_labels, features, sae
-from sae_pipeline.training import train_sae
+from sae_pipeline.training import train_group
 from sae_pipeline_tests.conftest import TINY_RUN_CONFIG, Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -143,12 +143,12 @@ def test_sink_vector_on_30_percent_of_tokens_fails_duplicates_check_and_blocks_d
 def test_sae_collapsed_mid_run_fails_collapse_check_naming_the_step(
         pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     def collapsing(*args, **kwargs):  # real training, then a planted trajectory: 95 % dead from step 70 on
-        result = train_sae(*args, **kwargs)
+        (result,) = train_group(*args, **kwargs)
         result.metrics = result.metrics.with_columns(
             dead_fraction=pl.when(pl.col("step") >= 70).then(0.95).otherwise(pl.col("dead_fraction")))
-        return result
+        return [result]
 
-    monkeypatch.setattr(assets_module, "train_sae", collapsing)
+    monkeypatch.setattr(assets_module, "train_group", collapsing)
     key = pipeline.register(healthy(seed=1))
     result = pipeline.materialize([sae, features, feature_labels], partition_key=key)
     evaluation = assert_faulty(pipeline, key, result, "sae_not_collapsed")
@@ -159,12 +159,12 @@ def test_sae_collapsed_mid_run_fails_collapse_check_naming_the_step(
 
 def test_all_dead_sae_fails_dead_fraction_check(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     def killed(*args, **kwargs):  # an encoder bias so negative that no latent can fire on any token
-        result = train_sae(*args, **kwargs)
+        (result,) = train_group(*args, **kwargs)
         with torch.no_grad():
             result.sae.b_enc.fill_(-1e4)
-        return result
+        return [result]
 
-    monkeypatch.setattr(assets_module, "train_sae", killed)
+    monkeypatch.setattr(assets_module, "train_group", killed)
     key = pipeline.register(healthy(seed=2))
     result = pipeline.materialize([sae, features, feature_labels], partition_key=key)
     evaluation = assert_faulty(pipeline, key, result, "sae_dead_fraction")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_pipeline import quality
+from sae_pipeline.activation_scan import DUPLICATE_EXAMPLES, scan_activations
 from sae_pipeline.activations import _exclude_outliers
 from sae_pipeline.config import ConfigError
 from sae_pipeline.quality import DEFAULT_THRESHOLDS, QualityThresholds, parse_thresholds
@@ -72,7 +73,7 @@ def _planted_store(tmp_path):
 
 def test_scan_counts_match_an_independent_count(tmp_path) -> None:
     store, train, eval_ = _planted_store(tmp_path)
-    scan = quality.scan_activations(store, chunk=37)  # chunks straddle rows of interest
+    scan = scan_activations(store, chunk=37)  # chunks straddle rows of interest
     rows = np.concatenate([train.numpy(), eval_.numpy()]).astype(np.float64)
     files = [s.file for s in scan.shards]
     assert files == ["train_00000.safetensors", "train_00001.safetensors", "train_00002.safetensors",
@@ -114,7 +115,7 @@ def test_clean_store_passes_every_activation_check(tmp_path) -> None:
     generator = torch.Generator().manual_seed(1)
     store = write_store(tmp_path / "acts", torch.randn(200, 8, generator=generator),
                         torch.randn(40, 8, generator=generator), shard_tokens=64)
-    scan = quality.scan_activations(store)
+    scan = scan_activations(store)
     assert quality.activations_finite(scan).passed
     assert quality.activations_not_degenerate(scan).passed
     assert quality.activations_norm_outliers(scan).passed
@@ -123,7 +124,7 @@ def test_clean_store_passes_every_activation_check(tmp_path) -> None:
 def test_store_of_identical_rows_is_degenerate(tmp_path) -> None:
     row = torch.arange(8, dtype=torch.float32)  # not constant within the row, but every token is the same
     store = write_store(tmp_path / "acts", row.repeat(100, 1), row.repeat(20, 1), shard_tokens=64)
-    outcome = quality.activations_not_degenerate(quality.scan_activations(store))
+    outcome = quality.activations_not_degenerate(scan_activations(store))
     assert not outcome.passed and outcome.metadata["norms_all_equal"] is True
     assert not outcome.metadata["degenerate_shards"]
 
@@ -136,7 +137,7 @@ def test_sink_like_repeated_vector_fails_the_duplicates_check_with_its_positions
     rows = torch.cat([train, eval_])
     rows[planted] = sink
     store = write_store(tmp_path / "acts", rows[:200], rows[200:], shard_tokens=64)
-    scan = quality.scan_activations(store, chunk=29)
+    scan = scan_activations(store, chunk=29)
     assert quality.activations_not_degenerate(scan).passed  # what the existing checks see: nothing
     assert quality.activations_norm_outliers(scan).passed
     outcome = quality.activations_duplicates(scan)
@@ -144,7 +145,7 @@ def test_sink_like_repeated_vector_fails_the_duplicates_check_with_its_positions
     assert outcome.metadata["n_duplicate_rows"] == 75 and outcome.metadata["largest_duplicate_group"] == 75
     assert outcome.metadata["duplicate_row_fraction"] == pytest.approx(0.3)
     examples = outcome.metadata["duplicate_positions"]
-    assert len(examples) == quality.DUPLICATE_EXAMPLES
+    assert len(examples) == DUPLICATE_EXAMPLES
     for example in examples:  # each names a planted row; write_store: 16 tokens per sequence, eval from seq 13
         train_split = example["shard"].startswith("train")
         in_split = int(example["shard"].split("_")[1].split(".")[0]) * 64 + example["row"]
@@ -160,7 +161,7 @@ def test_a_few_repeated_rows_pass_and_distinct_rows_are_not_duplicates(tmp_path)
     train = torch.randn(500, 8, generator=generator)
     train[10] = train[20]  # one pair: 2 of 600 rows = 0.33 %, under the 1 % warning
     store = write_store(tmp_path / "acts", train, torch.randn(100, 8, generator=generator), shard_tokens=128)
-    outcome = quality.activations_duplicates(quality.scan_activations(store))
+    outcome = quality.activations_duplicates(scan_activations(store))
     assert outcome.passed and outcome.metadata["n_duplicate_rows"] == 2
     assert sorted(e["row"] for e in outcome.metadata["duplicate_positions"]) == [10, 20]
 
@@ -352,11 +353,11 @@ def test_verdict_round_trip_blocks_only_on_error(tmp_path) -> None:
     assert quality.blocking_failures(tmp_path) == [f"no quality verdict at {tmp_path / 'quality.json'}: "
                                                    "materialise it first"]
     assert quality.blocking_failures(tmp_path, missing_ok=True) == []
-    warn = quality.dead_fraction(0.5)
-    quality.write_verdict(tmp_path, [warn, quality.fvu_bound(0.1)])
+    warn, fvu = quality.dead_fraction(0.5).named("sae_dead_fraction"), quality.fvu_bound(0.1).named("sae_fvu")
+    quality.write_verdict(tmp_path, [warn, fvu])
     assert quality.blocking_failures(tmp_path) == []
-    error = quality.dead_fraction(0.95)
-    quality.write_verdict(tmp_path, [error, quality.fvu_bound(0.1)])
+    error = quality.dead_fraction(0.95).named("sae_dead_fraction")
+    quality.write_verdict(tmp_path, [error, fvu])
     assert quality.blocking_failures(tmp_path) == [f"sae_dead_fraction: {error.description}"]
     verdict = json.loads((tmp_path / "quality.json").read_text())
     assert verdict["blocked"] is True
@@ -400,3 +401,37 @@ def test_outlier_exclusion_drops_exactly_the_tokens_above_the_limit(pipeline, tm
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["activations_norm_outliers"]
     assert check.metadata["n_excluded_at_extraction"].value == n_excluded
     assert check.metadata["n_outlier_tokens"].value == 0  # nothing above 10 x median is left
+
+
+# ------------------------------------------------------------------------------------------------- the table
+
+
+def test_the_check_table_is_what_dagster_declares() -> None:
+    from sae_pipeline.checks import CHECKS
+    from sae_pipeline.defs.checks import ACTIVATIONS_CHECKS, FEATURES_CHECKS, SAE_CHECKS
+
+    names = [check.name for check in CHECKS]
+    assert len(set(names)) == len(names) and all(check.name.startswith(check.asset) for check in CHECKS)
+    declared = {(spec.name, spec.asset_key.to_user_string(), spec.description)
+                for spec in [*ACTIVATIONS_CHECKS, *SAE_CHECKS, *FEATURES_CHECKS]}
+    assert declared == {(check.name, check.asset, check.description) for check in CHECKS}
+
+
+def test_run_checks_names_each_finding_from_the_table_in_order() -> None:
+    from sae_pipeline.checks import SAEEvidence, checks_of, run_checks
+    from sae_pipeline.evaluation import REPORTED_METRICS, EvalMetrics
+
+    values = dict.fromkeys(REPORTED_METRICS, 0.2) | {"dead_fraction": 0.95, "l0_fraction": 0.05, "n_tokens": 100}
+    metrics = EvalMetrics(**values)
+    frequency = torch.tensor([0.0, 0.3, 0.05, 0.0])
+    log = _log(list(range(8)), [4, 4, 4, 4, 4, 4, 4, 4], [0.0] * 8)
+    evidence = SAEEvidence({"W_dec": torch.ones(4, 2)}, log, 4, metrics, frequency, 0.05, "relu")
+    outcomes = run_checks("sae", evidence, DEFAULT_THRESHOLDS)
+    assert [o.name for o in outcomes] == [check.name for check in checks_of("sae")]
+    by_name = {o.name: o for o in outcomes}
+    direct = {"sae_dead_fraction": quality.dead_fraction(0.95), "sae_dense_fraction": quality.dense_fraction(frequency),
+              "sae_fvu": quality.fvu_bound(0.2), "sae_l0_trend": quality.l0_trend(log, "relu")}
+    for name, finding in direct.items():
+        got = by_name[name]
+        assert (got.passed, got.severity, got.description) == (finding.passed, finding.severity, finding.description)
+    assert by_name["sae_dead_fraction"].blocks and not by_name["sae_fvu"].blocks

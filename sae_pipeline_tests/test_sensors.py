@@ -8,11 +8,12 @@ import dagster as dg
 import pytest
 
 from sae_pipeline.calibration import with_l1_alpha
-from sae_pipeline.config import SAEConfig, load_sweep
+from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.resources import ModelResource, StorageResource
 from sae_pipeline.defs.sensors import calibration_requests, sweep_files_sensor
 from sae_pipeline.registry import store_configs
 from sae_pipeline.storage import Layout, write_json_atomic
+from sae_pipeline.sweep_spec import load_sweep
 
 SPEC = """
 name: tiny

@@ -19,11 +19,12 @@ import pytest
 import torch
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from sae_pipeline.config import SAEConfig, load_sweep
+from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import sae
 from sae_pipeline.defs.runs import STOPPED_TAG
 from sae_pipeline.results import SUMMARY_FILE
 from sae_pipeline.storage import Layout
+from sae_pipeline.sweep_spec import load_sweep
 from sae_pipeline.training import CHECKPOINT_FILE
 from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline
 

@@ -100,7 +100,7 @@ def materialise_home(source_root: Path, folder: Path) -> tuple[dict[str, str], l
     """A storage root under `folder` holding `source_root`'s corpus + activations, a DAGSTER_HOME with the shipped
     dagster.yaml, and `run-sweep` of UI_SWEEP run on them (sae, features, feature_labels, sweep_analysis with
     their checks); returns the environment and the sweep's keys."""
-    from sae_pipeline.config import load_sweep
+    from sae_pipeline.sweep_spec import load_sweep
 
     root, home = folder / "root", folder / "home"
     for name in ("corpus", "activations"):

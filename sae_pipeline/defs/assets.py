@@ -17,9 +17,11 @@ import dagster as dg
 import polars as pl
 
 from sae_pipeline import quality
+from sae_pipeline.activation_scan import scan_activations
 from sae_pipeline.activations import extract_activations
-from sae_pipeline.analysis import build_sweep_report, last_window_mean, report_with_inline_plots
+from sae_pipeline.analysis import build_sweep_report, report_with_inline_plots
 from sae_pipeline.calibration import calibration_png, calibration_state, how_to_calibrate, plans_markdown
+from sae_pipeline.checks import ActivationEvidence, SAEEvidence, run_checks
 from sae_pipeline.config import (
     ActivationSpec,
     ConfigError,
@@ -96,7 +98,8 @@ from sae_pipeline.storage import (
     write_parquet_atomic,
 )
 from sae_pipeline.store import META_FILE, ActivationStore
-from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group, train_sae
+from sae_pipeline.sweep_stats import last_window_mean
+from sae_pipeline.training import TrainResult, checkpoint_step, plan_groups, train_group
 from sae_pipeline.vocab import load_vocab_matrix
 
 DASHBOARD_DIR = "dashboard"
@@ -216,10 +219,8 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         check_layer(transformer, spec.layer)
         with layout.publish(layout.activations_dir) as folder:
             meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
-            scan = quality.scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
-            outcomes = [quality.activations_finite(scan), quality.activations_not_degenerate(scan, thresholds),
-                        quality.activations_norm_outliers(scan, thresholds, meta["n_excluded_outliers"]),
-                        quality.activations_duplicates(scan, thresholds)]
+            scan = scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
+            outcomes = run_checks("activations", ActivationEvidence(scan, meta["n_excluded_outliers"]), thresholds)
             quality.write_verdict(folder, outcomes)
             write_lineage(folder, lineage)
         context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
@@ -259,17 +260,13 @@ def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore
     """Evaluate a trained SAE on held-out tokens, run its checks, publish its folder (weights, metrics, summary,
     plots, verdict) and remove its checkpoints."""
     metrics, fire_counts = evaluate_sae(result.sae, store, device)
-    outcomes = [quality.finite_weights(result.sae.state_dict()),
-                quality.not_collapsed(result.metrics, result.sae.d_sae, thresholds),
-                quality.dead_fraction(metrics.dead_fraction, thresholds),
-                quality.dense_fraction(fire_counts / max(metrics.n_tokens, 1), thresholds),
-                quality.l0_in_target_band(metrics.l0_fraction, cfg.target_l0, thresholds),
-                quality.fvu_bound(metrics.fvu, thresholds),
-                quality.l0_trend(result.metrics, cfg.architecture, thresholds)]
+    frequency = fire_counts / max(metrics.n_tokens, 1)
+    outcomes = run_checks("sae", SAEEvidence(result.sae.state_dict(), result.metrics, result.sae.d_sae, metrics,
+                                             frequency, cfg.target_l0, cfg.architecture), thresholds)
     model_spec = ActivationSpec(model=store.meta["model"], trust_remote_code=trust_remote_code)
     downstream = measure_downstream(result.sae, store.meta, read_corpus(layout), model_spec)
     curves = training_curves_png(result.metrics, key)
-    density = feature_density_png(fire_counts / max(metrics.n_tokens, 1), key)
+    density = feature_density_png(frequency, key)
     summary = {"key": key, "config": cfg.model_dump(mode="json"), "metrics": metrics.as_dict(),
                "downstream": downstream.as_dict(),
                "final_loss": last_window_mean(result.metrics, "loss"), "train_tokens": result.train_tokens,
@@ -286,15 +283,8 @@ def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore
         quality.write_verdict(folder, outcomes)
     layout.remove(layout.checkpoint_dir(key))
     return PublishedSAE(outcomes, {
-        **rounded({"l0": metrics.l0, "l0_fraction": metrics.l0_fraction, "dead_fraction": metrics.dead_fraction,
-                   "dense_fraction": metrics.dense_fraction, "frequent_fraction": metrics.frequent_fraction,
-                   "fvu": metrics.fvu, "explained_variance": metrics.explained_variance, "mse": metrics.mse,
-                   "cosine": metrics.cosine, "l2_ratio": metrics.l2_ratio,
-                   "relative_reconstruction_bias": metrics.relative_reconstruction_bias,
-                   "decoder_max_cosine_mean": metrics.decoder_max_cosine_mean,
-                   "decoder_max_cosine_max": metrics.decoder_max_cosine_max,
-                   "downstream_spliced": downstream.spliced, "downstream_ablated": downstream.ablated,
-                   "downstream_recovered": downstream.recovered}),
+        **rounded({**metrics.reported(), "downstream_spliced": downstream.spliced,
+                   "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered}),
         "train_tokens": result.train_tokens, "wall_time": format_duration(result.wall_seconds),
         "resumed_from_step": result.resumed_from_step,
         "weights_dir": dg.MetadataValue.path(layout.location(layout.sae_dir(key))),
@@ -351,10 +341,8 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
             except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
                 failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
                 continue
-            yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=published.metadata, tags=tags)
-            for evaluation in check_evaluations(context.instance, SAE_KEY, key, published.outcomes):
-                context.log_event(evaluation)
-            if published.blocking_failures:
+            yield from materialisation(context, key, published, tags)
+            if published.blocking_failures and not context.has_partition_key:
                 failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
             context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
     if failures:
@@ -364,6 +352,21 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
 
 
 SAE_KEY = dg.AssetKey("sae")
+
+
+def materialisation(context: dg.AssetExecutionContext, key: str, published: PublishedSAE, tags: dict[str, str]
+                    ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """A published partition's materialisation and check results. Dagster ties a `MaterializeResult` (the step's
+    output, which downstream steps in the run wait for, and whose failed blocking checks stop them) to a partition
+    only in a single-partition step; in a ranged step each partition is an `AssetMaterialization` with its check
+    evaluations logged beside it."""
+    if context.has_partition_key:
+        yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
+                                   check_results=[check_result(o, key) for o in published.outcomes])
+        return
+    yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=published.metadata, tags=tags)
+    for evaluation in check_evaluations(context.instance, SAE_KEY, key, published.outcomes):
+        context.log_event(evaluation)
 
 
 @dg.multi_asset(
@@ -386,27 +389,14 @@ def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: Dev
 def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device: DeviceResource,
                       thresholds: quality.QualityThresholds,
                       model: ModelResource) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
-    """The body of `sae`: one partition trained and published, or a range trained as groups (`train_partitions`)."""
+    """The body of `sae`: its partitions, one or many, trained as groups and published (`train_partitions`)."""
     validate_downstream_config(context, "features", "feature_labels")
     refuse_if_other_lineage("sae", layout, model.name)
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
                       quality.blocking_failures(acts, missing_ok=True))
-    store = ActivationStore(acts)
-    if not context.has_partition_key:  # a ranged run: one pass per group, a materialisation per partition
-        yield from train_partitions(context, layout, store, list(context.partition_keys), device, thresholds,
-                                    model.trust_remote_code)
-        return
-    key = context.partition_key
-    cfg = load_config(layout, key)
-    cfg.validate_for_model(store.d_model, device.memory_bytes())
-    checkpoints = layout.checkpoint_dir(key)
-    layout.restore(checkpoints)  # on object storage, a run resumed on another machine continues from there
-    log, on_checkpoint = training_hooks(context, layout, key)
-    result = train_sae(cfg, store, device.resolve(), checkpoints, log=log, on_checkpoint=on_checkpoint)
-    published = publish_sae(layout, key, cfg, store, result, device.resolve(), thresholds, model.trust_remote_code)
-    yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=published.metadata,
-                               check_results=[check_result(o, key) for o in published.outcomes])
+    yield from train_partitions(context, layout, ActivationStore(acts), list(context.partition_keys), device,
+                                thresholds, model.trust_remote_code)
 
 
 @dg.asset(partitions_def=sae_configs, deps=[sae, corpus], pool="gpu", group_name="sae", kinds={"parquet", "html"},
@@ -435,7 +425,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
                                   device=device.resolve())
         frame = tables.latents
         vocab_kind = vocab[0] if vocab else "none"
-        outcomes = [quality.features_not_near_zero(frame, thresholds), quality.features_table_valid(frame)]
+        outcomes = run_checks("features", frame, thresholds)
         with layout.publish(layout.features_dir(key)) as folder:
             write_features(frame, folder / FEATURES_FILE)
             write_examples(tables.examples, folder / EXAMPLES_FILE)

@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from sae_pipeline.checks import Asset, checks_of
 from sae_pipeline.defs.dagster_private import AssetCheckEvaluationTargetMaterializationData
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch
@@ -31,35 +32,14 @@ def _blocking(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
                                  partitions_def=partitions)
 
 
-ACTIVATIONS_CHECKS = [
-    _blocking("activations_finite", "activations", "Every stored token activation is finite (ERROR otherwise)"),
-    _blocking("activations_not_degenerate", "activations",
-              "No shard with too many all-zero or constant token rows; token norms vary (ERROR)"),
-    _blocking("activations_norm_outliers", "activations",
-              "Norm statistics; tokens with norm > N x median counted (WARN above a share), optionally excluded"),
-    _blocking("activations_duplicates", "activations",
-              "Token rows identical to another row: WARN > 1 %, ERROR > 10 % (positions in the metadata)"),
-]
+def check_specs(asset: Asset) -> list[dg.AssetCheckSpec]:
+    """The Dagster specs of an asset's checks, from the core's one table (`sae_pipeline.checks.CHECKS`)."""
+    return [_blocking(check.name, check.asset, check.description) for check in checks_of(asset)]
 
-SAE_CHECKS = [
-    _blocking("sae_finite_weights", "sae", "No NaN/Inf in the saved weights (ERROR)"),
-    _blocking("sae_not_collapsed", "sae",
-              "Live latents / L0 do not fall and stay far below their running peak; names the step (ERROR)"),
-    _blocking("sae_dead_fraction", "sae", "Latents never firing on held-out tokens: WARN > 10 %, ERROR > 90 %"),
-    _blocking("sae_dense_fraction", "sae", "Latents firing on > 10 % of held-out tokens: WARN > 5 %, ERROR > 50 %"),
-    _blocking("sae_l0_in_target_band", "sae",
-              "Held-out L0 vs target_l0 when set: WARN outside 0.6-1.4 x target, ERROR outside 0.2-2 x"),
-    _blocking("sae_fvu", "sae", "Held-out fraction of variance unexplained: WARN > 0.5, ERROR > 1"),
-    _blocking("sae_l0_trend", "sae", "ReLU/L1 SAEs: last-window mean L0 must not rise above the first window's"),
-]
 
-FEATURES_CHECKS = [
-    _blocking("features_not_near_zero", "features",
-              "Latents with max activation < 1e-6 are not live; ERROR when most latents are like that"),
-    _blocking("features_table_valid", "features",
-              "Great Expectations suite: ids unique, no nulls, frequency in [0, 1], max >= mean >= 0, contexts "
-              "non-empty for live latents (ERROR)"),
-]
+ACTIVATIONS_CHECKS = check_specs("activations")
+SAE_CHECKS = check_specs("sae")
+FEATURES_CHECKS = check_specs("features")
 
 
 def _metadata_value(value: Any) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from sae_pipeline.calibration import GroupPlan, calibration_state
-from sae_pipeline.config import CalibrationSpec, ConfigError
+from sae_pipeline.config import ConfigError
 from sae_pipeline.defs.assets import automation_condition
 from sae_pipeline.defs.dagster_private import ExecutionResult
 from sae_pipeline.defs.jobs import analysis_job, sweep_job
@@ -28,6 +28,7 @@ from sae_pipeline.registry import (
 )
 from sae_pipeline.results import read_summary
 from sae_pipeline.storage import Layout
+from sae_pipeline.sweep_spec import CalibrationSpec
 
 
 def register_sweep_file(layout: Layout, sweep: SweepFile, d_model: int, existing: set[str]) -> list[str]:

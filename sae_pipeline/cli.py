@@ -104,17 +104,21 @@ SWEEP_ASSETS = ("sae", "features", "feature_labels")
 """What `train_sweep` materialises per partition, in order."""
 
 
-def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> dict[str, list[str]]:
+def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Per key, the train_sweep assets from the first one that is not current (never materialised, or made with
-    another code version or from other upstream data) on; all of them with `refresh`."""
-    from sae_pipeline.defs.freshness import is_current, stale_resolver
+    another code version or from other upstream data) on, all of them with `refresh`; and, per key whose first
+    such asset was materialised before, why it is stale (Dagster's causes, as the UI shows them)."""
+    from sae_pipeline.defs.freshness import is_current, stale_causes, stale_resolver
 
     resolver = stale_resolver(instance, defs)
-    todo = {}
+    todo, why = {}, {}
     for key in keys:
         stale = [i for i, asset in enumerate(SWEEP_ASSETS) if refresh or not is_current(resolver, asset, key)]
         todo[key] = list(SWEEP_ASSETS[stale[0]:]) if stale else []
-    return todo
+        causes = stale_causes(resolver, SWEEP_ASSETS[stale[0]], key) if stale and not refresh else []
+        if causes:
+            why[key] = f"{SWEEP_ASSETS[stale[0]]} is stale: " + "; ".join(causes)
+    return todo, why
 
 
 def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]:
@@ -157,11 +161,13 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
     layout = Layout.at(default_root())
     if not ensure_activations(defs, instance, layout, refresh_activations, stop):
         return 1
-    todo = assets_to_run(defs, instance, keys, refresh)
+    todo, why = assets_to_run(defs, instance, keys, refresh)
     for key in keys:
         if not todo[key]:
             print(f"== {key}: skipped, current (same config, code version and activations; --refresh retrains)",
                   flush=True)
+        elif key in why:
+            print(f"== {key}: reruns from {todo[key][0]} ({why[key]})", flush=True)
     failed = train_ranges(defs, instance, [key for key in keys if todo[key][:1] == ["sae"]], stop)
     downstream = [key for key in keys if todo[key] and key not in failed]
     for index, key in enumerate(downstream, 1):

@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from sae_pipeline.config import EMBEDDED_CORPUS, ConfigError, CorpusSpec
+from sae_pipeline.storage import CORPUS_FILE, Layout
 
 _STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo")
 
@@ -124,3 +125,8 @@ def tokenize_corpus(texts: Iterator[str], tokenizer, spec: CorpusSpec) -> pl.Dat
     if not rows:
         raise ConfigError(f"corpus.source: {spec.source!r} yielded no documents with >= {spec.min_words} words")
     return pl.DataFrame(rows, schema={"seq_id": pl.Int64, "text": pl.String, "input_ids": pl.List(pl.Int32)})
+
+
+def read_corpus(layout: Layout) -> pl.DataFrame:
+    """The `corpus` asset's table (pulled from object storage first when the root is remote)."""
+    return pl.read_parquet(layout.pull(layout.corpus_dir) / CORPUS_FILE)

@@ -62,9 +62,9 @@ SPARSITY_DEFAULTS: dict[str, float] = {"l1_alpha": 1.0, "l0_coeff": 1.0}
 """Sparsity coefficients of architectures set by a penalty (an L1: `relu`, `gated`; an L0 toward the planted L0:
 `jumprelu`), unless SPARSITY_BY_ARCHITECTURE sets theirs."""
 SPARSITY_BY_ARCHITECTURE: dict[str, dict[str, float]] = {"relu": {"l1_alpha": 3.0}, "gated": {"l1_alpha": 4.0}}
-"""The L1 coefficients on the default world (benchmarks/RESULTS.md): `gated` lands near the planted L0 with 4 (6.9).
-`relu`'s L1 shrinks so much that a coefficient landing there (5: L0 6.1) recovers 57 % of the features; with 3
-it recovers 86 % at L0 12.8, out of the band that competes for least absorption."""
+"""The L1 coefficients on the default world: `gated` lands near the planted L0; `relu` at a coefficient that would
+land there recovers far fewer features (its L1 shrinks them), so it trains at a weaker one
+(`benchmarks/RESULTS.md`)."""
 
 
 class SyntheticSpec(BaseModel):

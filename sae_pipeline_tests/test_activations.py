@@ -255,7 +255,7 @@ def test_prefetcher_raises_the_threads_error(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16_bit_shards_halve_the_files_and_read_back_as_float32(pipeline, tmp_path, dtype):
     from sae_pipeline.activations import extract_activations
-    from sae_pipeline.defs.assets import read_corpus
+    from sae_pipeline.corpus import read_corpus
     from sae_pipeline.model import load_model, load_tokenizer
 
     reference = ActivationStore(pipeline.layout.activations_dir)

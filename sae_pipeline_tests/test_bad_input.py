@@ -18,7 +18,8 @@ import dagster as dg
 import pytest
 import torch
 
-import sae_pipeline.defs.assets as assets_module
+import sae_pipeline.defs.assets.reports as reports_module
+import sae_pipeline.publish as publish_module
 from sae_pipeline import cli
 from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae
 from sae_pipeline.defs.resources import DeviceResource, QualityResource, StorageResource
@@ -445,7 +446,7 @@ def test_failure_mid_write_leaves_previous_outputs_intact(copy: tuple[Pipeline, 
         written.append(sorted(p.name for p in path.parent.iterdir()))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(assets_module, "write_bytes_atomic", dies_mid_write)
+    monkeypatch.setattr(publish_module, "write_bytes_atomic", dies_mid_write)
     result = _run(pipe, [sae], key)
     assert not result.success and "No space left" in error_text(result)
     assert "sae_weights.safetensors" in written[0]  # the failure really came after a partial write
@@ -565,7 +566,7 @@ def test_failed_sweep_report_in_run_sweep_is_one_line(data_home: Path, monkeypat
 
     monkeypatch.setattr(cli, "register", lambda path, dry_run: [])
     monkeypatch.setattr(cli, "ensure_activations", lambda *args: True)
-    monkeypatch.setattr(assets_module, "build_sweep_report", report_fails)
+    monkeypatch.setattr(reports_module, "build_sweep_report", report_fails)
     assert cli.main(["run-sweep", str(REPO / "data/sweeps/ci.yaml")]) == 1
     err = capsys.readouterr().err
     assert "error: analyze_sweep failed: sweep_analysis: " in err and "planted report failure" in err, err

@@ -65,10 +65,10 @@ def test_tag_strings_written_in_existing_instances_are_unchanged() -> None:
 
 
 def test_the_logical_data_version_depends_on_the_code_version_and_every_input() -> None:
-    inputs = {dg.AssetKey("activations"): private.DataVersion("a")}
+    inputs = {dg.AssetKey("activations"): dg.DataVersion("a")}
     version = private.compute_logical_data_version("2", inputs)
     assert version == private.compute_logical_data_version("2", dict(inputs))  # deterministic
     assert version != private.compute_logical_data_version("3", inputs)
     assert version != private.compute_logical_data_version("2", {dg.AssetKey("activations"):
-                                                                  private.DataVersion("b")})
+                                                                  dg.DataVersion("b")})
     assert private.StaleStatus.FRESH.value == "FRESH"

@@ -17,8 +17,8 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._daemon.backfill import execute_backfill_iteration
 
+from sae_pipeline import publish
 from sae_pipeline.config import SAEConfig
-from sae_pipeline.defs import assets
 from sae_pipeline.defs.assets import SAE_RUN_SIZE, sae
 from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline.defs.freshness import is_current, stale_resolver
@@ -137,14 +137,14 @@ def test_an_asset_backfill_of_ten_partitions_launches_two_sae_runs(tmp_path: Pat
 
 def test_a_partition_that_fails_to_publish_fails_alone(pipeline: Pipeline, monkeypatch) -> None:
     keys = [pipeline.register(tiny_topk(k=k, train_tokens=256 * 20)) for k in (2, 9)]
-    original = assets.evaluate_sae
+    original = publish.evaluate_sae
 
     def fails_for_k9(autoencoder, *args, **kwargs):
         if autoencoder.k == 9:
             raise OSError("planted: the eval shards went away")
         return original(autoencoder, *args, **kwargs)
 
-    monkeypatch.setattr(assets, "evaluate_sae", fails_for_k9)
+    monkeypatch.setattr(publish, "evaluate_sae", fails_for_k9)
     result = _ranged(pipeline, keys)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from sae_pipeline.cli import assets_to_run
 from sae_pipeline.defs.assets import CODE_VERSIONS, activations, corpus, feature_labels, features, sae
 from sae_pipeline.defs.freshness import is_current, stale_causes, stale_resolver
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch, lineage_record, write_lineage
@@ -94,3 +95,5 @@ def test_a_new_labelling_code_version_marks_only_feature_labels_stale(tmp_path: 
     assert is_current(resolver, "features", key)
     assert not is_current(resolver, "feature_labels", key)
     assert any("code version" in cause for cause in stale_causes(resolver, "feature_labels", key))
+    todo, why = assets_to_run(defs, pipe.instance, [key], refresh=False)  # what `run-sweep` reruns, and why
+    assert todo == {key: ["feature_labels"]} and "feature_labels is stale" in why[key] and "code version" in why[key]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sae_pipeline.activations as activations_module
-import sae_pipeline.defs.assets as assets_module
+import sae_pipeline.defs.assets.training as training_assets
 from sae_pipeline import quality
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import activations, feature_labels, features, sae
@@ -148,7 +148,7 @@ def test_sae_collapsed_mid_run_fails_collapse_check_naming_the_step(
             dead_fraction=pl.when(pl.col("step") >= 70).then(0.95).otherwise(pl.col("dead_fraction")))
         return [result]
 
-    monkeypatch.setattr(assets_module, "train_group", collapsing)
+    monkeypatch.setattr(training_assets, "train_group", collapsing)
     key = pipeline.register(healthy(seed=1))
     result = pipeline.materialize([sae, features, feature_labels], partition_key=key)
     evaluation = assert_faulty(pipeline, key, result, "sae_not_collapsed")
@@ -164,7 +164,7 @@ def test_all_dead_sae_fails_dead_fraction_check(pipeline: Pipeline, monkeypatch:
             result.sae.b_enc.fill_(-1e4)
         return [result]
 
-    monkeypatch.setattr(assets_module, "train_group", killed)
+    monkeypatch.setattr(training_assets, "train_group", killed)
     key = pipeline.register(healthy(seed=2))
     result = pipeline.materialize([sae, features, feature_labels], partition_key=key)
     evaluation = assert_faulty(pipeline, key, result, "sae_dead_fraction")

@@ -166,14 +166,14 @@ sys.exit(main(argv))
 in a chosen step whatever the machine's speed, and everything else runs as shipped."""
 
 STEP_STOPS = {  # step: (function held, at which call, what the stop line says was kept)
-    "activations": ("sae_pipeline.defs.assets:extract_activations", 1,
+    "activations": ("sae_pipeline.defs.assets.data:extract_activations", 1,
                     "kept: what the earlier steps made (the activation store is written only when complete: nothing "
                     "partial, and a previous one is unchanged)"),
-    "features": ("sae_pipeline.defs.assets:extract_features", 1,
+    "features": ("sae_pipeline.defs.assets.interpretation:extract_features", 1,
                  "kept: what the earlier steps made (the features table is written only when complete: nothing "
                  "partial, and a previous one is unchanged)"),
     "feature_labels": ("sae_pipeline.labelling:OfflineLabeller.label", 3, "kept: 2 label(s) of {key} obtained so far"),
-    "sweep_analysis": ("sae_pipeline.defs.assets:build_sweep_report", 1,
+    "sweep_analysis": ("sae_pipeline.defs.assets.reports:build_sweep_report", 1,
                        "kept: what the earlier steps made (the sweep report is written only when complete: nothing "
                        "partial, and a previous one is unchanged)"),
 }
@@ -276,7 +276,7 @@ def test_a_terminated_sae_step_says_where_a_rerun_resumes(pipeline: Pipeline, tm
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A run terminated from the UI reaches the step as DagsterExecutionInterruptedError: the step's failure
     names each partition's resume step (a checkpoint's, or the start) and is not retried."""
-    import sae_pipeline.defs.assets as assets
+    import sae_pipeline.defs.assets.training as training_assets
 
     copy = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
     for folder in ("corpus", "activations"):
@@ -290,7 +290,7 @@ def test_a_terminated_sae_step_says_where_a_rerun_resumes(pipeline: Pipeline, tm
     def terminated(*_args, **_kwargs):
         raise dg.DagsterExecutionInterruptedError("terminated from the UI")
 
-    monkeypatch.setattr(assets, "train_group" if ranged else "train_sae", terminated)
+    monkeypatch.setattr(training_assets, "train_group", terminated)
     if ranged:
         result = dg.materialize(ALL_ASSETS, selection=[sae], instance=copy.instance, resources=copy.resources(),
                                 tags={ASSET_PARTITION_RANGE_START_TAG: keys[0],

@@ -11,17 +11,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from sae_pipeline.defs.assets import (
-    DASHBOARD_DIR,
-    EXAMPLES_FILE,
-    FEATURES_FILE,
-    LABELS_FILE,
-    calibration,
-    feature_labels,
-    features,
-    sae,
-    sweep_analysis,
-)
+from sae_pipeline.defs.assets import DASHBOARD_DIR, calibration, feature_labels, features, sae, sweep_analysis
+from sae_pipeline.features import EXAMPLES_FILE, FEATURES_FILE
+from sae_pipeline.labelling import LABELS_FILE
 from sae_pipeline.markdown import INLINE_MARKDOWN_CHARS, round_significant
 from sae_pipeline.storage import CORPUS_FILE
 from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline, tiny_topk

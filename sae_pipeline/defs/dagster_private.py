@@ -22,7 +22,6 @@ from dagster._core.definitions.data_version import (
     DEFAULT_DATA_VERSION,
     NULL_EVENT_POINTER,
     CachingStaleStatusResolver,
-    DataVersion,
     StaleStatus,
     compute_logical_data_version,
     get_input_data_version_tag,
@@ -56,7 +55,7 @@ from dagster._time import get_current_datetime
 __all__ = [
     "BACKFILL_ID_TAG", "CODE_VERSION_TAG", "DATA_VERSION_TAG", "DEFAULT_DATA_VERSION", "NULL_EVENT_POINTER",
     "SINGLETON_REPOSITORY_NAME", "AssetCheckEvaluationTargetMaterializationData", "AssetGraphView",
-    "CachingStaleStatusResolver", "DataVersion", "ExecutionResult", "InMemoryJob", "LoadableTargetOrigin",
+    "CachingStaleStatusResolver", "ExecutionResult", "InMemoryJob", "LoadableTargetOrigin",
     "ManagedGrpcPythonEnvCodeLocationOrigin", "ReconstructableRepository", "RemoteJobOrigin",
     "RemoteRepositoryOrigin", "StaleStatus", "TemporalContext", "compute_logical_data_version",
     "create_execution_plan", "execute_run", "get_current_datetime", "get_input_data_version_tag",

@@ -17,7 +17,6 @@ from sae_pipeline.defs.dagster_private import (
     NULL_EVENT_POINTER,
     AssetGraphView,
     CachingStaleStatusResolver,
-    DataVersion,
     StaleStatus,
     TemporalContext,
     compute_logical_data_version,
@@ -58,7 +57,7 @@ def provenance_tags(instance: dg.DagsterInstance, run: dg.DagsterRun, code_versi
     for parent in parents:
         records = instance.fetch_materializations(parent, limit=1).records
         version = records[0].asset_materialization.tags.get(DATA_VERSION_TAG) if records else None
-        inputs[parent] = DataVersion(version) if version else DEFAULT_DATA_VERSION
+        inputs[parent] = dg.DataVersion(version) if version else DEFAULT_DATA_VERSION
         tags[get_input_data_version_tag(parent)] = inputs[parent].value
         tags[get_input_event_pointer_tag(parent)] = str(records[0].storage_id) if records else NULL_EVENT_POINTER
     tags[DATA_VERSION_TAG] = compute_logical_data_version(code_version, inputs).value

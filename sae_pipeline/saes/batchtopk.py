@@ -44,8 +44,8 @@ class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
     config_defaults = {"idle_latents_still": False}
-    """TopK's lr and warmup, not its hold: holding idle latents cost BatchTopK and Matryoshka a third of their
-    recovered features on the synthetic ground truth (`benchmarks/RESULTS.md`, issue 13)."""
+    """TopK's lr and warmup, not its hold on idle latents, which cost BatchTopK and Matryoshka recovered features on
+    the synthetic ground truth (`benchmarks/RESULTS.md`, "TopK defaults")."""
 
     def __init__(self, d_in: int, d_sae: int, normalize: str = "none", *, k: int, k_aux: int | None = None,
                  aux_coeff: float = 1 / 32, threshold_decay: float = 0.99, kernel: Kernel = "auto"):

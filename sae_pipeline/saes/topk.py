@@ -5,9 +5,8 @@ Two training paths compute the same loss and gradients (pinned within 1e-5 by `t
   9 with AuxK;
 - `sparse`: one dense encoder matmul, then only the selected (token, latent) pairs in the decode and in every
   backward (`sae_pipeline.kernels`).
-`kernel="auto"` takes the sparse path when k is at most `SPARSE_MAX_DENSITY` of d_sae, the dense one otherwise
-(measured on 2 CPU cores at 384 x 3072, B 1024: the sparse step 2.5x faster at k 32, 1.2x at k 256 = d_sae / 12,
-even at k 384 = d_sae / 8; `benchmarks/RESULTS.md`). AuxK's k_aux does not enter the rule: AuxK runs only while
+`kernel="auto"` takes the sparse path when k is at most `SPARSE_MAX_DENSITY` of d_sae, where it is the faster one
+(`benchmarks/RESULTS.md`), the dense one otherwise. AuxK's k_aux does not enter the rule: AuxK runs only while
 latents are dead.
 """
 
@@ -53,8 +52,7 @@ class TopKSAE(SparseAutoencoder):
     sparsity_field = "k"
     key_fields = ("k", "lr", "aux_coeff")
     config_defaults = {"lr": 4e-3, "lr_warmup_steps": 100, "idle_latents_still": True}
-    """Measured on the embedded default (`benchmarks/RESULTS.md`, issue 13): lr 4e-3, 100 warmup steps and idle
-    latents held reached held-out FVU 0.109 with 0.5 % dead where lr 3e-4 gave 0.185."""
+    """The TopK family's defaults, tuned on the embedded default (`benchmarks/RESULTS.md`, "TopK defaults")."""
     sparse_kernel = True
 
     def __init__(self, d_in: int, d_sae: int, normalize: str = "none", *, k: int, k_aux: int | None = None,

@@ -1,0 +1,153 @@
+"""`sae`: one SAE per config partition, trained as groups in one pass over the activations for 1 to n
+partitions, each published with its check results as soon as it is done."""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dagster as dg
+
+from sae_pipeline import quality
+from sae_pipeline.config import (
+    ConfigError,
+    SAEConfig,
+)
+from sae_pipeline.defs.assets.common import CODE_VERSIONS, automation_condition, validate_downstream_config
+from sae_pipeline.defs.assets.data import activations
+from sae_pipeline.defs.checks import (
+    SAE_CHECKS,
+    check_evaluations,
+    check_result,
+    refuse_if_blocked,
+    refuse_if_other_lineage,
+)
+from sae_pipeline.defs.freshness import provenance_tags
+from sae_pipeline.defs.partitions import sae_configs
+from sae_pipeline.defs.profiles import gpu_op_tags
+from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.stops import stops_without_retry
+from sae_pipeline.plots import png_markdown
+from sae_pipeline.publish import PublishedSAE, publish_sae
+from sae_pipeline.registry import load_config
+from sae_pipeline.storage import (
+    Layout,
+)
+from sae_pipeline.store import ActivationStore
+from sae_pipeline.training import checkpoint_step, plan_groups, train_group
+
+SAE_RUN_SIZE = 8
+"""Partitions of `sae` per run in an asset backfill (from the UI or the schedule): each run trains its configs as
+groups in one pass over the activations (`plan_groups` splits by batch size, seed, resume step and memory)."""
+
+
+def training_hooks(context: dg.AssetExecutionContext, layout: Layout, key: str
+                   ) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """The per-row log and the after-checkpoint hook (commit to object storage) of one partition's training."""
+    checkpoints = layout.checkpoint_dir(key)
+    return (lambda row: context.log.debug(f"{key} step {row['step']}: {row}")), (lambda: layout.push(checkpoints))
+
+
+def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: ActivationStore, keys: list[str],
+                     device: DeviceResource, thresholds: quality.QualityThresholds,
+                     trust_remote_code: bool) -> Iterator[dg.AssetMaterialization]:
+    """Train the partitions of a ranged run as groups, each in one pass over the activations, and materialise
+    each partition with its own metadata and check evaluations as soon as it is published. A config that is
+    invalid, fails to start, train or publish, or fails a blocking check fails its own partition: its group
+    mates are published, and the step fails at the end naming each failed partition and why (a backfill marks
+    only those failed)."""
+    failures: dict[str, str] = {}
+    cfgs: dict[str, SAEConfig] = {}
+    for key in keys:
+        try:
+            cfgs[key] = load_config(layout, key)
+            cfgs[key].validate_for_model(store.d_model, device.memory_bytes())
+        except ConfigError as error:
+            cfgs.pop(key, None)
+            failures[key] = str(error)
+    ready = list(cfgs)
+    tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], [activations.key])
+    for key in ready:
+        layout.restore(layout.checkpoint_dir(key))
+    groups = plan_groups([cfgs[k] for k in ready], store.d_model, device.memory_bytes(),
+                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])
+    for number, group in enumerate(groups, 1):
+        members = [ready[i] for i in group]
+        context.log.info(f"sae group {number}/{len(groups)}: {len(members)} configs in one pass over the "
+                         f"activations: {', '.join(members)}")
+        hooks = [training_hooks(context, layout, key) for key in members]
+        results = train_group([cfgs[k] for k in members], store, device.resolve(),
+                              [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
+                              [h[1] for h in hooks])
+        for key, result in zip(members, results, strict=True):
+            if isinstance(result, Exception):
+                failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
+                continue
+            try:
+                published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
+                                        trust_remote_code)
+            except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
+                failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
+                continue
+            yield from materialisation(context, key, published, tags)
+            if published.blocking_failures and not context.has_partition_key:
+                failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
+            context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
+    if failures:
+        lines = [f"{key}: {why}" for key, why in failures.items()]
+        raise dg.Failure(description=f"{len(failures)} of {len(keys)} sae partitions failed (the others are "
+                         "materialised): " + "; ".join(lines), metadata={"failed": "\n".join(lines)})
+
+
+SAE_KEY = dg.AssetKey("sae")
+
+
+def sae_metadata(published: PublishedSAE, key: str) -> dict[str, Any]:
+    """A published partition's materialisation metadata: its values, its folder, and each plot inline."""
+    plots = {name: dg.MetadataValue.md(png_markdown(png, f"{name.replace('_', ' ')} {key}"))
+             for name, png in published.plots.items()}
+    return {**published.values, "weights_dir": dg.MetadataValue.path(published.weights_dir), **plots}
+
+
+def materialisation(context: dg.AssetExecutionContext, key: str, published: PublishedSAE, tags: dict[str, str]
+                    ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """A published partition's materialisation and check results. Dagster ties a `MaterializeResult` (the step's
+    output, which downstream steps in the run wait for, and whose failed blocking checks stop them) to a partition
+    only in a single-partition step; in a ranged step each partition is an `AssetMaterialization` with its check
+    evaluations logged beside it."""
+    metadata = sae_metadata(published, key)
+    if context.has_partition_key:
+        yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=metadata,
+                                   check_results=[check_result(o, key) for o in published.outcomes])
+        return
+    yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=metadata, tags=tags)
+    for evaluation in check_evaluations(context.instance, SAE_KEY, key, published.outcomes):
+        context.log_event(evaluation)
+
+
+@dg.multi_asset(
+    name="sae", partitions_def=sae_configs, check_specs=SAE_CHECKS, can_subset=True, pool="gpu",
+    op_tags=gpu_op_tags(), backfill_policy=dg.BackfillPolicy.multi_run(SAE_RUN_SIZE),
+    specs=[dg.AssetSpec(SAE_KEY, deps=[activations], group_name="sae", kinds={"pytorch"},
+                        code_version=CODE_VERSIONS["sae"],
+                        automation_condition=automation_condition(),
+                        description="One SAE per config partition, in the SAELens file layout. A run over several "
+                                    "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
+                                    "one pass over the activations.")])
+def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
+        quality_thresholds: QualityResource, model: ModelResource) -> Iterator[dg.MaterializeResult
+                                                                                | dg.AssetMaterialization]:
+    layout = storage.layout
+    with stops_without_retry(context, layout):
+        yield from train_and_publish(context, layout, device, quality_thresholds.thresholds(), model)
+
+
+def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device: DeviceResource,
+                      thresholds: quality.QualityThresholds,
+                      model: ModelResource) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """The body of `sae`: its partitions, one or many, trained as groups and published (`train_partitions`)."""
+    validate_downstream_config(context, "features", "feature_labels")
+    refuse_if_other_lineage("sae", layout, model.name)
+    acts = layout.pull(layout.activations_dir)
+    refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
+                      quality.blocking_failures(acts, missing_ok=True))
+    yield from train_partitions(context, layout, ActivationStore(acts), list(context.partition_keys), device,
+                                thresholds, model.trust_remote_code)

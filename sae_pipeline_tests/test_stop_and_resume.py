@@ -302,3 +302,21 @@ def test_a_terminated_sae_step_says_where_a_rerun_resumes(pipeline: Pipeline, tm
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     message = failure.step_failure_data.error.message
     assert "was stopped (interrupt or termination); not retried" in message and expected in message, message
+
+
+def test_the_database_pool_is_quiet_about_a_connection_close_the_stop_interrupted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """sqlalchemy logs an interrupted close with the stop's traceback; once a stop arrived it is dropped, before
+    it, it is shown as always."""
+    import logging
+
+    from sae_pipeline.defs.runs import POOL_LOGGER, quiet_while
+
+    stopped = [False]
+    logger = logging.getLogger(POOL_LOGGER)
+    with caplog.at_level(logging.ERROR), quiet_while(POOL_LOGGER, lambda: stopped[0]):
+        logger.error("Exception closing connection (before the stop)")
+        stopped[0] = True
+        logger.error("Exception closing connection (the stop)", exc_info=KeyboardInterrupt())
+    logger.error("Exception closing connection (after the block)")
+    assert [m.split(" (")[1] for m in caplog.messages] == ["before the stop)", "after the block)"]

@@ -102,8 +102,13 @@ class StopSignals:
         """`execute_location_run`, tagged with this process, its console quiet about a stop's failures; if a
         stop signal arrived meanwhile, the run is marked cancelled by the user (when it did not finish) and
         `Stopped` is raised, naming the step that was running and what it kept."""
-        job = job.with_logger_defs({"console": console_logger(lambda: self.received() is not None)})
-        result = execute_location_run(job, instance, tags={**kwargs.pop("tags", {}), **process_tags()}, **kwargs)
+        def stopping() -> bool:
+            return self.received() is not None
+
+        job = job.with_logger_defs({"console": console_logger(stopping)})
+        with quiet_while(POOL_LOGGER, stopping):
+            result = execute_location_run(job, instance, tags={**kwargs.pop("tags", {}), **process_tags()},
+                                          **kwargs)
         signum = self.received()
         if signum is None:
             return result
@@ -114,6 +119,26 @@ class StopSignals:
         stopped = Stopped(signum, step, keys, kept_after_stop(step, keys, self.layout, published) if step else "")
         mark_cancelled(instance, result.run_id, stopped)
         raise stopped
+
+
+POOL_LOGGER = "sqlalchemy.pool"
+"""A stop can land while the instance's storage closes a database connection; the pool logs that interrupted
+close as an error with the stop's traceback (printed by Python's last-resort handler)."""
+
+
+@contextlib.contextmanager
+def quiet_while(logger_name: str, stopping: Callable[[], bool]) -> Iterator[None]:
+    """Drop the named logger's records once `stopping()`, for the duration of the block."""
+    logger = logging.getLogger(logger_name)
+
+    def keep(_record: logging.LogRecord) -> bool:
+        return not stopping()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def console_logger(stopping: Callable[[], bool]) -> dg.LoggerDefinition:

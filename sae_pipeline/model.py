@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -129,15 +129,47 @@ def pad_batch(ids_list: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook so the forward pass ends at the hooked block."""
+    """Raised by a capture hook so the forward pass ends once every requested activation is read."""
 
 
 Replace = Callable[[Tensor], Tensor]
 """Maps activations [n, d_model] to what the hook point should hold instead."""
 
-HOOK_SITES = ("hook_resid_post",)
-"""The sites a HookPoint may name inside block L (TransformerLens names); `hook_resid_post` is `layer: L`."""
+Reads = Literal["input", "output"]
+RESIDUAL_SITES: dict[str, tuple[str, Reads]] = {"hook_resid_pre": ("", "input"), "hook_resid_post": ("", "output")}
+"""The residual stream around block L, for every model: the block's input and its output."""
+FAMILY_SITES: dict[str, dict[str, tuple[str, Reads]]] = {
+    "bert": {"hook_attn_out": ("attention.output.dense", "output"), "hook_mlp_in": ("intermediate", "input"),
+             "hook_mlp_out": ("output.dense", "output")},
+    "gpt2": {"hook_attn_out": ("attn", "output"), "hook_mlp_in": ("mlp", "input"), "hook_mlp_out": ("mlp", "output")},
+    "llama": {"hook_attn_out": ("self_attn", "output"), "hook_mlp_in": ("mlp", "input"),
+              "hook_mlp_out": ("mlp", "output")},
+    "gemma": {"hook_attn_out": ("post_attention_layernorm", "output"), "hook_mlp_in": ("mlp", "input"),
+              "hook_mlp_out": ("post_feedforward_layernorm", "output")},
+}
+"""Where each sublayer site of block L is in a family's block: (submodule, whether its input or output is read).
+The sites are TransformerLens': `hook_attn_out` and `hook_mlp_out` are what the sublayer adds to the residual
+stream (Gemma's after its post-norms; BERT's before its post-LN), `hook_mlp_in` what the MLP reads."""
+FAMILIES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "gpt2": "gpt2", "llama": "llama",
+            "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma2": "gemma", "gemma3": "gemma",
+            "gemma3_text": "gemma"}
+"""`config.model_type` -> the family whose block layout it shares."""
+HOOK_SITES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out")
 _HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
+
+
+def model_family(config) -> str | None:  # noqa: ANN001 (a transformers PretrainedConfig)
+    return FAMILIES.get(getattr(config, "model_type", ""))
+
+
+def model_sites(config) -> dict[str, tuple[str, Reads]]:  # noqa: ANN001
+    """The sites a model's blocks offer: the residual stream always, the sublayers where its family is known."""
+    return {**RESIDUAL_SITES, **FAMILY_SITES.get(model_family(config) or "", {})}
+
+
+def allowed_hooks(config, n_layers: int) -> str:  # noqa: ANN001
+    """The hook names a model allows, for error messages."""
+    return f"blocks.{{0..{n_layers - 1}}}.({'|'.join(model_sites(config))})"
 
 
 @dataclass(frozen=True)
@@ -147,7 +179,7 @@ class HookPoint:
     layer: int
     """Index of the transformer block."""
     site: str = "hook_resid_post"
-    """Which activation of that block (one of HOOK_SITES)."""
+    """Which activation of that block (one of HOOK_SITES; the model's family decides which it has)."""
 
     def __post_init__(self) -> None:
         if self.site not in HOOK_SITES:
@@ -157,11 +189,10 @@ class HookPoint:
 
     @classmethod
     def parse(cls, name: str) -> HookPoint:
-        """The hook point a name such as `blocks.3.hook_resid_post` denotes; ConfigError lists the allowed names."""
+        """The hook point a name such as `blocks.3.hook_mlp_out` denotes; ConfigError lists the allowed names."""
         match = _HOOK_NAME.fullmatch(name)
         if match is None or match.group(2) not in HOOK_SITES:
-            allowed = ", ".join(f"blocks.{{L}}.{site}" for site in HOOK_SITES)
-            raise ConfigError(f"hook: {name!r} unknown; allowed {allowed}")
+            raise ConfigError(f"hook: {name!r} unknown; allowed blocks.{{L}}.({'|'.join(HOOK_SITES)})")
         return cls(int(match.group(1)), match.group(2))
 
     @property
@@ -171,44 +202,90 @@ class HookPoint:
     @property
     def description(self) -> str:
         """Plain words for the store's meta.json `hook` entry."""
-        return f"output of transformer block {self.layer} (residual stream)"
+        return {"hook_resid_pre": f"input of transformer block {self.layer} (residual stream)",
+                "hook_resid_post": f"output of transformer block {self.layer} (residual stream)",
+                "hook_attn_out": f"attention output of transformer block {self.layer} (added to the residual)",
+                "hook_mlp_in": f"MLP input of transformer block {self.layer}",
+                "hook_mlp_out": f"MLP output of transformer block {self.layer} (added to the residual)"}[self.site]
 
-    def module(self, model: nn.Module) -> nn.Module:
-        """The module whose forward output is this hook point's activation."""
-        return transformer_blocks(model)[self.layer]
+    def check(self, config, n_layers: int) -> None:  # noqa: ANN001
+        """ConfigError, naming the hooks this model allows, when it has no such block or site."""
+        if self.layer >= n_layers or self.site not in model_sites(config):
+            raise ConfigError(f"hook: {self.name!r} is not in model type {getattr(config, 'model_type', '?')!r}; "
+                              f"allowed {allowed_hooks(config, n_layers)}")
+
+    def locate(self, model: nn.Module) -> tuple[nn.Module, Reads]:
+        """The module whose input or output is this hook point's activation."""
+        blocks = transformer_blocks(model)
+        self.check(model.config, len(blocks))
+        path, reads = model_sites(model.config)[self.site]
+        return (blocks[self.layer].get_submodule(path) if path else blocks[self.layer]), reads
 
     @torch.no_grad()
     def capture(self, model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
-        """The activations here, [batch, seq, d_model] float32 on the CPU; the forward runs on the model's device
-        and stops after this block."""
-        captured: list[Tensor] = []
-        device = next(model.parameters()).device
-
-        def hook(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
-
-        handle = self.module(model).register_forward_hook(hook)
-        try:
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured[0].float().cpu()
+        """The activations here, [batch, seq, d_model] float32 on the CPU (see `capture_hooks`)."""
+        return capture_hooks(model, [self], input_ids, mask)[self]
 
     @contextlib.contextmanager
     def splice(self, model: nn.Module, keep: Tensor, replace: Replace) -> Iterator[None]:
-        """Within the block, the activations here at positions `keep` [batch, seq] are `replace(...)` of them."""
+        """Within the forward pass, the activations here at positions `keep` [batch, seq] are `replace(...)` of
+        them (the module's input replaced before it runs, or its output after)."""
+        module, reads = self.locate(model)
 
-        def hook(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            patched = hidden.clone()
-            patched[keep] = replace(hidden[keep].float()).to(hidden.dtype)
-            return (patched, *output[1:]) if isinstance(output, tuple) else patched
+        def patched(hidden: Tensor) -> Tensor:
+            out = hidden.clone()
+            out[keep] = replace(hidden[keep].float()).to(hidden.dtype)
+            return out
 
-        handle = self.module(model).register_forward_hook(hook)
+        def on_input(_module, args, kwargs):
+            if args:
+                return (patched(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": patched(kwargs["hidden_states"])}
+
+        def on_output(_module, _inputs, output):
+            return (patched(output[0]), *output[1:]) if isinstance(output, tuple) else patched(output)
+
+        handle = (module.register_forward_pre_hook(on_input, with_kwargs=True) if reads == "input"
+                  else module.register_forward_hook(on_output))
         try:
             yield
         finally:
             handle.remove()
+
+
+def _hidden(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a module is called with: its first argument, or `hidden_states=`."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def capture_hooks(model: nn.Module, hooks: list[HookPoint], input_ids: Tensor, mask: Tensor
+                  ) -> dict[HookPoint, Tensor]:
+    """The activations at every hook from one forward pass, each [batch, seq, d_model] float32 on the CPU; the
+    pass runs on the model's device and stops as soon as the last of them is read (after the deepest block
+    requested, at the latest)."""
+    captured: dict[HookPoint, Tensor] = {}
+    device = next(model.parameters()).device
+    handles = []
+
+    def record(hook: HookPoint, hidden: Tensor) -> None:
+        captured.setdefault(hook, hidden.float().cpu())
+        if len(captured) == len(set(hooks)):
+            raise _StopForward
+
+    for hook in dict.fromkeys(hooks):
+        module, reads = hook.locate(model)
+        if reads == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, kwargs, h=hook: record(h, _hidden(args, kwargs)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, output, h=hook: record(h, output[0] if isinstance(output, tuple) else output)))
+    try:
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured

@@ -26,6 +26,7 @@ import polars as pl
 import torch
 
 from sae_pipeline.config import ConfigError, SAEConfig, physical_memory_bytes
+from sae_pipeline.progress import FitWindow, GroupProgress
 from sae_pipeline.resampling import resample_dead_latents
 from sae_pipeline.saes import ForwardOutput, SparseAutoencoder, architecture_class, build_sae
 from sae_pipeline.saes.base import geometric_median, normalize_per_token
@@ -210,6 +211,8 @@ class _Member:
     autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
     """bf16 autocast or nothing, built once (`autocast_context`)."""
     finished: bool = False
+    fit: FitWindow | None = None
+    """L0 and FVU since the last progress line (only when progress is shown)."""
 
     @property
     def total_steps(self) -> int:
@@ -266,6 +269,8 @@ class _Member:
             terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
             self.window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
             self.window_steps += 1
+            if self.fit is not None:
+                self.fit.add(x, out.recon_loss, terms[4])
         self.step = done = step + 1
         self._maybe_resample(done)
         if done % cfg.log_every == 0 or done == self.total_steps:
@@ -386,12 +391,13 @@ def lockstep_batches(batch_size: int, d_model: int, n_members: int) -> int:
 def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "auto",
                 checkpoint_dirs: list[Path | None] | None = None,
                 logs: list[Callable[[dict], None] | None] | None = None,
-                on_checkpoints: list[Callable[[], None] | None] | None = None) -> list[TrainResult | Exception]:
+                on_checkpoints: list[Callable[[], None] | None] | None = None,
+                progress: Callable[[str], None] | None = None) -> list[TrainResult | Exception]:
     """Train several SAEs in lockstep on one shuffled stream: each batch is read once and stepped by every
     config (a few batches at a time, `lockstep_batches`), which keeps its own optimiser, schedule, statistics,
     early stop, log and checkpoint, so a config trained in a group equals the same config trained alone. A
     config whose start or step raises is dropped from the group and its exception returned in its place; the
-    others go on. `group_key` must agree for all."""
+    others go on. `group_key` must agree for all. `progress` gets a line every PROGRESS_SECONDS (`progress.py`)."""
     n = len(cfgs)
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -419,6 +425,7 @@ def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "au
     aux_from = {i: m.step + int(steps_until_dead_possible(m.tokens_since_fired, m.dead_window, m.cfg.batch_size))
                 for i, m in enumerate(members) if m is not None}
     n_ahead = lockstep_batches(live[0].cfg.batch_size, store.d_model, len(live))
+    tracker = _group_progress(progress, members, store.d_model, dev)
     # on an accelerator the next batches are read while a step computes; on a CPU that would slow the step
     with Prefetcher(sampler, depth=0 if dev.type == "cpu" else 2) as loader:
         while active := [i for i, m in enumerate(members) if m is not None and not m.finished and results[i] is None]:
@@ -432,9 +439,26 @@ def train_group(cfgs: list[SAEConfig], store: ActivationStore, device: str = "au
                     except Exception as error:  # one bad config fails alone; its group mates train on
                         results[i] = error
                         break
+            if tracker is not None:
+                tracker.maybe_emit(max(m.step * m.cfg.batch_size for m in live),
+                                   [m.fit if m is not None and results[i] is None else None
+                                    for i, m in enumerate(members)])
     wall = time.perf_counter() - started
     return [result if result is not None else member.result(wall) for result, member in
             zip(results, members, strict=True)]
+
+
+def _group_progress(emit: Callable[[str], None] | None, members: list[_Member | None], d_model: int,
+                    device: torch.device) -> GroupProgress | None:
+    """The group's progress lines (None without `emit`), each live member given its L0/FVU window."""
+    if emit is None:
+        return None
+    live = [m for m in members if m is not None]
+    for member in live:
+        member.fit = FitWindow(d_model, device)
+    batch = live[0].cfg.batch_size
+    return GroupProgress(emit, [m.cfg.partition_key() if m is not None else "" for m in members],
+                         max(m.total_steps for m in live) * batch, max(m.step for m in live) * batch)
 
 
 def train_sae(cfg: SAEConfig, store: ActivationStore, device: str = "auto", checkpoint_dir: Path | None = None,

@@ -76,7 +76,7 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: A
         hooks = [training_hooks(context, layout, key) for key in members]
         results = train_group([cfgs[k] for k in members], store, device.resolve(),
                               [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
-                              [h[1] for h in hooks])
+                              [h[1] for h in hooks], progress=context.log.info)
         for key, result in zip(members, results, strict=True):
             if isinstance(result, Exception):
                 failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"

@@ -1,0 +1,71 @@
+"""Progress of a training group for people watching it: a line at most every PROGRESS_SECONDS with the tokens done
+of the total, the rate, the time left, and each config's L0 and FVU over the steps since the last line."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sae_pipeline.markdown import format_duration
+
+PROGRESS_SECONDS = 10.0
+
+
+class FitWindow:
+    """Sums over the steps since the last `read`, kept on the training device so that adding a step reads
+    nothing back to the host: squared reconstruction error, input energy, input sum and L0, each per token."""
+
+    def __init__(self, d_in: int, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.x_sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, recon_loss: torch.Tensor, l0: torch.Tensor) -> None:
+        """One step: its (normalised) inputs [batch, d_in], the batch-mean squared error summed over d_in, and
+        the batch-mean L0."""
+        n, x = x.shape[0], x.float()  # one batch's sums in fp32, accumulated across steps in fp64
+        self.sums += torch.stack([recon_loss.float() * n, torch.linalg.vector_norm(x).square(),
+                                  l0.float() * n]).double()
+        self.x_sum += x.sum(dim=0).double()
+        self.tokens += n
+
+    def read(self) -> tuple[float, float] | None:
+        """(mean L0, FVU) over the window, FVU = squared error / squared deviation from the window's mean input
+        (held-out FVU's definition, on training tokens); None for an empty window. Starts a new window."""
+        if not self.tokens:
+            return None
+        sse, energy, l0_sum = self.sums.tolist()
+        spread = energy - self.x_sum.pow(2).sum().item() / self.tokens
+        result = l0_sum / self.tokens, sse / spread if spread > 0 else math.nan
+        self.sums.zero_()
+        self.x_sum.zero_()
+        self.tokens = 0
+        return result
+
+
+class GroupProgress:
+    """Emits a progress line when `every` seconds have passed since the last one (or since the start)."""
+
+    def __init__(self, emit: Callable[[str], None], labels: Sequence[str], total_tokens: int, start_tokens: int,
+                 every: float | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.emit, self.labels, self.total, self.start = emit, list(labels), total_tokens, start_tokens
+        self.every, self.clock = PROGRESS_SECONDS if every is None else every, clock
+        self.started = self.last = clock()
+
+    def maybe_emit(self, done_tokens: int, windows: Sequence[FitWindow | None]) -> None:
+        """A line if it is time: `done_tokens` of the stream read so far, each live config's window (None for one
+        that finished or failed)."""
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (done_tokens - self.start) / max(now - self.started, 1e-9)
+        left = format_duration((self.total - done_tokens) / rate) if rate > 0 else "unknown"
+        fits = [(label, window.read()) for label, window in zip(self.labels, windows, strict=True) if window]
+        shown = "; ".join(f"{label} L0 {fit[0]:.1f} FVU {fit[1]:.3f}" for label, fit in fits if fit is not None)
+        self.emit(f"training {done_tokens:,} / {self.total:,} tokens ({done_tokens / max(self.total, 1):.0%}), "
+                  f"{rate:,.0f} tokens/s, about {left} left" + (f": {shown}" if shown else ""))

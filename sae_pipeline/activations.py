@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +16,7 @@ from torch import nn
 
 from sae_pipeline.config import ActivationSpec, ConfigError
 from sae_pipeline.model import HookPoint, check_layer, pad_batch
+from sae_pipeline.progress import RateProgress
 from sae_pipeline.store import META_FILE, STORAGE_DTYPES, ShardWriter
 
 
@@ -68,8 +70,9 @@ def norm_statistics(norms: torch.Tensor, d_model: int) -> dict[str, float]:
 
 
 def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec: ActivationSpec,
-                        folder: Path, model_name: str) -> dict:
-    """Run the corpus through the model up to `spec.layer`, write shards and meta.json into `folder`."""
+                        folder: Path, model_name: str, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the corpus through the model up to `spec.layer`, write shards and meta.json into `folder`; `progress`
+    gets a line every PROGRESS_SECONDS."""
     d_model = check_layer(model, spec.layer)
     hook = HookPoint(spec.layer)
     eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
@@ -79,6 +82,8 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
     train_norms: list[torch.Tensor] = []
     n_nonfinite = 0
     pad_id = tokenizer.pad_token_id
+    total = int(corpus["input_ids"].list.len().sum())
+    tracker, done = RateProgress(progress, "extraction", total, "tokens") if progress else None, 0
     for split, writer in writers.items():
         rows = (corpus.filter(pl.col("seq_id").is_in(list(eval_ids)) == (split == "eval"))
                 .sort(pl.col("input_ids").list.len()))  # similar lengths per batch: less padding
@@ -96,6 +101,9 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
             if split == "train":
                 train_norms.append(norms)
             writer.add(token_acts, locs)
+            done += int(mask.sum())
+            if tracker is not None:
+                tracker.update(done)
     shards = {split: writer.close() for split, writer in writers.items()}
     n_excluded, train_norm = 0, torch.cat(train_norms) if train_norms else torch.empty(0)
     if spec.exclude_norm_outliers is not None and train_norm.numel():

@@ -21,6 +21,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ import polars as pl
 
 from sae_pipeline.features import LIVE_THRESHOLD
 from sae_pipeline.markdown import format_cell
+from sae_pipeline.progress import RateProgress
 from sae_pipeline.storage import read_json, write_json_atomic, write_parquet_atomic
 
 _SUBWORD_MARKERS = ("##", "Ġ", "▁")  # WordPiece continuation, byte-level BPE space, SentencePiece space
@@ -296,7 +298,8 @@ class OfflineLabeller:
 def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
                    live_threshold: float = LIVE_THRESHOLD, examples: pl.DataFrame | None = None,
                    max_latents: int = 0, done: pl.DataFrame | None = None,
-                   obtained: list[dict] | None = None) -> pl.DataFrame:
+                   obtained: list[dict] | None = None,
+                   progress: Callable[[str], None] | None = None) -> pl.DataFrame:
     """Labels for live latents only (is_live and max_activation >= live_threshold); LABEL_SCHEMA columns.
 
     Never-firing and near-zero latents are filtered out before the labeller sees any row, so lowering
@@ -305,7 +308,7 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
     held out for scoring. `max_latents` > 0 labels only that many, highest max activation first.
     `done`: labels this labeller already gave (an interrupted run's), reused instead of asked again.
     `obtained`: each LABEL_SCHEMA row is appended here as it is obtained, so that a caller keeps them when the
-    labeller fails part-way or the step is stopped.
+    labeller fails part-way or the step is stopped. `progress` gets a line every PROGRESS_SECONDS.
     """
     labeller = labeller or OfflineLabeller()
     previous = {} if done is None else {row["latent_id"]: row for row in done.iter_rows(named=True)
@@ -316,7 +319,10 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
     top = {} if examples is None else examples.filter(pl.col("kind") == "top").sort("rank").partition_by(
         "latent_id", as_dict=True)
     rows = [] if obtained is None else obtained
+    tracker = RateProgress(progress, "labelling", live.height, "latents") if progress else None
     for row in live.iter_rows(named=True):
+        if tracker is not None:
+            tracker.update(len(rows))
         if row["latent_id"] in previous:
             rows.append(previous[row["latent_id"]])
             continue

@@ -1,5 +1,6 @@
-"""Progress of a training group for people watching it: a line at most every PROGRESS_SECONDS with the tokens done
-of the total, the rate, the time left, and each config's L0 and FVU over the steps since the last line."""
+"""Progress of a long step for people watching it: a line at most every PROGRESS_SECONDS with what is done of the
+total, the rate and the time left (`RateProgress`); a training group's line adds each config's L0 and FVU over
+the steps since the last line (`GroupProgress`)."""
 
 from __future__ import annotations
 
@@ -47,25 +48,46 @@ class FitWindow:
         return result
 
 
-class GroupProgress:
-    """Emits a progress line when `every` seconds have passed since the last one (or since the start)."""
+class RateProgress:
+    """Emits `<what> <done> / <total> <unit> (<share>), <rate> <unit>/s, about <time> left` when `every` seconds
+    (default PROGRESS_SECONDS) have passed since the last line, or since the start."""
 
-    def __init__(self, emit: Callable[[str], None], labels: Sequence[str], total_tokens: int, start_tokens: int,
+    def __init__(self, emit: Callable[[str], None], what: str, total: int, unit: str, start: int = 0,
                  every: float | None = None, clock: Callable[[], float] = time.perf_counter):
-        self.emit, self.labels, self.total, self.start = emit, list(labels), total_tokens, start_tokens
+        self.emit, self.what, self.total, self.unit, self.start = emit, what, total, unit, start
         self.every, self.clock = PROGRESS_SECONDS if every is None else every, clock
         self.started = self.last = clock()
 
-    def maybe_emit(self, done_tokens: int, windows: Sequence[FitWindow | None]) -> None:
-        """A line if it is time: `done_tokens` of the stream read so far, each live config's window (None for one
-        that finished or failed)."""
-        now = self.clock()
-        if now - self.last < self.every:
+    def due(self) -> bool:
+        """Whether a line is due now (the caller then reads what the line shows and calls `update`)."""
+        return self.clock() - self.last >= self.every
+
+    def update(self, done: int, detail: Callable[[], str] | None = None) -> None:
+        """A line if one is due; `detail()`, computed only then, is appended after a colon."""
+        if not self.due():
             return
-        self.last = now
-        rate = (done_tokens - self.start) / max(now - self.started, 1e-9)
-        left = format_duration((self.total - done_tokens) / rate) if rate > 0 else "unknown"
-        fits = [(label, window.read()) for label, window in zip(self.labels, windows, strict=True) if window]
-        shown = "; ".join(f"{label} L0 {fit[0]:.1f} FVU {fit[1]:.3f}" for label, fit in fits if fit is not None)
-        self.emit(f"training {done_tokens:,} / {self.total:,} tokens ({done_tokens / max(self.total, 1):.0%}), "
-                  f"{rate:,.0f} tokens/s, about {left} left" + (f": {shown}" if shown else ""))
+        now = self.last = self.clock()
+        rate = (done - self.start) / max(now - self.started, 1e-9)
+        left = format_duration((self.total - done) / rate) if rate > 0 else "unknown"
+        extra = detail() if detail is not None else ""
+        self.emit(f"{self.what} {done:,} / {self.total:,} {self.unit} ({done / max(self.total, 1):.0%}), "
+                  f"{rate:,.0f} {self.unit}/s, about {left} left" + (f": {extra}" if extra else ""))
+
+
+class GroupProgress(RateProgress):
+    """A training group's line: the stream's tokens, and each live config's L0 and FVU since the last line."""
+
+    def __init__(self, emit: Callable[[str], None], labels: Sequence[str], total_tokens: int, start_tokens: int,
+                 every: float | None = None, clock: Callable[[], float] = time.perf_counter):
+        super().__init__(emit, "training", total_tokens, "tokens", start_tokens, every, clock)
+        self.labels = list(labels)
+
+    def maybe_emit(self, done_tokens: int, windows: Sequence[FitWindow | None]) -> None:
+        """A line if it is due: `done_tokens` of the stream read so far, each config's window (None for one that
+        failed)."""
+
+        def fits() -> str:
+            read = [(label, window.read()) for label, window in zip(self.labels, windows, strict=True) if window]
+            return "; ".join(f"{label} L0 {fit[0]:.1f} FVU {fit[1]:.3f}" for label, fit in read if fit is not None)
+
+        self.update(done_tokens, fits)

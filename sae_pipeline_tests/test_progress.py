@@ -65,3 +65,33 @@ def test_a_training_group_reports_each_configs_l0_as_its_log_rows_do(tmp_path, m
             assert match is not None and float(match.group(1)) == pytest.approx(
                 logged[window * ahead:(window + 1) * ahead].mean(), abs=0.051)
             assert 0 < float(match.group(2)) < 2
+
+
+def test_labelling_reports_the_latents_done_of_the_live_ones(monkeypatch) -> None:
+    from sae_pipeline.labelling import label_features
+    from sae_pipeline_tests.test_labelling import features as features_fixture
+
+    table = features_fixture.__wrapped__()
+    monkeypatch.setattr(progress_module, "PROGRESS_SECONDS", 0.0)
+    lines: list[str] = []
+    labels = label_features(table, progress=lines.append)
+    n = labels.height
+    assert n >= 2 and [line.split(" latents")[0] for line in lines] == [f"labelling {i} / {n}" for i in range(n)]
+
+
+def test_extraction_reports_the_tokens_read_of_the_corpus(pipeline, tmp_path, monkeypatch) -> None:
+    from sae_pipeline.activations import extract_activations
+    from sae_pipeline.config import ActivationSpec
+    from sae_pipeline.corpus import read_corpus
+    from sae_pipeline.model import load_model, load_tokenizer
+
+    corpus = read_corpus(pipeline.layout)
+    spec = ActivationSpec(shard_tokens=1024, batch_size=64)
+    monkeypatch.setattr(progress_module, "PROGRESS_SECONDS", 0.0)
+    lines: list[str] = []
+    extract_activations(corpus, load_model(spec), load_tokenizer(spec), spec, tmp_path, spec.model,
+                        progress=lines.append)
+    total = int(corpus["input_ids"].list.len().sum())
+    done = [int(re.match(r"extraction ([0-9,]+) / ", line).group(1).replace(",", "")) for line in lines]
+    assert len(lines) >= 3 and done == sorted(done) and done[-1] == total
+    assert lines[-1].startswith(f"extraction {total:,} / {total:,} tokens (100%)")

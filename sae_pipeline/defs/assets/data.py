@@ -81,7 +81,8 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
         check_layer(transformer, spec.layer)
         with layout.publish(layout.activations_dir) as folder:
-            meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model)
+            meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model,
+                                       progress=context.log.info)
             scan = scan_activations(ActivationStore(folder))  # what was written, not what meta.json says
             outcomes = run_checks("activations", ActivationEvidence(scan, meta["n_excluded_outliers"]), thresholds)
             quality.write_verdict(folder, outcomes)

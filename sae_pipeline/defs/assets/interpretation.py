@@ -258,7 +258,8 @@ def label_partition(context: dg.AssetExecutionContext, config: LabelsConfig, lay
     stamp = {"labeller": labeller.name,
              "features_sha256": hashlib.sha256((features_dir / FEATURES_FILE).read_bytes()).hexdigest()}
     scored = label_resumably(layout, key, stamp, deadline, retry_delay, lambda done, obtained: label_features(
-        table, labeller, examples=examples, max_latents=spec.max_latents, done=done, obtained=obtained),
+        table, labeller, examples=examples, max_latents=spec.max_latents, done=done, obtained=obtained,
+        progress=context.log.info),
         lambda labels: with_scores(labels, score_labels(labels, examples, scorer)))
     n_bands = read_json(features_dir / FEATURES_META_FILE).get("n_bands", 5)
     with layout.publish(layout.labels_dir(key)) as folder:

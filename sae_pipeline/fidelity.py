@@ -110,4 +110,4 @@ def measure_downstream(sae: SparseAutoencoder, meta: dict, corpus: pl.DataFrame,
     """Splice a saved SAE (taking raw activations) into the model at the store's layer, on held-out sequences."""
     model = load_model_with_head(spec.model, spec.trust_remote_code)
     batches = eval_batches(corpus, meta, load_tokenizer(spec), max_sequences=max_sequences)
-    return downstream_fidelity(model, HookPoint(int(meta["layer"])), batches, lambda h: sae.reconstruct(h)[0])
+    return downstream_fidelity(model, HookPoint.of_store(meta), batches, lambda h: sae.reconstruct(h)[0])

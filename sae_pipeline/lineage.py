@@ -38,8 +38,8 @@ def corpus_fingerprint(corpus_dir: Path) -> str:
     return file_fingerprint(path)
 
 
-def lineage_record(corpus_sha256: str, model: str, layer: int) -> dict[str, str | int]:
-    return {"corpus_sha256": corpus_sha256, "model": model, "layer": layer}
+def lineage_record(corpus_sha256: str, model: str, layer: int, hook_name: str) -> dict[str, str | int]:
+    return {"corpus_sha256": corpus_sha256, "model": model, "layer": layer, "hook_name": hook_name}
 
 
 def write_lineage(folder: Path, record: dict[str, str | int]) -> None:

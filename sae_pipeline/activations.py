@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -15,9 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sae_pipeline.config import ActivationSpec, ConfigError
-from sae_pipeline.model import HookPoint, check_layer, pad_batch
+from sae_pipeline.model import HookPoint, capture_hooks, check_layer, pad_batch
 from sae_pipeline.progress import RateProgress
-from sae_pipeline.store import META_FILE, STORAGE_DTYPES, ShardWriter
+from sae_pipeline.store import META_FILE, STORAGE_DTYPES, ShardWriter, hook_store_dir
 
 
 def _exclude_outliers(folder: Path, shards: list[dict], limit: float) -> tuple[list[dict], int]:
@@ -37,10 +38,11 @@ def _exclude_outliers(folder: Path, shards: list[dict], limit: float) -> tuple[l
     return kept, dropped
 
 
-def layer_activations(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, mask: torch.Tensor
-                      ) -> torch.Tensor:
-    """The activations at `hook`, [batch, seq, d_model] on the CPU (the one place extraction reads the model)."""
-    return hook.capture(model, input_ids, mask)
+def hook_activations(model: nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor, mask: torch.Tensor
+                     ) -> dict[HookPoint, torch.Tensor]:
+    """The activations at each hook, [batch, seq, d_model] on the CPU, from one forward pass (the one place
+    extraction reads the model)."""
+    return capture_hooks(model, hooks, input_ids, mask)
 
 
 def split_sequences(n_sequences: int, eval_fraction: float, seed: int) -> set[int]:
@@ -69,72 +71,99 @@ def norm_statistics(norms: torch.Tensor, d_model: int) -> dict[str, float]:
     }
 
 
+@dataclass
+class _HookStore:
+    """One hook's store being written: its shard writers, train-token norms and non-finite count."""
+
+    hook: HookPoint
+    folder: Path
+    writers: dict[str, ShardWriter]
+    train_norms: list[torch.Tensor] = field(default_factory=list)
+    n_nonfinite: int = 0
+
+    def add(self, split: str, token_acts: torch.Tensor, locs: torch.Tensor) -> None:
+        self.n_nonfinite += int((~torch.isfinite(token_acts).all(dim=-1)).sum())
+        if split == "train":
+            self.train_norms.append(token_acts.norm(dim=-1))
+        self.writers[split].add(token_acts, locs)
+
+    def finish(self, spec: ActivationSpec, model_name: str, d_model: int, eval_ids: set[int],
+               hook_names: list[str]) -> dict:
+        """Close the shards, drop norm outliers if configured, write meta.json; returns it."""
+        shards = {split: writer.close() for split, writer in self.writers.items()}
+        n_excluded, train_norm = 0, torch.cat(self.train_norms) if self.train_norms else torch.empty(0)
+        if spec.exclude_norm_outliers is not None and train_norm.numel():
+            finite = train_norm[torch.isfinite(train_norm)]
+            limit = spec.exclude_norm_outliers * (finite.median().item() if finite.numel() else math.inf)
+            for split in shards:
+                shards[split], dropped = _exclude_outliers(self.folder, shards[split], limit)
+                n_excluded += dropped
+            train_norm = train_norm[~(train_norm > limit)]
+        if not shards["train"] or not shards["eval"]:
+            raise ConfigError("corpus: no tokens left after excluding padding/special tokens in the train or eval "
+                              "slice")
+        meta = {
+            "model": model_name,
+            "layer": self.hook.layer,
+            "hook_name": self.hook.name,
+            "hook": self.hook.description,
+            "hooks": hook_names,
+            "dtype": spec.dtype,
+            "d_model": d_model,
+            "n_tokens": sum(s["n_tokens"] for split in shards.values() for s in split),
+            "n_train_tokens": sum(s["n_tokens"] for s in shards["train"]),
+            "n_eval_tokens": sum(s["n_tokens"] for s in shards["eval"]),
+            "train_shards": shards["train"],
+            "eval_shards": shards["eval"],
+            "eval_sequence_ids": sorted(eval_ids),
+            "locations": "tensor `locations` [n, 2] int32 in each shard: (seq_id in corpus.parquet, token position)",
+            "exclude_special_tokens": spec.exclude_special_tokens,
+            "n_nonfinite_tokens": self.n_nonfinite,
+            "exclude_norm_outliers": spec.exclude_norm_outliers,
+            "n_excluded_outliers": n_excluded,
+            "norm_stats": norm_statistics(train_norm, d_model),
+        }
+        (self.folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        return meta
+
+
 def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec: ActivationSpec,
-                        folder: Path, model_name: str, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the corpus through the model up to the spec's hook, write shards and meta.json into `folder`;
-    `progress` gets a line every PROGRESS_SECONDS."""
-    hook = HookPoint.of(spec)
-    d_model = check_layer(model, hook.layer)
-    hook.locate(model)  # a site the model lacks is refused before the first batch
+                        folder: Path, model_name: str, progress: Callable[[str], None] | None = None
+                        ) -> list[dict]:
+    """Run the corpus through the model once, up to the deepest of the spec's hooks, and write each hook's store:
+    the first in `folder`, the others in `folder/hooks/<hook>/` (`store.hook_store_dir`), each with its shards
+    and meta.json; returns the metas in the spec's order. `progress` gets a line every PROGRESS_SECONDS."""
+    hooks = [HookPoint.parse(name) for name in spec.hook_names()]
+    d_model = check_layer(model, max(hook.layer for hook in hooks))
+    for hook in hooks:
+        hook.locate(model)  # a site the model lacks is refused before the first batch
     eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else [])
     storage_dtype = STORAGE_DTYPES[spec.dtype]
-    writers = {split: ShardWriter(folder, split, spec.shard_tokens, storage_dtype) for split in ("train", "eval")}
-    train_norms: list[torch.Tensor] = []
-    n_nonfinite = 0
+    stores = []
+    for index, hook in enumerate(hooks):
+        where = hook_store_dir(folder, None if index == 0 else hook.name, hooks[0].name)
+        where.mkdir(parents=True, exist_ok=True)
+        stores.append(_HookStore(hook, where, {split: ShardWriter(where, split, spec.shard_tokens, storage_dtype)
+                                               for split in ("train", "eval")}))
     pad_id = tokenizer.pad_token_id
     total = int(corpus["input_ids"].list.len().sum())
     tracker, done = RateProgress(progress, "extraction", total, "tokens") if progress else None, 0
-    for split, writer in writers.items():
+    for split in ("train", "eval"):
         rows = (corpus.filter(pl.col("seq_id").is_in(list(eval_ids)) == (split == "eval"))
                 .sort(pl.col("input_ids").list.len()))  # similar lengths per batch: less padding
         for start in range(0, len(rows), spec.batch_size):
             batch = rows.slice(start, spec.batch_size)
             seq_ids = torch.tensor(batch["seq_id"].to_list())
             input_ids, mask = pad_batch(batch["input_ids"].to_list(), pad_id)
-            acts = layer_activations(model, hook, input_ids, mask)
+            captured = hook_activations(model, hooks, input_ids, mask)
             keep = mask.bool() & ~torch.isin(input_ids, special)
             rows_idx, pos_idx = keep.nonzero(as_tuple=True)
-            token_acts = acts[rows_idx, pos_idx]
             locs = torch.stack([seq_ids[rows_idx], pos_idx], dim=1).to(torch.int32)
-            norms = token_acts.norm(dim=-1)
-            n_nonfinite += int((~torch.isfinite(token_acts).all(dim=-1)).sum())
-            if split == "train":
-                train_norms.append(norms)
-            writer.add(token_acts, locs)
+            for store in stores:
+                store.add(split, captured[store.hook][rows_idx, pos_idx], locs)
             done += int(mask.sum())
             if tracker is not None:
                 tracker.update(done)
-    shards = {split: writer.close() for split, writer in writers.items()}
-    n_excluded, train_norm = 0, torch.cat(train_norms) if train_norms else torch.empty(0)
-    if spec.exclude_norm_outliers is not None and train_norm.numel():
-        finite = train_norm[torch.isfinite(train_norm)]
-        limit = spec.exclude_norm_outliers * (finite.median().item() if finite.numel() else math.inf)
-        for split in shards:
-            shards[split], dropped = _exclude_outliers(folder, shards[split], limit)
-            n_excluded += dropped
-        train_norm = train_norm[~(train_norm > limit)]
-    if not shards["train"] or not shards["eval"]:
-        raise ConfigError("corpus: no tokens left after excluding padding/special tokens in the train or eval slice")
-    meta = {
-        "model": model_name,
-        "layer": hook.layer,
-        "hook_name": hook.name,
-        "hook": hook.description,
-        "dtype": spec.dtype,
-        "d_model": d_model,
-        "n_tokens": sum(s["n_tokens"] for split in shards.values() for s in split),
-        "n_train_tokens": sum(s["n_tokens"] for s in shards["train"]),
-        "n_eval_tokens": sum(s["n_tokens"] for s in shards["eval"]),
-        "train_shards": shards["train"],
-        "eval_shards": shards["eval"],
-        "eval_sequence_ids": sorted(eval_ids),
-        "locations": "tensor `locations` [n, 2] int32 in each shard: (seq_id in corpus.parquet, token position)",
-        "exclude_special_tokens": spec.exclude_special_tokens,
-        "n_nonfinite_tokens": n_nonfinite,
-        "exclude_norm_outliers": spec.exclude_norm_outliers,
-        "n_excluded_outliers": n_excluded,
-        "norm_stats": norm_statistics(train_norm, d_model),
-    }
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-    return meta
+    names = [hook.name for hook in hooks]
+    return [store.finish(spec, model_name, d_model, eval_ids, names) for store in stores]

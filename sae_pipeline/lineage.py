@@ -38,11 +38,11 @@ def corpus_fingerprint(corpus_dir: Path) -> str:
     return file_fingerprint(path)
 
 
-def lineage_record(corpus_sha256: str, model: str, layer: int, hook_name: str) -> dict[str, str | int]:
-    return {"corpus_sha256": corpus_sha256, "model": model, "layer": layer, "hook_name": hook_name}
+def lineage_record(corpus_sha256: str, model: str, hooks: list[str]) -> dict[str, str | list[str]]:
+    return {"corpus_sha256": corpus_sha256, "model": model, "hooks": hooks}
 
 
-def write_lineage(folder: Path, record: dict[str, str | int]) -> None:
+def write_lineage(folder: Path, record: dict[str, str | list[str]]) -> None:
     write_json_atomic(folder / LINEAGE_FILE, record)
 
 

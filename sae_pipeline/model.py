@@ -114,10 +114,11 @@ def validate_layer(spec: ActivationSpec) -> int:
 
     config = from_pretrained(AutoConfig, spec.model, spec.trust_remote_code)
     n_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None))
-    if spec.hook is None and not 0 <= spec.layer < n_layers:
+    if spec.hooks is None and not 0 <= spec.layer < n_layers:
         raise ConfigError(f"layer: {spec.layer} out of range for model {spec.model!r} ({n_layers} blocks); "
                           f"allowed 0..{n_layers - 1}")
-    HookPoint.of(spec).check(config, n_layers)
+    for name in spec.hook_names():
+        HookPoint.parse(name).check(config, n_layers)
     return int(config.hidden_size)
 
 
@@ -193,11 +194,6 @@ class HookPoint:
     def parse(cls, name: str) -> HookPoint:
         """The hook point a name such as `blocks.3.hook_mlp_out` denotes; ConfigError lists the allowed names."""
         return cls(hook_layer(name), name.rsplit(".", 1)[1])
-
-    @classmethod
-    def of(cls, spec: ActivationSpec) -> HookPoint:
-        """The hook point an activations spec records (`hook`, or `layer`'s block output)."""
-        return cls.parse(spec.hook_name())
 
     @classmethod
     def of_store(cls, meta: dict) -> HookPoint:

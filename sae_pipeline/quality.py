@@ -21,9 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sae_pipeline.activation_scan import ActivationScan, DuplicateScan
-from sae_pipeline.config import parse_spec
 from sae_pipeline.features import LIVE_THRESHOLD
 from sae_pipeline.saes import architecture_class
+from sae_pipeline.spec_errors import parse_spec
 from sae_pipeline.storage import read_json, write_json_atomic
 
 VERDICT_FILE = "quality.json"

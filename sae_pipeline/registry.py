@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config, validate_partition_key
+from sae_pipeline.config import ConfigError, SAEConfig, validate_partition_key
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.storage import Layout
 from sae_pipeline.sweep_spec import MAX_SPEC_BYTES, SweepSpec, load_sweep
 

@@ -7,10 +7,11 @@ from collections import Counter
 
 import polars as pl
 
-from sae_pipeline.config import ConfigError, parse_sae_config
+from sae_pipeline.config import ConfigError
 from sae_pipeline.consistency import SAE_DIR, SEED_GROUP, seed_group
 from sae_pipeline.quality import VERDICT_FILE, blocking_failures
 from sae_pipeline.saes.base import CFG_FILE, WEIGHTS_FILE
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.storage import Layout
 from sae_pipeline.sweep_stats import FAILED_CHECKS, HYPERPARAMETERS, METRICS, WALL_SECONDS, last_window_mean
 

@@ -38,6 +38,37 @@ class StoreError(RuntimeError):
     """An activation folder is missing, truncated or inconsistent; the message names the file."""
 
 
+def read_meta(folder: Path) -> dict:
+    """An activation folder's meta.json; StoreError naming the file when it is missing or not JSON."""
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        raise StoreError(f"{meta_path}: missing; materialise `activations` first")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise StoreError(f"{meta_path}: not valid JSON ({error})") from None
+
+
+HOOKS_DIR = "hooks"
+"""Inside the activations folder: the stores of every hook but the first, one folder per hook name."""
+
+
+def hook_store_dir(activations: Path, hook: str | None, first: str) -> Path:
+    """The store of `hook` in an activations folder whose first hook is `first` (None: the first's)."""
+    return activations if hook is None or hook == first else activations / HOOKS_DIR / hook
+
+
+def store_of_hook(activations: Path, hook: str | None) -> Path:
+    """The store a config reading `hook` trains on (None: the folder's first hook); ConfigError naming the hooks
+    the folder holds when it has none for `hook`."""
+    meta = read_meta(activations)
+    hooks = meta.get("hooks") or [meta.get("hook_name", f"blocks.{meta['layer']}.hook_resid_post")]
+    if hook is not None and hook not in hooks:
+        raise ConfigError(f"hook: {hook!r} has no activation store; the activations hold {', '.join(hooks)} "
+                          "(extract it: `activations` config `hooks`)")
+    return hook_store_dir(activations, hook, hooks[0])
+
+
 @dataclass
 class ShardWriter:
     """Accumulates token rows and writes fixed-size safetensors shards (`<prefix>_00000.safetensors`, ...)."""
@@ -84,13 +115,7 @@ class ActivationStore:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        meta_path = self.folder / META_FILE
-        if not meta_path.exists():
-            raise StoreError(f"{meta_path}: missing; materialise `activations` first")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as error:
-            raise StoreError(f"{meta_path}: not valid JSON ({error})") from None
+        self.meta = read_meta(self.folder)
         self.d_model: int = int(self.meta["d_model"])
         self.validate()
 

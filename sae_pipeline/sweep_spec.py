@@ -11,15 +11,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from sae_pipeline.config import (
-    ConfigError,
-    Int,
-    SAEConfig,
-    StrictSpec,
-    format_validation_error,
-    parse_sae_config,
-    validate_name,
-)
+from sae_pipeline.config import ConfigError, Int, SAEConfig, StrictSpec, validate_name
+from sae_pipeline.spec_errors import format_validation_error, parse_sae_config
 
 MAX_SPEC_BYTES = 256 * 1024
 """Sweep files larger than this are refused before parsing (a real spec is a few hundred bytes)."""

@@ -34,12 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from sae_pipeline.activations import norm_statistics
-from sae_pipeline.config import MAX_SEED, ConfigError, Int, SAEConfig, architecture_default, parse_sae_config
+from sae_pipeline.config import MAX_SEED, ConfigError, Int, SAEConfig, architecture_default
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.ground_truth import RECOVERED_COSINE, GroundTruthScores, recovery, score_against_truth
 from sae_pipeline.markdown import markdown_table
 from sae_pipeline.plots import figure_png
 from sae_pipeline.saes import SparseAutoencoder
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.store import META_FILE, ActivationStore, ShardWriter
 from sae_pipeline.training import TrainResult, train_group
 

@@ -260,8 +260,8 @@ def test_16_bit_shards_halve_the_files_and_read_back_as_float32(pipeline, tmp_pa
 
     reference = ActivationStore(pipeline.layout.activations_dir)
     spec = ActivationSpec(shard_tokens=1024, dtype=dtype)  # as the session fixture's store, in 16 bits
-    meta = extract_activations(read_corpus(pipeline.layout), load_model(spec), load_tokenizer(spec), spec, tmp_path,
-                               spec.model)
+    (meta,) = extract_activations(read_corpus(pipeline.layout), load_model(spec), load_tokenizer(spec), spec,
+                                  tmp_path, spec.model)
     store = ActivationStore(tmp_path)
     assert meta["dtype"] == dtype and meta["n_tokens"] == reference.meta["n_tokens"]
     assert meta["norm_stats"] == reference.meta["norm_stats"]  # computed before the cast

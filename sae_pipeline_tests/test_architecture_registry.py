@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
+from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
 from sae_pipeline.results import read_summary
 from sae_pipeline.saes import ARCHITECTURES, ForwardOutput, SparseAutoencoder, load_sae, register
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.training import sparsity_coefficient
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
+from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.saes import ARCHITECTURES, build_sae, load_sae
 from sae_pipeline.saes.batchtopk import BatchTopKSAE, batch_topk_latents, min_kept_activation
 from sae_pipeline.saes.gated import GatedSAE
 from sae_pipeline.saes.jumprelu import TARGET_GAIN, JumpReLUFunction, JumpReLUSAE, StepFunction
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.training import CHECKPOINT_FILE, sparsity_coefficient, train_sae
 from sae_pipeline_tests.synthetic import (
     PLANTED_D,

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config, parse_spec, validate_partition_key
+from sae_pipeline.config import ConfigError, SAEConfig, validate_partition_key
+from sae_pipeline.spec_errors import parse_sae_config, parse_spec
 from sae_pipeline.sweep_spec import SweepSpec, load_sweep
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_.+-]+$")

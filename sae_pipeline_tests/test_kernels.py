@@ -10,12 +10,13 @@ import copy
 import pytest
 import torch
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
+from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.kernels import SparseCode, batch_topk_selection, row_offsets, topk_selection
 from sae_pipeline.saes import build_sae
 from sae_pipeline.saes.batchtopk import BatchTopKSAE, batch_topk_latents
 from sae_pipeline.saes.topk import SPARSE_MAX_DENSITY, TopKSAE, topk_latents
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.step import make_optimizer, training_step
 from sae_pipeline.training import steps_until_dead_possible, train_sae
 from sae_pipeline_tests.synthetic import planted_sparse_data, write_store

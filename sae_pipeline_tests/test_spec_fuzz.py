@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sae_pipeline.config import ConfigError, SAEConfig, parse_sae_config
+from sae_pipeline.config import ConfigError, SAEConfig
 from sae_pipeline.defs.assets import ActivationsConfig, CorpusConfig
 from sae_pipeline.defs.launch import config_error_message
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.sweep_spec import CalibrationSpec, SweepSpec, load_sweep
 
 EXAMPLES = 300

@@ -9,10 +9,11 @@ import polars as pl
 import pytest
 import torch
 
-from sae_pipeline.config import ConfigError, parse_spec
+from sae_pipeline.config import ConfigError
 from sae_pipeline.defs.resources import DeviceResource, StorageResource
 from sae_pipeline.defs.synthetic import TABLE_FILE, synthetic_benchmark
 from sae_pipeline.saes import ARCHITECTURES
+from sae_pipeline.spec_errors import parse_spec
 from sae_pipeline.storage import Layout
 from sae_pipeline.store import ActivationStore
 from sae_pipeline.synthetic import (

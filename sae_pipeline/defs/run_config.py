@@ -10,16 +10,19 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import dagster as dg
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from sae_pipeline.config import parse_spec
+from sae_pipeline.spec_errors import parse_spec
 
 
 def plain_type(annotation: Any) -> Any:
     """`annotation` as a plain Dagster config type: `Int | None` becomes `int | None`, and a Literal of strings
     becomes `str`, so that a value outside it fails the run with the spec's own error (the field, the allowed
-    values), as every other bad value does, not with Dagster's config-type error before the run exists."""
+    values), as every other bad value does, not with Dagster's config-type error before the run exists; a
+    variable-length tuple becomes a list."""
     origin = get_origin(annotation)
     if origin is Literal:
         return type(get_args(annotation)[0])
+    if origin is tuple:  # `tuple[str, ...]`: YAML and Dagster's config have lists (the spec turns it back)
+        return list[plain_type(get_args(annotation)[0])]
     if origin is Annotated:
         return plain_type(get_args(annotation)[0])
     if origin in (Union, types.UnionType):

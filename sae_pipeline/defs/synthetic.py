@@ -6,10 +6,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, model_validator
 
-from sae_pipeline.config import ConfigError, parse_spec
+from sae_pipeline.config import ConfigError
 from sae_pipeline.defs.resources import DeviceResource, StorageResource
 from sae_pipeline.plots import png_markdown
 from sae_pipeline.saes import ARCHITECTURES
+from sae_pipeline.spec_errors import parse_spec
 from sae_pipeline.storage import write_bytes_atomic, write_parquet_atomic
 from sae_pipeline.synthetic import (
     TARGET_ARCHITECTURES,

@@ -7,18 +7,12 @@ from collections.abc import Mapping
 import dagster as dg
 import polars as pl
 
-from sae_pipeline.config import (
-    ActivationSpec,
-    ConfigError,
-    CorpusSpec,
-    FeaturesSpec,
-    LabelsSpec,
-    parse_spec,
-)
+from sae_pipeline.config import ActivationSpec, ConfigError, CorpusSpec, FeaturesSpec, LabelsSpec
 from sae_pipeline.corpus import check_source
 from sae_pipeline.defs.resources import ModelResource
 from sae_pipeline.defs.run_config import config_from_spec
 from sae_pipeline.model import validate_layer
+from sae_pipeline.spec_errors import parse_spec
 
 DASHBOARD_DIR = "dashboard"
 

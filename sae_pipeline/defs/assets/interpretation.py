@@ -12,12 +12,7 @@ import polars as pl
 
 from sae_pipeline import quality
 from sae_pipeline.checks import run_checks
-from sae_pipeline.config import (
-    ActivationSpec,
-    FeaturesSpec,
-    LabelsSpec,
-    parse_spec,
-)
+from sae_pipeline.config import ActivationSpec, FeaturesSpec, LabelsSpec
 from sae_pipeline.corpus import read_corpus
 from sae_pipeline.dashboard import render_dashboard
 from sae_pipeline.defs.assets.common import (
@@ -65,6 +60,7 @@ from sae_pipeline.labelling import (
 )
 from sae_pipeline.markdown import rounded
 from sae_pipeline.model import load_tokenizer
+from sae_pipeline.registry import load_config
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
     SCORE_COLUMNS,
@@ -74,12 +70,13 @@ from sae_pipeline.scoring import (
     scores_summary,
     with_scores,
 )
+from sae_pipeline.spec_errors import parse_spec
 from sae_pipeline.storage import (
     Layout,
     read_json,
     write_json_atomic,
 )
-from sae_pipeline.store import ActivationStore
+from sae_pipeline.store import ActivationStore, store_of_hook
 from sae_pipeline.vocab import load_vocab_matrix
 
 WITHDRAWN_FILE = "withdrawn.json"
@@ -101,7 +98,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
         refuse_if_blocked("features", key, quality.blocking_failures(acts, missing_ok=True)
                           + quality.blocking_failures(weights, missing_ok=True))
         autoencoder = load_sae(weights)
-        store = ActivationStore(acts)
+        store = ActivationStore(store_of_hook(acts, load_config(layout, key).hook))
         tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
         vocab = load_vocab_matrix(model.name, model.trust_remote_code) if spec.vocab_projection else None
         tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,

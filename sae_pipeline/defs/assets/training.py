@@ -2,6 +2,7 @@
 partitions, each published with its check results as soon as it is done."""
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -31,7 +32,7 @@ from sae_pipeline.registry import load_config
 from sae_pipeline.storage import (
     Layout,
 )
-from sae_pipeline.store import ActivationStore
+from sae_pipeline.store import ActivationStore, store_of_hook
 from sae_pipeline.training import checkpoint_step, plan_groups, train_group
 
 SAE_RUN_SIZE = 8
@@ -46,33 +47,50 @@ def training_hooks(context: dg.AssetExecutionContext, layout: Layout, key: str
     return (lambda row: context.log.debug(f"{key} step {row['step']}: {row}")), (lambda: layout.push(checkpoints))
 
 
-def train_partitions(context: dg.AssetExecutionContext, layout: Layout, store: ActivationStore, keys: list[str],
+def ready_configs(layout: Layout, acts: Path, keys: list[str], device: DeviceResource
+                  ) -> tuple[dict[str, SAEConfig], dict[str, ActivationStore], dict[str, str]]:
+    """Each key's config and the store of its hook, validated against that store; the keys that failed, why."""
+    cfgs: dict[str, SAEConfig] = {}
+    stores: dict[Path, ActivationStore] = {}
+    store_of: dict[str, ActivationStore] = {}
+    failures: dict[str, str] = {}
+    for key in keys:
+        try:
+            cfg = load_config(layout, key)
+            folder = store_of_hook(acts, cfg.hook)
+            if folder not in stores:
+                stores[folder] = ActivationStore(folder)
+            store = stores[folder]
+            cfg.validate_for_model(store.d_model, device.memory_bytes())
+        except ConfigError as error:
+            failures[key] = str(error)
+            continue
+        cfgs[key], store_of[key] = cfg, store
+    return cfgs, store_of, failures
+
+
+def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Path, keys: list[str],
                      device: DeviceResource, thresholds: quality.QualityThresholds,
                      trust_remote_code: bool) -> Iterator[dg.AssetMaterialization]:
-    """Train the partitions of a ranged run as groups, each in one pass over the activations, and materialise
-    each partition with its own metadata and check evaluations as soon as it is published. A config that is
+    """Train the partitions of a run as groups, each in one pass over its hook's activations, and materialise
+    each partition with its own metadata and check results as soon as it is published. A config that is
     invalid, fails to start, train or publish, or fails a blocking check fails its own partition: its group
     mates are published, and the step fails at the end naming each failed partition and why (a backfill marks
     only those failed)."""
-    failures: dict[str, str] = {}
-    cfgs: dict[str, SAEConfig] = {}
-    for key in keys:
-        try:
-            cfgs[key] = load_config(layout, key)
-            cfgs[key].validate_for_model(store.d_model, device.memory_bytes())
-        except ConfigError as error:
-            cfgs.pop(key, None)
-            failures[key] = str(error)
-    ready = list(cfgs)
+    cfgs, store_of, failures = ready_configs(layout, acts, keys, device)
     tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], [activations.key])
-    for key in ready:
+    for key in cfgs:
         layout.restore(layout.checkpoint_dir(key))
-    groups = plan_groups([cfgs[k] for k in ready], store.d_model, device.memory_bytes(),
-                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])
-    for number, group in enumerate(groups, 1):
-        members = [ready[i] for i in group]
-        context.log.info(f"sae group {number}/{len(groups)}: {len(members)} configs in one pass over the "
-                         f"activations: {', '.join(members)}")
+    by_store: dict[int, list[str]] = {}
+    for key in cfgs:
+        by_store.setdefault(id(store_of[key]), []).append(key)
+    planned = [[ready[i] for i in group] for ready in by_store.values()
+               for group in plan_groups([cfgs[k] for k in ready], store_of[ready[0]].d_model, device.memory_bytes(),
+                                        [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])]
+    for number, members in enumerate(planned, 1):
+        store = store_of[members[0]]
+        context.log.info(f"sae group {number}/{len(planned)}: {len(members)} configs in one pass over the "
+                         f"activations at {store.meta.get('hook_name', 'the store')}: {', '.join(members)}")
         hooks = [training_hooks(context, layout, key) for key in members]
         results = train_group([cfgs[k] for k in members], store, device.resolve(),
                               [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
@@ -149,5 +167,5 @@ def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device:
     acts = layout.pull(layout.activations_dir)
     refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
                       quality.blocking_failures(acts, missing_ok=True))
-    yield from train_partitions(context, layout, ActivationStore(acts), list(context.partition_keys), device,
-                                thresholds, model.trust_remote_code)
+    yield from train_partitions(context, layout, acts, list(context.partition_keys), device, thresholds,
+                                model.trust_remote_code)

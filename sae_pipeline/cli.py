@@ -108,7 +108,7 @@ def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> tuple[dict[
     """Per key, the train_sweep assets from the first one that is not current (never materialised, or made with
     another code version or from other upstream data) on, all of them with `refresh`; and, per key whose first
     such asset was materialised before, why it is stale (Dagster's causes, as the UI shows them)."""
-    from sae_pipeline.defs.freshness import is_current, stale_causes, stale_resolver
+    from sae_pipeline.defs.staleness import is_current, stale_causes, stale_resolver
 
     resolver = stale_resolver(instance, defs)
     todo, why = {}, {}

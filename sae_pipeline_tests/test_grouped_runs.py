@@ -21,7 +21,7 @@ from sae_pipeline import publish
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import SAE_RUN_SIZE, sae
 from sae_pipeline.defs.checks import SAE_CHECKS
-from sae_pipeline.defs.freshness import is_current, stale_resolver
+from sae_pipeline.defs.staleness import is_current, stale_resolver
 from sae_pipeline.markdown import round_significant
 from sae_pipeline.quality import blocking_failures
 from sae_pipeline.results import read_summary

@@ -11,7 +11,7 @@ import pytest
 
 from sae_pipeline.cli import assets_to_run
 from sae_pipeline.defs.assets import CODE_VERSIONS, activations, corpus, feature_labels, features, sae
-from sae_pipeline.defs.freshness import is_current, stale_causes, stale_resolver
+from sae_pipeline.defs.staleness import is_current, stale_causes, stale_resolver
 from sae_pipeline.lineage import LINEAGE_FILE, lineage_mismatch, lineage_record, write_lineage
 from sae_pipeline.storage import CORPUS_FILE, write_bytes_atomic
 from sae_pipeline_tests.conftest import ALL_ASSETS, TINY_RUN_CONFIG, Pipeline, tiny_topk

@@ -4,7 +4,7 @@ changes one fails there, loudly, and not somewhere in a run. Two non-public meth
 `runs.py`: `JobDefinition.as_ephemeral_job` (the in-process executor) and `with_logger_defs` (the CLI's console
 logger on a location run's job)."""
 
-# Staleness as the UI shows it (`freshness.py`): Dagster computes it with this resolver over an asset graph
+# Staleness as the UI shows it (`staleness.py`): Dagster computes it with this resolver over an asset graph
 # view, and has no public call that answers "is this partition stale, and why".
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 
@@ -15,7 +15,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 # The provenance tags Dagster writes on a materialisation made from an op's output, which a ranged `sae` run
-# writes itself on each partition's materialisation (`freshness.provenance_tags`), and the stale resolver.
+# writes itself on each partition's materialisation (`staleness.provenance_tags`), and the stale resolver.
 from dagster._core.definitions.data_version import (
     CODE_VERSION_TAG,
     DATA_VERSION_TAG,
@@ -43,7 +43,7 @@ from dagster._core.remote_origin import (
     RemoteRepositoryOrigin,
 )
 
-# The tag a backfill puts on its runs, copied onto a ranged run's own materialisations (`freshness.py`).
+# The tag a backfill puts on its runs, copied onto a ranged run's own materialisations (`staleness.py`).
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 # (runs.py) The Python origin of the location's code, which a location run carries.

@@ -21,10 +21,10 @@ from sae_pipeline.defs.checks import (
     refuse_if_blocked,
     refuse_if_other_lineage,
 )
-from sae_pipeline.defs.freshness import provenance_tags
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.staleness import provenance_tags
 from sae_pipeline.defs.stops import stops_without_retry
 from sae_pipeline.plots import png_markdown
 from sae_pipeline.publish import PublishedSAE, publish_sae

@@ -2,7 +2,8 @@
 hooked layer's output (the splice), on held-out sequences.
 
 - Causal LMs: next-token cross-entropy clean, spliced and with the layer zero-ablated;
-  `loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)` (1 = no loss, 0 = as bad as ablation).
+  `loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)` (1 = no loss, 0 = as bad as ablation), and the
+  KL divergence of the spliced model's next-token distribution from the clean one's, per target token.
 - Encoders (the default MiniLM): cosine between the mean-pooled sentence embedding (how sentence-transformers
   pools) with and without the splice, averaged over sequences; the zero-ablated cosine is the floor.
 Only the tokens the SAE was trained on are replaced (padding and, when excluded, special tokens keep their value).
@@ -36,18 +37,32 @@ class DownstreamMetrics:
     recovered: float
     """(ablated - spliced) / (ablated - clean): 1 when the splice changes nothing, 0 when it is as bad as ablation."""
     n_sequences: int
+    kl: float | None = None
+    """causal_lm: mean over target tokens of KL(clean || spliced) of the next-token distributions, in nats; None
+    for an encoder."""
 
     def as_dict(self) -> dict[str, float | str | int]:
         return asdict(self)
 
 
 @torch.no_grad()
+def next_token_logprobs(model: nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Log-probabilities of the next token at every real target position, [n_targets, vocab] float32."""
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.log_softmax(logits[mask[:, 1:].bool()], dim=-1)
+
+
+@torch.no_grad()
 def next_token_ce(model: nn.Module, input_ids: Tensor, mask: Tensor) -> tuple[float, int]:
     """(sum of next-token cross-entropies over real target tokens, their count)."""
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-    targets, valid = input_ids[:, 1:], mask[:, 1:].bool()
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return float(losses[valid].sum()), int(valid.sum())
+    logprobs = next_token_logprobs(model, input_ids, mask)
+    targets = input_ids[:, 1:][mask[:, 1:].bool()]
+    return float(-logprobs.gather(1, targets[:, None]).sum()), len(targets)
+
+
+def kl_sum(clean: Tensor, other: Tensor) -> float:
+    """Sum over positions of KL(clean || other), from log-probabilities [n, vocab]."""
+    return float((clean.exp() * (clean - other)).sum(dtype=torch.float64))
 
 
 @torch.no_grad()
@@ -70,15 +85,18 @@ def downstream_fidelity(model: nn.Module, hook: HookPoint, batches: Iterable[tup
     model.eval()
     causal = is_causal_lm(model)
     totals = torch.zeros(3, dtype=torch.float64)  # clean, spliced, ablated (CE sums or cosine sums)
-    count, n_sequences = 0, 0
+    count, n_sequences, kl = 0, 0, 0.0
     for input_ids, mask, keep in batches:
         runs = []
         for patch in (None, replace, torch.zeros_like):
             with hook.splice(model, keep, patch) if patch is not None else contextlib.nullcontext():
-                runs.append(next_token_ce(model, input_ids, mask) if causal else mean_pooled(model, input_ids, mask))
+                runs.append(next_token_logprobs(model, input_ids, mask) if causal
+                            else mean_pooled(model, input_ids, mask))
         if causal:
-            totals += torch.tensor([run[0] for run in runs], dtype=torch.float64)
-            count += runs[0][1]
+            targets = input_ids[:, 1:][mask[:, 1:].bool()][:, None]
+            totals += torch.tensor([float(-run.gather(1, targets).sum()) for run in runs], dtype=torch.float64)
+            count += len(targets)
+            kl += kl_sum(runs[0], runs[1])
         else:
             clean = runs[0]
             totals += torch.tensor([float(torch.nn.functional.cosine_similarity(run, clean, dim=-1).sum())
@@ -87,7 +105,8 @@ def downstream_fidelity(model: nn.Module, hook: HookPoint, batches: Iterable[tup
         n_sequences += len(input_ids)
     clean, spliced, ablated = (totals / max(count, 1)).tolist()
     if causal:
-        return DownstreamMetrics("causal_lm", clean, spliced, ablated, _recovered(clean, spliced, ablated), n_sequences)
+        return DownstreamMetrics("causal_lm", clean, spliced, ablated, _recovered(clean, spliced, ablated), n_sequences,
+                                 kl / max(count, 1))
     # encoder: cosines are similarities (higher is better); recovery is measured on 1 - cosine
     return DownstreamMetrics("encoder", clean, spliced, ablated, _recovered(1 - clean, 1 - spliced, 1 - ablated),
                              n_sequences)

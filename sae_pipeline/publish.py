@@ -69,7 +69,8 @@ def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore
         quality.write_verdict(folder, outcomes)
     layout.remove(layout.checkpoint_dir(key))
     values = {**rounded({**metrics.reported(), "downstream_spliced": downstream.spliced,
-                         "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered}),
+                         "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
+                         **({"downstream_kl": downstream.kl} if downstream.kl is not None else {})}),
               "train_tokens": result.train_tokens, "wall_time": format_duration(result.wall_seconds),
               "resumed_from_step": result.resumed_from_step, "downstream_kind": downstream.kind}
     return PublishedSAE(outcomes, values, layout.location(layout.sae_dir(key)),

@@ -49,6 +49,8 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
             continue
         hyper = {name: summary["config"].get(name) for name in HYPERPARAMETERS}
         metrics = {name: summary["metrics"].get(name) for name in METRICS if name in summary["metrics"]}
+        metrics |= {f"downstream_{name}": value for name, value in summary.get("downstream", {}).items()
+                    if f"downstream_{name}" in METRICS}
         window: dict[str, float | None] = dict.fromkeys(TRAIN_WINDOW_COLUMNS)
         log = logs.get(key)
         if log is not None and log.height:

@@ -16,8 +16,11 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "architecture", "expansion_factor", *sparsity_fields(), "lr", "aux_coeff", "batch_size", "train_tokens",
 )
 """Config fields the report tabulates: every registered architecture's sparsity field among them."""
+DOWNSTREAM_METRICS: tuple[str, ...] = ("downstream_recovered", "downstream_kl")
+"""From summary.json's `downstream`: the loss (or embedding) recovered with the SAE spliced in, and for a causal LM
+the KL divergence of its next-token distribution from the clean model's."""
 METRICS: tuple[str, ...] = (
-    *REPORTED_METRICS, "final_loss", "train_l0_last_window", "train_dead_fraction_last_window",
+    *REPORTED_METRICS, *DOWNSTREAM_METRICS, "final_loss", "train_l0_last_window", "train_dead_fraction_last_window",
 )
 """Held-out metrics (summary.json), then last-window means of training metrics (second half of metrics.parquet)."""
 BALANCE_METRICS: tuple[str, ...] = ("dead_fraction", "fvu")

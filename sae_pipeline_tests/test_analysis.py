@@ -196,9 +196,11 @@ def test_every_held_out_metric_is_a_report_column(tmp_path: Path) -> None:
 
     assert set(REPORTED_METRICS) <= set(METRICS) and {"cosine", "l2_ratio"} <= set(REPORTED_METRICS)
     runs = pl.DataFrame({"key": ["a", "b", "c"], "k": [8, 16, 32], "l0": [8.0, 16.0, 32.0], "fvu": [0.3, 0.2, 0.1],
-                         "dead_fraction": [0.1, 0.05, 0.0], "cosine": [0.8, 0.9, 0.95], "l2_ratio": [0.7, 0.8, 0.9]})
+                         "dead_fraction": [0.1, 0.05, 0.0], "cosine": [0.8, 0.9, 0.95], "l2_ratio": [0.7, 0.8, 0.9],
+                         "downstream_recovered": [0.5, 0.7, 0.9], "downstream_kl": [0.3, 0.2, 0.1]})
     report = build_sweep_report(runs, tmp_path)
     text = report.report_path.read_text()
+    assert "| downstream_recovered | 3 | 0.7 | 0.7 |" in text and "| downstream_kl | 3 | 0.2 | 0.2 |" in text
     assert f"| cosine | 3 | {np.mean([0.8, 0.9, 0.95]):.4g} | 0.9 |" in text
     assert f"| l2_ratio | 3 | {np.mean([0.7, 0.8, 0.9]):.4g} | 0.8 |" in text
     assert pl.read_parquet(report.table_path)["cosine"].to_list() == [0.8, 0.9, 0.95]
@@ -337,13 +339,15 @@ def test_collect_runs_adds_last_window_training_metrics(tmp_path: Path) -> None:
     write_parquet_atomic(pl.DataFrame({"step": range(7), "l0": l0, "dead_fraction": dead, "loss": [1.0] * 7}),
                          layout.sae_dir("a") / "metrics.parquet")
     write_json_atomic(layout.sae_dir("a") / "summary.json", {
-        "config": {"architecture": "topk", "k": 8}, "metrics": {"l0": 12.0, "fvu": 0.3}, "final_loss": 0.5})
+        "config": {"architecture": "topk", "k": 8}, "metrics": {"l0": 12.0, "fvu": 0.3}, "final_loss": 0.5,
+        "downstream": {"kind": "causal_lm", "recovered": 0.8, "kl": 0.05, "clean": 3.1}})
     runs, missing = collect_runs(layout, ["a", "b"])
     assert missing == ["b"]
     row = runs.row(0, named=True)
     assert row["train_l0_last_window"] == pytest.approx(sum(l0[3:]) / 4)  # ceil(7 / 2) = 4 last rows
     assert row["train_dead_fraction_last_window"] == pytest.approx(sum(dead[3:]) / 4)
     assert row["l0"] == 12.0 and row["final_loss"] == 0.5
+    assert (row["downstream_recovered"], row["downstream_kl"]) == (0.8, 0.05) and "downstream_clean" not in row
 
 
 # --- runs whose blocking checks failed --------------------------------------------------------------------

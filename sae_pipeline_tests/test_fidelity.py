@@ -92,3 +92,21 @@ def test_padding_is_never_replaced(gpt2: GPT2LMHeadModel) -> None:
     with torch.no_grad(), HookPoint(0).splice(gpt2, keep, lambda h: seen.append(len(h)) or h):
         gpt2(input_ids=ids, attention_mask=mask)
     assert seen == [16]  # 4 + 12 real tokens, none of the 8 padding positions
+
+
+def test_kl_is_the_divergence_of_the_spliced_next_token_distribution(gpt2: GPT2LMHeadModel,
+                                                                      bert: BertModel) -> None:
+    batches = [_batch([12, 9])]
+    flipped = downstream_fidelity(gpt2, HookPoint(0), batches, lambda h: -4 * h)
+    identity = downstream_fidelity(gpt2, HookPoint(0), batches, lambda h: h)
+    ids, mask, keep = batches[0]
+    with torch.no_grad():
+        clean = torch.softmax(gpt2(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), dim=-1)
+        with HookPoint(0).splice(gpt2, keep, lambda h: -4 * h):
+            spliced = torch.softmax(gpt2(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), dim=-1)
+    valid = mask[:, 1:].bool()
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(probs=clean[valid]),
+                                                 torch.distributions.Categorical(probs=spliced[valid])).mean()
+    assert flipped.kl == pytest.approx(float(expected), rel=1e-3) and flipped.kl > 1e-3
+    assert identity.kl == pytest.approx(0.0, abs=1e-7)
+    assert downstream_fidelity(bert, HookPoint(0), [_batch([8, 6])], lambda h: h).kl is None

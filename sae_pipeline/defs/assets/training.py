@@ -71,7 +71,7 @@ def ready_configs(layout: Layout, acts: Path, keys: list[str], device: DeviceRes
 
 def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Path, keys: list[str],
                      device: DeviceResource, thresholds: quality.QualityThresholds,
-                     trust_remote_code: bool) -> Iterator[dg.AssetMaterialization]:
+                     trust_remote_code: bool) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """Train the partitions of a run as groups, each in one pass over its hook's activations, and materialise
     each partition with its own metadata and check results as soon as it is published. A config that is
     invalid, fails to start, train or publish, or fails a blocking check fails its own partition: its group
@@ -81,9 +81,9 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
     tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], [activations.key])
     for key in cfgs:
         layout.restore(layout.checkpoint_dir(key))
-    by_store: dict[int, list[str]] = {}
+    by_store: dict[Path, list[str]] = {}
     for key in cfgs:
-        by_store.setdefault(id(store_of[key]), []).append(key)
+        by_store.setdefault(store_of[key].folder, []).append(key)
     planned = [[ready[i] for i in group] for ready in by_store.values()
                for group in plan_groups([cfgs[k] for k in ready], store_of[ready[0]].d_model, device.memory_bytes(),
                                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])]

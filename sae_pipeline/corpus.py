@@ -8,6 +8,7 @@ standard library, read at run time with `ast` (nothing third-party is committed 
 from __future__ import annotations
 
 import ast
+import json
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -49,17 +50,64 @@ def _prose_paragraphs(doc: str, min_words: int) -> Iterator[str]:
             yield text
 
 
+READ_CHUNK = 1 << 20
+"""Characters of a .txt file read at a time."""
+BATCH_ROWS = 4096
+"""Rows of a .parquet file read at a time."""
+
+
+def _txt_paragraphs(file: Path) -> Iterator[str]:
+    """The file's blank-line-separated paragraphs (those not only whitespace), read a chunk at a time: exactly
+    `text.split("\n\n")` of the whole text, a separator spanning two chunks included."""
+    carry = ""
+    with open(file, encoding="utf-8") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            *done, carry = (carry + chunk).split("\n\n")
+            yield from (paragraph for paragraph in done if paragraph.strip())
+    if carry.strip():
+        yield carry
+
+
+def _jsonl_texts(file: Path, text_column: str) -> Iterator[str]:
+    """`text_column` of each JSON line, a line at a time."""
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"source: {file}, line {number}: not JSON ({error})") from None
+            if not isinstance(row, dict) or text_column not in row:
+                keys = list(row) if isinstance(row, dict) else type(row).__name__
+                raise ConfigError(f"text_column: {text_column!r} is not a column of {file} (line {number}: {keys})")
+            if row[text_column]:
+                yield row[text_column]
+
+
+def _parquet_texts(file: Path, text_column: str) -> Iterator[str]:
+    """`text_column` of each row, BATCH_ROWS rows at a time (only that column is read)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(file)
+    if text_column not in table.schema_arrow.names:
+        raise ConfigError(f"text_column: {text_column!r} is not a column of {file} ({table.schema_arrow.names})")
+    for batch in table.iter_batches(batch_size=BATCH_ROWS, columns=[text_column]):
+        yield from (text for text in batch.column(0).to_pylist() if text)
+
+
 def _local_texts(path: Path, text_column: str) -> Iterator[str]:
+    """The documents of a local file or of every file in a folder (sorted), each read as a stream: memory does
+    not grow with the corpus, and reading stops once the corpus has its `max_sequences`."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         suffix = file.suffix.lower()
         if suffix == ".txt":
-            yield from (p for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip())
-        elif suffix in (".jsonl", ".parquet"):
-            frame = pl.read_ndjson(file) if suffix == ".jsonl" else pl.read_parquet(file)
-            if text_column not in frame.columns:
-                raise ConfigError(f"text_column: {text_column!r} is not a column of {file} ({frame.columns})")
-            yield from (t for t in frame[text_column].to_list() if t)
+            yield from _txt_paragraphs(file)
+        elif suffix == ".jsonl":
+            yield from _jsonl_texts(file, text_column)
+        elif suffix == ".parquet":
+            yield from _parquet_texts(file, text_column)
 
 
 def _dataset_texts(spec: CorpusSpec) -> Iterator[str]:

@@ -59,7 +59,7 @@ class RateProgress:
         self.started = self.last = clock()
 
     def due(self) -> bool:
-        """Whether a line is due now (the caller then reads what the line shows and calls `update`)."""
+        """Whether a line is due now."""
         return self.clock() - self.last >= self.every
 
     def update(self, done: int, detail: Callable[[], str] | None = None) -> None:

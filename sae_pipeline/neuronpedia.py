@@ -192,6 +192,11 @@ def write_export(latents: pl.DataFrame, examples: pl.DataFrame, labels: pl.DataF
     return folder
 
 
+def hook_of(cfg: dict) -> str:
+    """The hook an SAE reads, from its cfg.json (one saved before hooks were named: its layer's block output)."""
+    return cfg.get("hook_name") or f"blocks.{cfg['metadata']['layer']}.hook_resid_post"
+
+
 def export_partition(layout: Layout, key: str, out_dir: Path, model_id: str | None = None,
                      source_set: str | None = None, creator_id: str = DEFAULT_CREATOR_ID) -> Path:
     """Export partition `key` (its features, and its labels when it has current ones) from the storage root.
@@ -209,7 +214,7 @@ def export_partition(layout: Layout, key: str, out_dir: Path, model_id: str | No
                                source_set=source_set or f"sae-pipeline-{slug(key)}",
                                layer=int(cfg["metadata"]["layer"]), creator_id=creator_id,
                                description=f"sae_pipeline partition {key} ({cfg['sae_pipeline_architecture']}, "
-                                           f"d_sae {cfg['d_sae']})")
+                                           f"d_sae {cfg['d_sae']}, at {hook_of(cfg)})")
     return write_export(pl.read_parquet(features_dir / FEATURES_FILE), pl.read_parquet(features_dir / EXAMPLES_FILE),
                         pl.read_parquet(labels_path) if labels_path.exists() else None, int(meta["n_bands"]),
                         cfg, {"dataset": "sae_pipeline corpus", "notes": f"partition {key}"}, source, out_dir)

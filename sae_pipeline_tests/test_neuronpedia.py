@@ -73,6 +73,7 @@ def test_layout_and_metadata_rows(exported, pipeline: Pipeline) -> None:
         assert REQUIRED[name] <= set(row), name
     assert rows["source"][0]["id"] == folder.name and rows["source"][0]["setName"] == "res-test"
     assert rows["source"][0]["saelensConfig"] == cfg and rows["model"][0]["dimension"] == cfg["d_in"]
+    assert rows["sourceset"][0]["description"].endswith(f"at {cfg['hook_name']})")  # the hook the SAE reads
     assert {rows[n][0].get("modelId", rows[n][0].get("id")) for n in ("model", "sourceset", "source")} == {
         folder.parent.name}
 

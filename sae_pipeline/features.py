@@ -26,6 +26,7 @@ Tables (plain parquet, `polars.read_parquet` reads them):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from sae_pipeline.markdown import format_cell
+from sae_pipeline.progress import progress_counter
 from sae_pipeline.saes import SparseAutoencoder
 from sae_pipeline.storage import write_parquet_atomic
 from sae_pipeline.store import ActivationStore
@@ -188,11 +190,12 @@ class _RunningStats:
 
 @torch.no_grad()
 def _stream_latents(sae: SparseAutoencoder, store: ActivationStore, top_n: int, device: torch.device,
-                    chunk: int) -> _RunningStats:
+                    chunk: int, advance: Callable[[int], None]) -> _RunningStats:
     stats = _RunningStats.empty(sae.d_sae, device)
     for acts, locations in store.iter_split("eval", chunk, with_locations=True):
         _, latents = sae.reconstruct(acts.to(device))
         stats.update(latents.float(), locations.to(device), top_n)
+        advance(len(acts))
     if stats.n_tokens == 0:
         raise ValueError(f"{store.folder}: the eval split has no tokens; nothing to compute features on")
     return stats
@@ -276,7 +279,8 @@ class _BandSampler:
 
 @torch.no_grad()
 def _sample_examples(sae: SparseAutoencoder, store: ActivationStore, stats: _RunningStats, n_bands: int,
-                     per_band: int, n_random: int, device: torch.device, chunk: int, seed: int) -> _BandSampler:
+                     per_band: int, n_random: int, device: torch.device, chunk: int, seed: int,
+                     advance: Callable[[int], None]) -> _BandSampler:
     """Pass 2: quantile-band and non-activating draws; firing tokens at or above the latent's smallest top-N
     value are excluded (they are the labelling examples; these are held out for scoring)."""
     d_sae = sae.d_sae
@@ -294,6 +298,7 @@ def _sample_examples(sae: SparseAutoencoder, store: ActivationStore, stats: _Run
         latents, locations = latents.float(), locations.to(device)
         priority = _hash_priority(torch.arange(offset, offset + len(latents), device=device), d_sae, seed)
         offset += len(latents)
+        advance(len(latents))
         firing = (latents > 0) & (latents < top_floor)
         band = (latents / peak.clamp(min=1e-30) * n_bands).floor().clamp(0, n_bands - 1).to(torch.int64)
         if per_band:
@@ -383,20 +388,22 @@ def _example_rows(latent: int, kind: str, band: int, pairs: list[tuple[float, li
 def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.DataFrame, tokenizer,
                      top_n: int = 20, window: int = 16, n_bands: int = 5, per_band: int = 5, n_random: int = 10,
                      vocab: tuple[str, Tensor] | None = None, vocab_k: int = 10,
-                     device: str | torch.device = "cpu", chunk: int = 4096, seed: int = 0) -> FeatureTables:
+                     device: str | torch.device = "cpu", chunk: int = 4096, seed: int = 0,
+                     progress: Callable[[str], None] | None = None) -> FeatureTables:
     """Latents and examples tables from three streamed passes over the eval split (see the module docstring).
 
     `window` tokens on each side of the centre make a context (16: a 33-token window); top_contexts keep the
     decoded-text form. `vocab` is (kind, matrix) from `vocab.load_vocab_matrix`; None leaves the vocabulary
-    columns empty with vocab_kind "none".
+    columns empty with vocab_kind "none". `progress` gets a line every PROGRESS_SECONDS over the two passes.
     """
     if top_n < 1 or window < 0 or chunk < 1 or n_bands < 1 or per_band < 0 or n_random < 0:
         raise ValueError(f"top_n={top_n} must be >= 1, window={window} >= 0, chunk={chunk} >= 1, "
                          f"n_bands={n_bands} >= 1, per_band={per_band} >= 0, n_random={n_random} >= 0")
     device = torch.device(device)
     sae = sae.to(device).eval()
-    stats = _stream_latents(sae, store, top_n, device, chunk)
-    sampler = _sample_examples(sae, store, stats, n_bands, per_band, n_random, device, chunk, seed)
+    advance = progress_counter(progress, "features", 2 * store.n_tokens("eval"), "tokens")
+    stats = _stream_latents(sae, store, top_n, device, chunk, advance)
+    sampler = _sample_examples(sae, store, stats, n_bands, per_band, n_random, device, chunk, seed, advance)
     values = stats.top_values.double().cpu().tolist()
     locations = stats.top_locations.cpu().tolist()
     top_examples = [[(value, loc) for value, loc in zip(row_values, row_locations, strict=True) if value > 0]

@@ -91,3 +91,17 @@ class GroupProgress(RateProgress):
             return "; ".join(f"{label} L0 {fit[0]:.1f} FVU {fit[1]:.3f}" for label, fit in read if fit is not None)
 
         self.update(done_tokens, fits)
+
+
+def progress_counter(emit: Callable[[str], None] | None, what: str, total: int, unit: str) -> Callable[[int], None]:
+    """A callback adding the units each step of a pass did, with a `RateProgress` line when one is due (a no-op
+    without `emit`)."""
+    if emit is None:
+        return lambda _n: None
+    tracker, done = RateProgress(emit, what, total, unit), [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        tracker.update(done[0])
+
+    return advance

@@ -95,3 +95,25 @@ def test_extraction_reports_the_tokens_read_of_the_corpus(pipeline, tmp_path, mo
     done = [int(re.match(r"extraction ([0-9,]+) / ", line).group(1).replace(",", "")) for line in lines]
     assert len(lines) >= 3 and done == sorted(done) and done[-1] == total
     assert lines[-1].startswith(f"extraction {total:,} / {total:,} tokens (100%)")
+
+
+def test_features_report_the_eval_tokens_of_both_passes_and_change_nothing(pipeline, monkeypatch) -> None:
+    from sae_pipeline.config import ActivationSpec
+    from sae_pipeline.corpus import read_corpus
+    from sae_pipeline.features import extract_features
+    from sae_pipeline.model import load_tokenizer
+    from sae_pipeline.saes.topk import TopKSAE
+    from sae_pipeline.store import ActivationStore
+
+    store = ActivationStore(pipeline.layout.activations_dir)
+    sae = TopKSAE(store.d_model, 2 * store.d_model, k=8)
+    sae.initialize(torch.Generator().manual_seed(0))
+    corpus, tokenizer = read_corpus(pipeline.layout), load_tokenizer(ActivationSpec())
+    quiet = extract_features(sae, store, corpus, tokenizer, top_n=3, chunk=256)
+    monkeypatch.setattr(progress_module, "PROGRESS_SECONDS", 0.0)
+    lines: list[str] = []
+    shown = extract_features(sae, store, corpus, tokenizer, top_n=3, chunk=256, progress=lines.append)
+    total = 2 * store.n_tokens("eval")
+    done = [int(re.match(r"features ([0-9,]+) / ", line).group(1).replace(",", "")) for line in lines]
+    assert len(lines) >= 4 and done == sorted(done) and done[-1] == total
+    assert shown.latents.equals(quiet.latents) and shown.examples.equals(quiet.examples)

@@ -104,7 +104,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, storage:
         tables = extract_features(autoencoder, store, read_corpus(layout), tokenizer,
                                   top_n=spec.top_n, window=spec.window, n_bands=spec.n_bands,
                                   per_band=spec.per_band, n_random=spec.n_random, vocab=vocab,
-                                  device=device.resolve())
+                                  device=device.resolve(), progress=context.log.info)
         frame = tables.latents
         vocab_kind = vocab[0] if vocab else "none"
         outcomes = run_checks("features", frame, thresholds)

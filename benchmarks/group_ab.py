@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.config import load_sweep
 from sae_pipeline.store import ActivationStore
+from sae_pipeline.sweep_spec import load_sweep
 from sae_pipeline.training import train_group, train_sae
 
 

@@ -15,6 +15,7 @@ import torch
 
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.saes.matryoshka import MatryoshkaSAE
 from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import train_sae
 
@@ -36,7 +37,8 @@ store = ActivationStore(sys.argv[1])
 k = int(sys.argv[2])
 for architecture in ("batchtopk", "matryoshka"):
     cfg = SAEConfig(architecture=architecture, k=k, expansion_factor=8, batch_size=1024, train_tokens=798_720)
-    widths = SAEConfig(architecture="matryoshka", k=k, expansion_factor=8).matryoshka_widths(store.d_model)
+    widths = MatryoshkaSAE.prefix_widths(SAEConfig(architecture="matryoshka", k=k, expansion_factor=8),
+                                          store.d_model)
     started = time.perf_counter()
     result = train_sae(cfg, store, device="cpu")
     metrics, _ = evaluate_sae(result.sae, store)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import sae_pipeline.synthetic as synthetic
-from sae_pipeline.config import parse_sae_config
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.synthetic import SyntheticSpec, run_synthetic_benchmark
 
 COLUMNS = ("l0", "fvu", "dead_fraction", "recovered_share", "children_recovered_share", "absorbed_pairs",

@@ -21,11 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import dagster as dg  # noqa: E402
 
-from sae_pipeline.config import load_sweep  # noqa: E402
 from sae_pipeline.defs.assets import activations, corpus, sae  # noqa: E402
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource  # noqa: E402
 from sae_pipeline.registry import store_configs  # noqa: E402
 from sae_pipeline.storage import Layout  # noqa: E402
+from sae_pipeline.sweep_spec import load_sweep  # noqa: E402
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 

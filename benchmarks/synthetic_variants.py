@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.config import SAEConfig, parse_sae_config
+from sae_pipeline.config import SAEConfig
 from sae_pipeline.consistency import cosine_matrix
 from sae_pipeline.ground_truth import RECOVERED_COSINE, score_against_truth
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.store import ActivationStore
 from sae_pipeline.synthetic import (
     PlantedFeatures,

@@ -19,8 +19,8 @@ import time
 import torch
 import yaml
 
-from sae_pipeline.config import parse_sae_config
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.store import ActivationStore
 from sae_pipeline.training import train_sae
 

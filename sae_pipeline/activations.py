@@ -17,7 +17,7 @@ from torch import nn
 
 from sae_pipeline.config import ActivationSpec, ConfigError
 from sae_pipeline.model import HookPoint, capture_hooks, check_layer, pad_batch
-from sae_pipeline.progress import RateProgress
+from sae_pipeline.progress import progress_counter
 from sae_pipeline.store import META_FILE, STORAGE_DTYPES, ShardWriter, hook_store_dir
 
 
@@ -141,14 +141,13 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else [])
     storage_dtype = STORAGE_DTYPES[spec.dtype]
     stores = []
-    for index, hook in enumerate(hooks):
-        where = hook_store_dir(folder, None if index == 0 else hook.name, hooks[0].name)
+    for hook in hooks:
+        where = hook_store_dir(folder, hook.name, hooks[0].name)
         where.mkdir(parents=True, exist_ok=True)
         stores.append(_HookStore(hook, where, {split: ShardWriter(where, split, spec.shard_tokens, storage_dtype)
                                                for split in ("train", "eval")}))
     pad_id = tokenizer.pad_token_id
-    total = int(corpus["input_ids"].list.len().sum())
-    tracker, done = RateProgress(progress, "extraction", total, "tokens") if progress else None, 0
+    advance = progress_counter(progress, "extraction", int(corpus["input_ids"].list.len().sum()), "tokens")
     for split in ("train", "eval"):
         rows = (corpus.filter(pl.col("seq_id").is_in(list(eval_ids)) == (split == "eval"))
                 .sort(pl.col("input_ids").list.len()))  # similar lengths per batch: less padding
@@ -162,8 +161,6 @@ def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec:
             locs = torch.stack([seq_ids[rows_idx], pos_idx], dim=1).to(torch.int32)
             for store in stores:
                 store.add(split, captured[store.hook][rows_idx, pos_idx], locs)
-            done += int(mask.sum())
-            if tracker is not None:
-                tracker.update(done)
+            advance(int(mask.sum()))
     names = [hook.name for hook in hooks]
     return [store.finish(spec, model_name, d_model, eval_ids, names) for store in stores]

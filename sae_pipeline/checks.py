@@ -106,10 +106,10 @@ def merge_store_outcomes(per_store: dict[str, list[CheckOutcome]]) -> list[Check
         return next(iter(per_store.values()))
     merged = []
     for outcomes in zip(*per_store.values(), strict=True):
-        failing = [o.severity for o in outcomes if not o.passed]
-        severity = "ERROR" if "ERROR" in failing or (not failing and outcomes[0].severity == "ERROR") else "WARN"
+        judged = [o for o in outcomes if not o.passed] or list(outcomes)  # the failing ones decide, if any
+        severity = "ERROR" if any(o.severity == "ERROR" for o in judged) else "WARN"
         merged.append(CheckOutcome(
-            outcomes[0].name, not failing, severity,
+            outcomes[0].name, all(o.passed for o in outcomes), severity,
             "; ".join(f"{hook}: {o.description}" for hook, o in zip(per_store, outcomes, strict=True)),
             {hook: o.metadata for hook, o in zip(per_store, outcomes, strict=True)}))
     return merged

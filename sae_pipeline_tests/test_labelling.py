@@ -119,3 +119,13 @@ def test_labels_markdown_orders_by_share_and_escapes_pipes(features):
 
 def test_offline_labeller_on_a_row_without_examples():
     assert OfflineLabeller().label({"top_tokens": [], "top_activations": []}) == "(no activating examples)"
+
+
+def test_labelling_reports_the_latents_done_of_the_live_ones(features, monkeypatch) -> None:
+    from sae_pipeline import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)  # a line before every latent
+    lines: list[str] = []
+    labels = label_features(features, progress=lines.append)
+    n = labels.height
+    assert n >= 2 and [line.split(" latents")[0] for line in lines] == [f"labelling {i} / {n}" for i in range(n)]

@@ -67,18 +67,6 @@ def test_a_training_group_reports_each_configs_l0_as_its_log_rows_do(tmp_path, m
             assert 0 < float(match.group(2)) < 2
 
 
-def test_labelling_reports_the_latents_done_of_the_live_ones(monkeypatch) -> None:
-    from sae_pipeline.labelling import label_features
-    from sae_pipeline_tests.test_labelling import features as features_fixture
-
-    table = features_fixture.__wrapped__()
-    monkeypatch.setattr(progress_module, "PROGRESS_SECONDS", 0.0)
-    lines: list[str] = []
-    labels = label_features(table, progress=lines.append)
-    n = labels.height
-    assert n >= 2 and [line.split(" latents")[0] for line in lines] == [f"labelling {i} / {n}" for i in range(n)]
-
-
 def test_extraction_reports_the_tokens_read_of_the_corpus(pipeline, tmp_path, monkeypatch) -> None:
     from sae_pipeline.activations import extract_activations
     from sae_pipeline.config import ActivationSpec

@@ -435,3 +435,18 @@ def test_run_checks_names_each_finding_from_the_table_in_order() -> None:
         got = by_name[name]
         assert (got.passed, got.severity, got.description) == (finding.passed, finding.severity, finding.description)
     assert by_name["sae_dead_fraction"].blocks and not by_name["sae_fvu"].blocks
+
+
+def test_several_stores_merge_into_one_outcome_per_check_failing_at_the_worst() -> None:
+    from sae_pipeline.checks import merge_store_outcomes
+
+    ok, warn = quality.dead_fraction(0.0).named("c"), quality.dead_fraction(0.5).named("c")
+    error = quality.dead_fraction(0.95).named("c")
+    alone = merge_store_outcomes({"a": [warn]})
+    assert alone == [warn]
+    (both_ok,) = merge_store_outcomes({"a": [ok], "b": [ok]})
+    assert both_ok.passed and both_ok.severity == ok.severity and set(both_ok.metadata) == {"a", "b"}
+    (one_warns,) = merge_store_outcomes({"a": [ok], "b": [warn]})
+    assert not one_warns.passed and one_warns.severity == "WARN" and not one_warns.blocks
+    (one_errs,) = merge_store_outcomes({"a": [warn], "b": [error]})
+    assert one_errs.blocks and one_errs.description == f"a: {warn.description}; b: {error.description}"

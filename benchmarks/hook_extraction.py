@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sae_pipeline.activations import extract_activations
+from sae_pipeline.bench import throughput_table
 from sae_pipeline.config import ActivationSpec, CorpusSpec
 from sae_pipeline.corpus import iter_texts, tokenize_corpus
 from sae_pipeline.model import load_model, load_tokenizer
@@ -52,13 +52,7 @@ def main() -> None:
             times[name].append(timed(corpus, model, tokenizer, hook_sets))
     print(f"{tokens:,} tokens ({len(corpus)} sequences), torch threads {torch.get_num_threads()}, load average "
           f"{os.getloadavg()[0]:.2f}; hooks {', '.join(FOUR)}")
-    print("| extraction | median s | tokens/s | vs 4 passes |")
-    print("|---|---|---|---|")
-    four_passes = statistics.median(times["4 hooks, 4 passes"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {tokens / median:,.0f} | {four_passes / median:.2f}x |")
-
+    print(throughput_table("extraction", times, tokens, "4 hooks, 4 passes", "vs 4 passes"))
 
 if __name__ == "__main__":
     main()

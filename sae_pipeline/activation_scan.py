@@ -97,10 +97,17 @@ class ActivationScan:
                 "p99": torch.quantile(self.norms, 0.99).item() if self.norms.numel() <= 16_000_000 else math.nan}
 
 
-def scan_activations(store: ActivationStore, chunk: int = 65536) -> ActivationScan:
+def scan_activations(store: ActivationStore, chunk: int = 8192) -> ActivationScan:
     """Read every shard of both splits once and count non-finite, all-zero, constant and duplicated rows; collect
-    norms."""
-    shards, norms, keys, rows, where, offset = [], [], [], [], [], 0
+    norms.
+
+    The per-token results go into arrays sized once for the whole store: appending one small tensor per chunk
+    between the chunks' large temporaries left glibc's heap fragmented, and the scan's peak grew to several
+    times what it holds (benchmarks/RESULTS.md, issue 24)."""
+    total = sum(store.n_tokens(split) for split in ("train", "eval"))
+    norms, keys = torch.empty(total, dtype=torch.float64), torch.empty(total, dtype=torch.int64)
+    rows = torch.empty(total, dtype=torch.int64)
+    shards, where, offset, filled = [], [], 0, 0
     for split in ("train", "eval"):
         for index, shard in enumerate(store.shards(split)):
             counts = [0, 0, 0]
@@ -111,12 +118,12 @@ def scan_activations(store: ActivationStore, chunk: int = 65536) -> ActivationSc
                 counts[0] += int((~finite).sum())
                 counts[1] += int((x == 0).all(dim=-1).sum())
                 counts[2] += int((x.amax(dim=-1) == x.amin(dim=-1)).sum())
-                norms.append(x[finite].norm(dim=-1))
-                keys.append(_row_keys(x[finite]))
-                rows.append(offset + start + finite.nonzero().squeeze(1))
+                kept = x[finite]
+                into = slice(filled, filled + len(kept))
+                norms[into], keys[into] = kept.norm(dim=-1), _row_keys(kept)
+                rows[into] = offset + start + finite.nonzero().squeeze(1)
+                filled += len(kept)
             shards.append(ShardScan(shard["file"], shard["n_tokens"], *counts))
             offset += shard["n_tokens"]
-    empty = torch.empty(0, dtype=torch.int64)
-    duplicates = find_duplicates(store, torch.cat(keys) if keys else empty, torch.cat(rows) if rows else empty,
-                                 where)
-    return ActivationScan(shards, torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64), duplicates)
+    duplicates = find_duplicates(store, keys[:filled], rows[:filled], where)
+    return ActivationScan(shards, norms[:filled], duplicates)

@@ -3,46 +3,54 @@ describes the folder), with the eval split, norm statistics and outlier exclusio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from sae_pipeline.config import ActivationSpec, ConfigError
 from sae_pipeline.model import HookPoint, capture_hooks, check_layer, pad_batch
 from sae_pipeline.progress import progress_counter
-from sae_pipeline.store import META_FILE, STORAGE_DTYPES, ShardWriter, hook_store_dir
+from sae_pipeline.storage import write_json_atomic
+from sae_pipeline.store import META_FILE, STORAGE_DTYPES, ShardWriter, hook_store_dir, read_norms, save_atomic
+
+KEPT_SUFFIX = "-kept"
+"""Shards rewritten without norm outliers are named `<shard>-kept.safetensors`: the originals stay until meta.json
+lists the rewritten ones, so a rerun after a kill computes the same limit from the same shards."""
 
 
 def _exclude_outliers(folder: Path, shards: list[dict], limit: float) -> tuple[list[dict], int]:
-    """Rewrite each shard without the tokens whose norm exceeds `limit`; returns the new shard list and the count
-    dropped. Shards left empty are deleted (meta.json lists only what exists)."""
+    """Write each shard again without the tokens whose norm exceeds `limit`; returns the new shard list and the
+    count dropped. Shards left empty are not written (meta.json lists only what exists)."""
     kept, dropped = [], 0
     for shard in shards:
-        path = folder / shard["file"]
-        with safe_open(str(path), framework="pt") as handle:
-            acts, locs = handle.get_tensor("activations"), handle.get_tensor("locations")
-        keep = ~(acts.norm(dim=-1) > limit)
+        with safe_open(str(folder / shard["file"]), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in ("activations", "locations", "norms")}
+        keep = ~(tensors["norms"] > limit)
         dropped += int((~keep).sum())
-        path.unlink()
         if keep.any():
-            save_file({"activations": acts[keep].contiguous(), "locations": locs[keep].contiguous()}, str(path))
-            kept.append({"file": shard["file"], "n_tokens": int(keep.sum())})
+            name = shard["file"].replace(".safetensors", f"{KEPT_SUFFIX}.safetensors")
+            save_atomic({key: value[keep].contiguous() for key, value in tensors.items()}, folder / name)
+            kept.append({"file": name, "n_tokens": int(keep.sum())})
     return kept, dropped
 
 
 def hook_activations(model: nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor, mask: torch.Tensor
                      ) -> dict[HookPoint, torch.Tensor]:
-    """The activations at each hook, [batch, seq, d_model] on the CPU, from one forward pass (the one place
-    extraction reads the model)."""
-    return capture_hooks(model, hooks, input_ids, mask)
+    """The activations at each hook, [batch, seq, d_model] float32 on the CPU, from one forward pass (the one
+    place extraction reads the model): under `inference_mode`, and in bf16 autocast on CUDA."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return capture_hooks(model, hooks, input_ids, mask)
 
 
 def split_sequences(n_sequences: int, eval_fraction: float, seed: int) -> set[int]:
@@ -71,27 +79,93 @@ def norm_statistics(norms: torch.Tensor, d_model: int) -> dict[str, float]:
     }
 
 
+MANIFEST_FILE = "extraction.json"
+"""In a folder being extracted into: the key of the corpus and settings, every hook's shards committed so far
+and the splits finished; what a rerun resumes from (meta.json is written from the shards once both are)."""
+
+
+def extraction_key(spec: ActivationSpec, model_name: str, corpus_key: str, device: torch.device) -> str:
+    """What an extraction's bytes depend on: the corpus (its fingerprint), the settings, the model, the device
+    type. A folder whose manifest has another key is started again."""
+    identity = {"corpus": corpus_key, "spec": spec.model_dump(mode="json"), "model": model_name,
+                "device": device.type}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The folder's extraction manifest, or None when it has none (or an unreadable one)."""
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _resumable(folder: Path, key: str, first: str) -> dict:
+    """The manifest to resume from: the folder's when its key matches and its shards are there (`first`: the
+    first hook, whose store is the folder itself); otherwise a fresh one, after emptying a folder that holds
+    another extraction."""
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("key") == key and _shards_present(folder, manifest, first):
+        return manifest
+    if manifest is not None:
+        for entry in folder.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return {"key": key, "stores": {}, "splits_done": []}
+
+
+def _shards_present(folder: Path, manifest: dict, first: str) -> bool:
+    """Whether every shard the manifest lists is still in the folder."""
+    return all((hook_store_dir(folder, hook, first) / shard["file"]).exists()
+               for hook, splits in manifest["stores"].items() for shards in splits.values() for shard in shards)
+
+
+def link_store(extracted: Path, folder: Path) -> None:
+    """Put a finished extraction's stores in `folder` (every file but the manifest), as hard links where the
+    file system allows: the extraction stays whole until the store it became is published."""
+    for path in sorted(extracted.rglob("*")):
+        if path.is_dir() or path.name == MANIFEST_FILE or path.name.startswith("."):  # a kill's temp files
+            continue
+        target = folder / path.relative_to(extracted)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:  # no hard links here (another file system): a copy
+            shutil.copy2(path, target)
+
+
+def _commit(folder: Path, manifest: dict) -> None:
+    write_json_atomic(folder / MANIFEST_FILE, manifest)
+
+
 @dataclass
 class _HookStore:
-    """One hook's store being written: its shard writers, train-token norms and non-finite count."""
+    """One hook's store being written: its folder and its shard writers."""
 
     hook: HookPoint
     folder: Path
     writers: dict[str, ShardWriter]
-    train_norms: list[torch.Tensor] = field(default_factory=list)
-    n_nonfinite: int = 0
 
-    def add(self, split: str, token_acts: torch.Tensor, locs: torch.Tensor) -> None:
-        self.n_nonfinite += int((~torch.isfinite(token_acts).all(dim=-1)).sum())
-        if split == "train":
-            self.train_norms.append(token_acts.norm(dim=-1))
-        self.writers[split].add(token_acts, locs)
+    @classmethod
+    def open(cls, hook: HookPoint, folder: Path, spec: ActivationSpec, committed: dict[str, list[dict]]
+             ) -> _HookStore:
+        """The store's writers, each resuming after the shards `committed` lists for its split."""
+        folder.mkdir(parents=True, exist_ok=True)
+        dtype = STORAGE_DTYPES[spec.dtype]
+        return cls(hook, folder, {split: ShardWriter(folder, split, spec.shard_tokens, dtype,
+                                                     list(committed.get(split, [])))
+                                  for split in ("train", "eval")})
+
+    def committed(self) -> dict[str, list[dict]]:
+        return {split: writer.shards for split, writer in self.writers.items()}
 
     def finish(self, spec: ActivationSpec, model_name: str, d_model: int, eval_ids: set[int],
                hook_names: list[str]) -> dict:
-        """Close the shards, drop norm outliers if configured, write meta.json; returns it."""
-        shards = {split: writer.close() for split, writer in self.writers.items()}
-        n_excluded, train_norm = 0, torch.cat(self.train_norms) if self.train_norms else torch.empty(0)
+        """Drop norm outliers if configured, write meta.json from the shards written; returns it."""
+        shards = self.committed()
+        train_norm = torch.cat([read_norms(self.folder, shard) for shard in shards["train"]])
+        n_nonfinite = sum(int((~torch.isfinite(read_norms(self.folder, shard))).sum())
+                          for split in shards.values() for shard in split)
+        n_excluded = 0
         if spec.exclude_norm_outliers is not None and train_norm.numel():
             finite = train_norm[torch.isfinite(train_norm)]
             limit = spec.exclude_norm_outliers * (finite.median().item() if finite.numel() else math.inf)
@@ -118,49 +192,129 @@ class _HookStore:
             "eval_sequence_ids": sorted(eval_ids),
             "locations": "tensor `locations` [n, 2] int32 in each shard: (seq_id in corpus.parquet, token position)",
             "exclude_special_tokens": spec.exclude_special_tokens,
-            "n_nonfinite_tokens": self.n_nonfinite,
+            "n_nonfinite_tokens": n_nonfinite,
             "exclude_norm_outliers": spec.exclude_norm_outliers,
             "n_excluded_outliers": n_excluded,
             "norm_stats": norm_statistics(train_norm, d_model),
         }
-        (self.folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_json_atomic(self.folder / META_FILE, meta)
         return meta
+
+    def drop_unlisted(self, meta: dict) -> None:
+        """Delete the shards meta.json does not list (the originals of rewritten ones, leftovers of a kill)."""
+        listed = {shard["file"] for split in ("train", "eval") for shard in meta[f"{split}_shards"]}
+        for path in self.folder.glob("*.safetensors"):
+            if path.name not in listed:
+                path.unlink()
+
+
+@dataclass
+class _Batch:
+    """One batch of sequences: its padded ids and mask, its sequence ids, and the kept tokens (non-padding,
+    non-special) in row-major order."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    seq_ids: torch.Tensor
+    keep: torch.Tensor
+
+
+def _split_rows(corpus: pl.DataFrame, eval_ids: set[int], split: str) -> pl.DataFrame:
+    """The split's sequences, longest first (similar lengths per batch: less padding), ties in corpus order.
+
+    Longest first, as sentence-transformers encodes: the first batches size the heap and the shorter ones after
+    fit in what they freed. Shortest first grew the process with the corpus (each larger batch found only
+    smaller holes; benchmarks/RESULTS.md, issue 24), and it found an out-of-memory batch last, not first."""
+    return (corpus.filter(pl.col("seq_id").is_in(list(eval_ids)) == (split == "eval"))
+            .sort(pl.col("input_ids").list.len(), maintain_order=True, descending=True))
+
+
+def _kept_per_batch(rows: pl.DataFrame, batch_size: int, special: list[int]) -> list[int]:
+    """The kept tokens of each batch, from the ids alone (no forward): where a resumed split starts."""
+    kept = rows.select(pl.col("input_ids").list.eval(pl.element().is_in(special).not_()).list.sum())
+    per_row = kept.to_series().fill_null(0).to_list()
+    return [sum(per_row[start:start + batch_size]) for start in range(0, len(per_row), batch_size)]
+
+
+def _resume_point(kept: list[int], committed: int) -> tuple[int, int]:
+    """(first batch to run, its leading kept tokens already in committed shards) when `committed` tokens of the
+    split are in shards."""
+    seen = 0
+    for index, n in enumerate(kept):
+        if seen + n > committed:
+            return index, committed - seen
+        seen += n
+    return len(kept), 0
+
+
+def _batch(rows: pl.DataFrame, pad_id: int, special: torch.Tensor) -> _Batch:
+    input_ids, mask = pad_batch(rows["input_ids"].to_list(), pad_id)
+    return _Batch(input_ids, mask, torch.tensor(rows["seq_id"].to_list()),
+                  mask.bool() & ~torch.isin(input_ids, special))
 
 
 def extract_activations(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec: ActivationSpec,
-                        folder: Path, model_name: str, progress: Callable[[str], None] | None = None
-                        ) -> list[dict]:
+                        folder: Path, model_name: str, progress: Callable[[str], None] | None = None,
+                        corpus_key: str = "") -> list[dict]:
     """Run the corpus through the model once, up to the deepest of the spec's hooks, and write each hook's store:
     the first in `folder`, the others in `folder/hooks/<hook>/` (`store.hook_store_dir`), each with its shards
-    and meta.json; returns the metas in the spec's order. `progress` gets a line every PROGRESS_SECONDS."""
+    and meta.json; returns the metas in the spec's order. `progress` gets a line every PROGRESS_SECONDS.
+
+    Shards are committed as they are written (MANIFEST_FILE): a rerun into the same folder with the same corpus
+    (`corpus_key`, its fingerprint) and settings resumes at the first shard missing, and the shards it writes
+    are byte for byte those of an uninterrupted run; anything else in the folder is started again."""
     hooks = [HookPoint.parse(name) for name in spec.hook_names()]
     d_model = check_layer(model, max(hook.layer for hook in hooks))
     for hook in hooks:
         hook.locate(model)  # a site the model lacks is refused before the first batch
-    eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else [])
-    storage_dtype = STORAGE_DTYPES[spec.dtype]
-    stores = []
-    for hook in hooks:
-        where = hook_store_dir(folder, hook.name, hooks[0].name)
-        where.mkdir(parents=True, exist_ok=True)
-        stores.append(_HookStore(hook, where, {split: ShardWriter(where, split, spec.shard_tokens, storage_dtype)
-                                               for split in ("train", "eval")}))
-    pad_id = tokenizer.pad_token_id
-    advance = progress_counter(progress, "extraction", int(corpus["input_ids"].list.len().sum()), "tokens")
-    for split in ("train", "eval"):
-        rows = (corpus.filter(pl.col("seq_id").is_in(list(eval_ids)) == (split == "eval"))
-                .sort(pl.col("input_ids").list.len()))  # similar lengths per batch: less padding
-        for start in range(0, len(rows), spec.batch_size):
-            batch = rows.slice(start, spec.batch_size)
-            seq_ids = torch.tensor(batch["seq_id"].to_list())
-            input_ids, mask = pad_batch(batch["input_ids"].to_list(), pad_id)
-            captured = hook_activations(model, hooks, input_ids, mask)
-            keep = mask.bool() & ~torch.isin(input_ids, special)
-            rows_idx, pos_idx = keep.nonzero(as_tuple=True)
-            locs = torch.stack([seq_ids[rows_idx], pos_idx], dim=1).to(torch.int32)
-            for store in stores:
-                store.add(split, captured[store.hook][rows_idx, pos_idx], locs)
-            advance(int(mask.sum()))
+    folder.mkdir(parents=True, exist_ok=True)
+    key = extraction_key(spec, model_name, corpus_key, next(model.parameters()).device)
+    manifest = _resumable(folder, key, hooks[0].name)
+    stores = [_HookStore.open(hook, hook_store_dir(folder, hook.name, hooks[0].name), spec,
+                              manifest["stores"].get(hook.name, {})) for hook in hooks]
     names = [hook.name for hook in hooks]
-    return [store.finish(spec, model_name, d_model, eval_ids, names) for store in stores]
+    eval_ids = split_sequences(len(corpus), spec.eval_fraction, spec.seed)
+    _extract_splits(corpus, model, tokenizer, spec, eval_ids, stores, folder, manifest, progress)
+    metas = [store.finish(spec, model_name, d_model, eval_ids, names) for store in stores]
+    for store, meta in zip(stores, metas, strict=True):
+        store.drop_unlisted(meta)
+    return metas
+
+
+def _extract_splits(corpus: pl.DataFrame, model: nn.Module, tokenizer, spec: ActivationSpec, eval_ids: set[int],
+                    stores: list[_HookStore], folder: Path, manifest: dict,
+                    progress: Callable[[str], None] | None) -> None:
+    """The forward passes of the splits not finished yet, each resumed after its committed shards; the manifest
+    is committed whenever a shard is written and when a split ends."""
+    special_ids = sorted(set(tokenizer.all_special_ids)) if spec.exclude_special_tokens else []
+    special, pad_id = torch.tensor(special_ids, dtype=torch.long), tokenizer.pad_token_id
+    plans = {}
+    for split in ("train", "eval"):
+        if split not in manifest["splits_done"]:
+            rows = _split_rows(corpus, eval_ids, split)
+            first, skip = _resume_point(_kept_per_batch(rows, spec.batch_size, special_ids),
+                                        stores[0].writers[split].n_written)
+            plans[split] = rows, first, skip
+    to_run = sum(int(rows["input_ids"].list.len().slice(first * spec.batch_size).sum())
+                 for rows, first, _ in plans.values())
+    advance = progress_counter(progress, "extraction", to_run, "tokens")
+
+    def commit() -> None:
+        manifest["stores"] = {store.hook.name: store.committed() for store in stores}
+        _commit(folder, manifest)
+
+    for split, (rows, first, skip) in plans.items():
+        for start in range(first * spec.batch_size, len(rows), spec.batch_size):
+            batch = _batch(rows.slice(start, spec.batch_size), pad_id, special)
+            captured = hook_activations(model, [store.hook for store in stores], batch.input_ids, batch.mask)
+            rows_idx, pos_idx = batch.keep.nonzero(as_tuple=True)
+            rows_idx, pos_idx, skip = rows_idx[skip:], pos_idx[skip:], 0
+            locs = torch.stack([batch.seq_ids[rows_idx], pos_idx], dim=1).to(torch.int32)
+            wrote = [store.writers[split].add(captured[store.hook][rows_idx, pos_idx], locs) for store in stores]
+            if any(wrote):
+                commit()
+            advance(int(batch.mask.sum()))
+        for store in stores:
+            store.writers[split].close()
+        manifest["splits_done"].append(split)
+        commit()

@@ -226,6 +226,17 @@ def _peak_rss_child(name: str, shape: Shape, args: argparse.Namespace) -> float 
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def throughput_table(kind: str, times: dict[str, list[float]], tokens: int, reference: str, against: str) -> str:
+    """A markdown table of interleaved timings: per row the median seconds, tokens/s, and the reference row's
+    median over this row's (`against` heads that column)."""
+    base = statistics.median(times[reference])
+    lines = [f"| {kind} | median s | tokens/s | {against} |", "|---|---|---|---|"]
+    for name, values in times.items():
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median:.2f} | {tokens / median:,.0f} | {base / median:.2f}x |")
+    return "\n".join(lines)
+
+
 def rss_mib(field: str = "VmHWM") -> float:
     """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc (Linux)."""
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))

@@ -105,6 +105,11 @@ class Layout:
         return self.root / "activations"
 
     @property
+    def extraction_dir(self) -> Path:
+        """Shards of an unfinished `activations` run (with its manifest), for the next run to resume from."""
+        return self.root / "extraction"
+
+    @property
     def configs_dir(self) -> Path:
         """Registered SAE configs, one `<key>.json` per partition key (read with `read_bytes`/`names`)."""
         return self.root / "configs"

@@ -2,8 +2,9 @@
 the prefetcher.
 
 Layout of an activation folder:
-- `train_*.safetensors` / `eval_*.safetensors`: tensors `activations` [n, d_model] and `locations` [n, 2] int32
-  (sequence id, token position in that sequence), one row per non-padding token;
+- `train_*.safetensors` / `eval_*.safetensors`: tensors `activations` [n, d_model], `locations` [n, 2] int32
+  (sequence id, token position in that sequence) and `norms` [n] float32 (each row's L2 norm before the cast to
+  the storage type), one row per non-padding token;
 - `meta.json`: model, layer, hook, dtype, d_model, n_tokens, n_train_tokens, n_eval_tokens, `train_shards`,
   `eval_shards` (file name and token count each), the eval sequence ids, and norm statistics of the train slice.
 The eval shards hold whole held-out sequences: nothing in them is ever trained on.
@@ -14,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,13 @@ def store_of_hook(activations: Path, hook: str | None) -> Path:
 
 @dataclass
 class ShardWriter:
-    """Accumulates token rows and writes fixed-size safetensors shards (`<prefix>_00000.safetensors`, ...)."""
+    """Copies token rows into one preallocated shard buffer and writes each full buffer as a safetensors shard
+    (`<prefix>_00000.safetensors`, ...), atomically (temp file, then rename). Each shard also holds `norms`
+    [n] float32, every row's L2 norm taken before the cast to the storage type.
+
+    One buffer, reused shard after shard, keeps extraction's memory flat: collecting each batch's rows as
+    separate tensors and concatenating them left glibc's heap fragmented, and the process grew with the corpus
+    (benchmarks/RESULTS.md, issue 24)."""
 
     folder: Path
     """Where the shards go."""
@@ -81,33 +89,61 @@ class ShardWriter:
     """Rows per shard (the last one holds the rest)."""
     dtype: torch.dtype
     """Storage type of `activations`."""
+    shards: list[dict] = field(default_factory=list)
+    """The shards written so far (file name and token count each); a resumed writer starts from its list."""
 
     def __post_init__(self) -> None:
-        self.rows: list[torch.Tensor] = []
-        self.locs: list[torch.Tensor] = []
         self.pending = 0
-        self.shards: list[dict] = []
+        self._acts: torch.Tensor | None = None
+        self._locs = torch.empty(self.shard_tokens, 2, dtype=torch.int32)
+        self._norms = torch.empty(self.shard_tokens)
 
-    def add(self, acts: torch.Tensor, locs: torch.Tensor) -> None:
-        self.rows.append(acts)
-        self.locs.append(locs)
-        self.pending += len(acts)
-        while self.pending >= self.shard_tokens:
-            self._flush(self.shard_tokens)
+    def add(self, acts: torch.Tensor, locs: torch.Tensor) -> bool:
+        """Queue rows, writing each shard they fill; whether a shard was written."""
+        if self._acts is None:
+            self._acts = torch.empty(self.shard_tokens, acts.shape[1], dtype=self.dtype)
+        wrote, start = False, 0
+        while start < len(acts):
+            take = min(len(acts) - start, self.shard_tokens - self.pending)
+            rows, into = acts[start:start + take], slice(self.pending, self.pending + take)
+            self._acts[into], self._locs[into] = rows, locs[start:start + take]
+            torch.linalg.vector_norm(rows.float(), dim=-1, out=self._norms[into])
+            self.pending, start = self.pending + take, start + take
+            if self.pending == self.shard_tokens:
+                self._flush()
+                wrote = True
+        return wrote
 
     def close(self) -> list[dict]:
         if self.pending:
-            self._flush(self.pending)
+            self._flush()
         return self.shards
 
-    def _flush(self, n: int) -> None:
-        acts, locs = torch.cat(self.rows), torch.cat(self.locs)
+    @property
+    def n_written(self) -> int:
+        """Rows in the shards written so far."""
+        return sum(shard["n_tokens"] for shard in self.shards)
+
+    def _flush(self) -> None:
         name = f"{self.prefix}_{len(self.shards):05d}.safetensors"
-        save_file({"activations": acts[:n].to(self.dtype).contiguous(), "locations": locs[:n].contiguous()},
-                  str(self.folder / name))
+        n = self.pending
+        save_atomic({"activations": self._acts[:n], "locations": self._locs[:n], "norms": self._norms[:n]},
+                    self.folder / name)
         self.shards.append({"file": name, "n_tokens": n})
-        self.rows, self.locs = [acts[n:]], [locs[n:]]
-        self.pending = len(acts) - n
+        self.pending = 0
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file under a temporary name, then rename it: a kill leaves no half-written shard."""
+    temp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temp))
+    os.replace(temp, path)
+
+
+def read_norms(folder: Path, shard: dict) -> torch.Tensor:
+    """A shard's `norms` tensor: each row's L2 norm before the cast to the storage type."""
+    with safe_open(str(folder / shard["file"]), framework="pt") as handle:
+        return handle.get_tensor("norms")
 
 
 class ActivationStore:

@@ -26,8 +26,9 @@ def _write_split(folder: Path, prefix: str, acts: Tensor, shard_tokens: int, fir
     for number, start in enumerate(range(0, len(acts), shard_tokens)):
         name = f"{prefix}_{number:05d}.safetensors"
         stop = min(start + shard_tokens, len(acts))
-        save_file({"activations": acts[start:stop].to(torch.float32).contiguous(),
-                   "locations": locs[start:stop].contiguous()}, str(folder / name))
+        rows = acts[start:stop].to(torch.float32).contiguous()
+        save_file({"activations": rows, "locations": locs[start:stop].contiguous(), "norms": rows.norm(dim=-1)},
+                  str(folder / name))
         shards.append({"file": name, "n_tokens": stop - start})
     return shards
 

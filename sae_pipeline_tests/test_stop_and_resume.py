@@ -167,8 +167,8 @@ in a chosen step whatever the machine's speed, and everything else runs as shipp
 
 STEP_STOPS = {  # step: (function held, at which call, what the stop line says was kept)
     "activations": ("sae_pipeline.defs.assets.data:extract_activations", 1,
-                    "kept: what the earlier steps made (the activation store is written only when complete: nothing "
-                    "partial, and a previous one is unchanged)"),
+                    "kept: 0 shard(s) of the extraction committed in {extraction} (the rerun resumes after them; the "
+                    "activation store is published only when complete, and a previous one is unchanged)"),
     "features": ("sae_pipeline.defs.assets.interpretation:extract_features", 1,
                  "kept: what the earlier steps made (the features table is written only when complete: nothing "
                  "partial, and a previous one is unchanged)"),
@@ -195,7 +195,7 @@ def test_ctrl_c_in_each_step_prints_one_line_keeps_what_it_made_and_cancels_the_
     assert seconds < 20, output[-3000:]
     assert process.returncode == 128 + signal.SIGINT, output[-3000:]
     partition = "" if step in ("activations", "sweep_analysis") else f" (partition {key})"
-    kept = kept.format(key=key)
+    kept = kept.format(key=key, extraction=Path(env["SAE_PIPELINE_ROOT"]) / "extraction")
     _assert_one_stop_line(output, f"stopped by SIGINT during {step}{partition}; {kept}; "
                                   f"run `sae-pipeline run-sweep {spec}` to resume")
     job = {"activations": "prepare_activations", "sweep_analysis": "analyze_sweep"}.get(step, "train_sweep")

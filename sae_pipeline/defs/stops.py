@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 
+from sae_pipeline.activations import read_manifest
 from sae_pipeline.config import ConfigError
 from sae_pipeline.labelling import PROGRESS_FILE, LLMError
 from sae_pipeline.storage import Layout, read_json
@@ -26,7 +27,7 @@ unavailable past its own per-request retries; each attempt resumes from the labe
 Failures that a retry cannot fix (a refusal, a bad config, an HTTP 4xx, the step's deadline, a stop) raise
 `Failure(allow_retries=False)`."""
 
-PUBLISHED_WHOLE = {"corpus": "the corpus", "activations": "the activation store", "features": "the features table",
+PUBLISHED_WHOLE = {"corpus": "the corpus", "features": "the features table",
                    "sweep_analysis": "the sweep report", "calibration": "the calibration report"}
 """Steps whose output folder is swapped in whole when they finish: a stop leaves the previous one, if any."""
 
@@ -69,6 +70,8 @@ def kept_after_stop(step: str, keys: Sequence[str], layout: Layout, published: C
         return "kept: " + "; ".join(_training_state(layout, key, key in published) for key in keys)
     if step == "feature_labels":
         return "kept: " + "; ".join(_labels_state(layout, key) for key in keys)
+    if step == "activations":
+        return f"kept: {_extraction_state(layout)}"
     what = PUBLISHED_WHOLE.get(step, f"the output of {step}")
     return (f"kept: what the earlier steps made ({what} is written only when complete: nothing partial, and a "
             "previous one is unchanged)")
@@ -79,6 +82,14 @@ def _training_state(layout: Layout, key: str, published: bool) -> str:
         return f"{key} trained and published"
     step = checkpoint_step(layout.checkpoint_dir(key))
     return f"{key} checkpoint at step {step}" if step else f"{key} no checkpoint yet (it restarts)"
+
+
+def _extraction_state(layout: Layout) -> str:
+    manifest = read_manifest(layout.extraction_dir)
+    n_shards = 0 if manifest is None else sum(len(shards) for splits in manifest["stores"].values()
+                                              for shards in splits.values())
+    return (f"{n_shards} shard(s) of the extraction committed in {layout.extraction_dir} (the rerun resumes after "
+            "them; the activation store is published only when complete, and a previous one is unchanged)")
 
 
 def _labels_state(layout: Layout, key: str) -> str:

@@ -1,12 +1,13 @@
 """The data assets: `corpus` (tokenised text) and `activations` (each hook's activation store, with their checks)."""
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
 
 from sae_pipeline import quality
 from sae_pipeline.activation_scan import scan_activations
-from sae_pipeline.activations import extract_activations
+from sae_pipeline.activations import extract_activations, link_store
 from sae_pipeline.checks import ActivationEvidence, merge_store_outcomes, run_checks
 from sae_pipeline.config import ActivationSpec, CorpusSpec
 from sae_pipeline.corpus import CORPUS_COLUMNS, iter_texts, read_corpus, tokenize_corpus
@@ -84,13 +85,15 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
         lineage = lineage_record(corpus_sha256, spec.model, spec.hook_names())
         frame = read_corpus(layout)
         tokenizer, transformer = load_tokenizer(spec), load_model(spec).to(device.resolve())
+        metas = extract_activations(frame, transformer, tokenizer, spec, layout.extraction_dir, spec.model,
+                                    progress=context.log.info, corpus_key=corpus_sha256)
         with layout.publish(layout.activations_dir) as folder:
-            metas = extract_activations(frame, transformer, tokenizer, spec, folder, spec.model,
-                                        progress=context.log.info)
+            link_store(layout.extraction_dir, folder)
             outcomes = merge_store_outcomes({meta["hook_name"]: store_checks(folder, meta, metas[0], thresholds)
                                              for meta in metas})
             quality.write_verdict(folder, outcomes)
             write_lineage(folder, lineage)
+        shutil.rmtree(layout.extraction_dir)
         meta, hooks = metas[0], ", ".join(spec.hook_names())
         context.log.info(f"activations: {meta['n_tokens']} tokens x {meta['d_model']} at {hooks}")
         return dg.MaterializeResult(

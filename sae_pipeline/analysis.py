@@ -78,14 +78,15 @@ class SweepReport:
 
 def build_sweep_report(
     runs: pl.DataFrame, out_dir: Path, sweep_name: str = "sweep", missing: Sequence[str] = (),
-    training_logs: Mapping[str, pl.DataFrame] | None = None,
+    training_logs: Mapping[str, pl.DataFrame] | None = None, check_matrix: str = "",
 ) -> SweepReport:
     """Write metrics.parquet, the PNGs and report.md into `out_dir`, each atomically (temp + rename).
 
     `runs` has one row per finished config: a `key` column and any of HYPERPARAMETERS and METRICS (absent
     columns are added as nulls, other columns are dropped). `missing`: keys registered but not materialised.
     `training_logs`: key -> metrics log (step/tokens + CURVE_COLUMNS); the top balanced configs' curves are
-    overlaid in top_training_curves.png. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
+    overlaid in top_training_curves.png. `check_matrix` (`check_matrix.check_matrix_markdown`) opens the report,
+    under its title. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
     of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png. Runs with the
     `seed_group` and `sae_dir` columns of `results.collect_runs` add a cross-seed consistency section
     (`consistency.seed_consistency_section`).
@@ -113,7 +114,7 @@ def build_sweep_report(
     top_keys = ranked.get_column("key").head(CURVES_TOP_N).to_list()
     curves_path = write_curves(training_logs or {}, top_keys, out_dir / CURVES_PLOT_NAME)
     report_path = out_dir / REPORT_NAME
-    report = _render_report(table, sweep_name, list(missing), front, plot_path)
+    report = _render_report(table, sweep_name, list(missing), front, plot_path, check_matrix)
     report = _append_sections(report, table, front_dead, box_path, curves_path)
     report += seed_consistency_section(runs)
     write_bytes_atomic(report_path, report.encode())
@@ -176,9 +177,10 @@ def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, with_score: bool = 
 
 
 def _render_report(
-    table: pl.DataFrame, sweep_name: str, missing: list[str], front: list[str], plot_path: Path | None
+    table: pl.DataFrame, sweep_name: str, missing: list[str], front: list[str], plot_path: Path | None,
+    check_matrix: str = "",
 ) -> str:
-    sections = [_header(table, sweep_name, missing)]
+    sections = [_header(table, sweep_name, missing, check_matrix)]
     if failed_rows(table).height:
         sections.append(_failed_section(table))
     if table.height:
@@ -193,10 +195,11 @@ def _render_report(
     return "\n\n".join(sections) + "\n"
 
 
-def _header(table: pl.DataFrame, sweep_name: str, missing: list[str]) -> str:
+def _header(table: pl.DataFrame, sweep_name: str, missing: list[str], check_matrix: str = "") -> str:
     lines = [
         f"# Sweep report: {sweep_name}",
         "",
+        *([check_matrix, ""] if check_matrix else []),
         f"- Registered configurations: {table.height + len(missing)}",
         f"- Completed: {table.height}",
         f"- Missing (registered, not yet materialised): {len(missing)}"

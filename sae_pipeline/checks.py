@@ -53,6 +53,8 @@ class Check:
     asset: Asset
     description: str
     measure: Callable[[Any, QualityThresholds], Finding]
+    shown: str | None = None
+    """The metadata entry holding the measured value that the check matrix shows beside the verdict."""
 
 
 CHECKS: tuple[Check, ...] = (
@@ -68,28 +70,28 @@ CHECKS: tuple[Check, ...] = (
           "Token rows identical to another row: WARN > 1 %, ERROR > 10 % (positions in the metadata)",
           lambda e, t: quality.activations_duplicates(e.scan, t)),
     Check("sae_finite_weights", "sae", "No NaN/Inf in the saved weights (ERROR)",
-          lambda e, t: quality.finite_weights(e.state)),
+          lambda e, t: quality.finite_weights(e.state), shown="n_nonfinite"),
     Check("sae_not_collapsed", "sae",
           "Live latents / L0 do not fall and stay far below their running peak; names the step (ERROR)",
-          lambda e, t: quality.not_collapsed(e.training_log, e.d_sae, t)),
+          lambda e, t: quality.not_collapsed(e.training_log, e.d_sae, t), shown="final_live_latents"),
     Check("sae_dead_fraction", "sae", "Latents never firing on held-out tokens: WARN > 10 %, ERROR > 90 %",
-          lambda e, t: quality.dead_fraction(e.metrics.dead_fraction, t)),
+          lambda e, t: quality.dead_fraction(e.metrics.dead_fraction, t), shown="dead_fraction"),
     Check("sae_dense_fraction", "sae", "Latents firing on > 10 % of held-out tokens: WARN > 5 %, ERROR > 50 %",
-          lambda e, t: quality.dense_fraction(e.frequency, t)),
+          lambda e, t: quality.dense_fraction(e.frequency, t), shown="dense_fraction"),
     Check("sae_l0_in_target_band", "sae",
           "Held-out L0 vs target_l0 when set: WARN outside 0.6-1.4 x target, ERROR outside 0.2-2 x",
-          lambda e, t: quality.l0_in_target_band(e.metrics.l0_fraction, e.target_l0, t)),
+          lambda e, t: quality.l0_in_target_band(e.metrics.l0_fraction, e.target_l0, t), shown="l0_fraction"),
     Check("sae_fvu", "sae", "Held-out fraction of variance unexplained: WARN > 0.5, ERROR > 1",
-          lambda e, t: quality.fvu_bound(e.metrics.fvu, t)),
+          lambda e, t: quality.fvu_bound(e.metrics.fvu, t), shown="fvu"),
     Check("sae_l0_trend", "sae", "L1-steered SAEs: last-window mean L0 must not rise above the first window's",
-          lambda e, t: quality.l0_trend(e.training_log, e.architecture, t)),
+          lambda e, t: quality.l0_trend(e.training_log, e.architecture, t), shown="last_window_l0"),
     Check("features_not_near_zero", "features",
           "Latents with max activation < 1e-6 are not live; ERROR when most latents are like that",
-          lambda frame, t: quality.features_not_near_zero(frame, t)),
+          lambda frame, t: quality.features_not_near_zero(frame, t), shown="share_not_live"),
     Check("features_table_valid", "features",
           "Great Expectations suite: ids unique, no nulls, frequency in [0, 1], max >= mean >= 0, contexts "
           "non-empty for live latents (ERROR)",
-          lambda frame, t: quality.features_table_valid(frame)),
+          lambda frame, t: quality.features_table_valid(frame), shown="n_failed"),
 )
 """Every data check, once: the Dagster check specs, the runs and the verdict files all come from here."""
 

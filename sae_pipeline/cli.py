@@ -153,6 +153,7 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
     they are not current (all with `refresh`), then the sweep report."""
     import dagster as dg
 
+    from sae_pipeline.check_matrix import check_matrix_markdown
     from sae_pipeline.definitions import defs
     from sae_pipeline.defs.runs import failure_message
 
@@ -181,6 +182,7 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
     print("== analyze_sweep", flush=True)
     analysis = stop.execute(defs.resolve_job_def("analyze_sweep"), instance, run_config=QUIET)
     _print_results(layout, keys, sorted(failed))
+    print("\n" + check_matrix_markdown(layout, keys), flush=True)
     if not analysis.success:
         print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
         return 1

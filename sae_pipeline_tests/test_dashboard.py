@@ -13,6 +13,7 @@ import pytest
 from sae_pipeline.dashboard import context_html, display_tokens, render_dashboard
 from sae_pipeline.defs.assets import feature_labels, features, sae
 from sae_pipeline.features import EXAMPLE_SCHEMA, FEATURE_SCHEMA
+from sae_pipeline.markdown import round_significant
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 from sae_pipeline_tests.webui import chromium
 
@@ -91,7 +92,7 @@ def test_partition_metadata_and_tables(partition):
     scored = labels.filter(pl.col("detection_accuracy").is_not_null())
     assert labels_meta["n_scored"] == len(scored)
     if len(scored):
-        assert labels_meta["mean_detection_accuracy"] == pytest.approx(scored["detection_accuracy"].mean())
+        assert labels_meta["mean_detection_accuracy"] == round_significant(scored["detection_accuracy"].mean())
         assert "**Best labelled**" in labels_meta["best_and_worst_scored"]
 
 

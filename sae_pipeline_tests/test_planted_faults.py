@@ -92,7 +92,7 @@ def test_nan_activations_fail_finite_check_and_block_everything_downstream(
     original = activations_module.hook_activations
 
     def poisoned(model, hooks, input_ids, mask):  # a model whose hooked layer overflows on the first row's token 1
-        captured = original(model, hooks, input_ids, mask)
+        captured = {hook: acts.clone() for hook, acts in original(model, hooks, input_ids, mask).items()}
         for acts in captured.values():
             acts[0, 1, :5] = float("nan")
         return captured
@@ -122,7 +122,7 @@ def test_sink_vector_on_30_percent_of_tokens_fails_duplicates_check_and_blocks_d
     original = activations_module.hook_activations
 
     def sink(model, hooks, input_ids, mask):  # every 10th position of 3 is one fixed vector at the row's norm
-        captured = original(model, hooks, input_ids, mask)
+        captured = {hook: acts.clone() for hook, acts in original(model, hooks, input_ids, mask).items()}
         for acts in captured.values():
             positions = torch.arange(acts.shape[1]) % 10 < 3
             vector = torch.ones(acts.shape[-1]).index_fill_(0, torch.arange(0, acts.shape[-1], 2), -1.0)

@@ -11,7 +11,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from sae_pipeline.check_matrix import check_matrix_markdown
 from sae_pipeline.defs.assets import DASHBOARD_DIR, calibration, feature_labels, features, sae, sweep_analysis
+from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.features import EXAMPLES_FILE, FEATURES_FILE
 from sae_pipeline.labelling import LABELS_FILE
 from sae_pipeline.markdown import INLINE_MARKDOWN_CHARS, round_significant
@@ -89,6 +91,9 @@ def test_sweep_analysis_shows_the_whole_report_with_its_plots(pipeline: Pipeline
     for heading in re.findall(r"^#+ .+$", on_disk, flags=re.M):
         assert heading in report
     assert f"`{key}`" in report and "- Training wall time: " in report
+    matrix = check_matrix_markdown(pipeline.layout, pipeline.instance.get_dynamic_partitions(sae_configs.name))
+    assert metadata[numbered[0][1]].startswith("# Sweep report: sae_configs\n\n" + matrix.split("\n")[0])
+    assert on_disk.startswith(f"# Sweep report: sae_configs\n\n{matrix}\n")  # the matrix opens the report
     embedded = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report)
     linked = re.findall(r"\]\(([\w.]+\.png)\)", on_disk)
     assert linked and [base64.b64decode(data) for data in embedded] == [(folder / n).read_bytes() for n in linked]

@@ -96,6 +96,10 @@ def webserver(env: dict[str, str], log: Path, timeout: float = 180.0) -> Iterato
             process.wait(timeout=30)
 
 
+RUN_SWEEP_OUTPUT = "run-sweep.out"
+"""What `run-sweep` printed in `materialise_home`, kept beside the root and the home."""
+
+
 def materialise_home(source_root: Path, folder: Path) -> tuple[dict[str, str], list[str]]:
     """A storage root under `folder` holding `source_root`'s corpus + activations, a DAGSTER_HOME with the shipped
     dagster.yaml, and `run-sweep` of UI_SWEEP run on them (sae, features, feature_labels, sweep_analysis with
@@ -115,6 +119,7 @@ def materialise_home(source_root: Path, folder: Path) -> tuple[dict[str, str], l
     done = subprocess.run([sys.executable, "-m", "sae_pipeline.cli", "run-sweep", str(spec)], env=env, cwd=folder,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (folder / RUN_SWEEP_OUTPUT).write_text(done.stdout)
     return env, keys
 
 

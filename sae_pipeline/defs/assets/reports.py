@@ -5,6 +5,7 @@ import dagster as dg
 
 from sae_pipeline.analysis import build_sweep_report, report_with_inline_plots
 from sae_pipeline.calibration import calibration_png, calibration_state, how_to_calibrate, plans_markdown
+from sae_pipeline.check_matrix import check_matrix_markdown
 from sae_pipeline.defs.assets.interpretation import features
 from sae_pipeline.defs.assets.training import sae
 from sae_pipeline.defs.partitions import sae_configs
@@ -21,7 +22,8 @@ from sae_pipeline.storage import (
 
 
 @dg.asset(deps=[sae, features], group_name="analysis", kinds={"markdown"},
-          description="The sweep report (seed 004's form) over every finished config partition; the `report` "
+          description="The sweep report (seed 004's form) over every finished config partition, opening with "
+                      "the check matrix (every partition against every sae and features check); the `report` "
                       "metadata holds it whole, plots inline.")
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     with stops_without_retry(context, storage.layout):
@@ -30,7 +32,8 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
         logs = training_logs(layout, keys)
         runs, missing = collect_runs(layout, keys, logs)
         with layout.publish(layout.analysis_dir) as folder:
-            report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs)
+            report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs,
+                                        check_matrix=check_matrix_markdown(layout, keys))
             text = report_with_inline_plots(report)
         where = layout.location(layout.analysis_dir)
         return dg.MaterializeResult(metadata={

@@ -72,3 +72,31 @@ def test_the_logical_data_version_depends_on_the_code_version_and_every_input() 
     assert version != private.compute_logical_data_version("2", {dg.AssetKey("activations"):
                                                                   dg.DataVersion("b")})
     assert private.StaleStatus.FRESH.value == "FRESH"
+
+
+def test_a_recorded_check_result_is_the_ranged_steps_check_output_with_its_partition() -> None:
+    import warnings
+
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    parts = dg.StaticPartitionsDefinition(["a", "b"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
+        spec = dg.AssetCheckSpec("ok", asset="toy", blocking=True, partitions_def=parts)
+
+    @dg.multi_asset(specs=[dg.AssetSpec("toy")], check_specs=[spec], partitions_def=parts, can_subset=True)
+    def toy(context):  # noqa: ANN001 (Dagster reads the annotation, which the future import makes a string)
+        for key in context.partition_keys:
+            yield dg.AssetMaterialization(asset_key="toy", partition=key)
+        yield private.recorded_check_result(dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey("toy"), check_name="ok", passed=True, partition="b"))
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([toy], instance=instance, tags={ASSET_PARTITION_RANGE_START_TAG: "a",
+                                                                ASSET_PARTITION_RANGE_END_TAG: "b"})
+        assert result.success
+        logs = instance.all_logs(result.run_id)
+        evaluations = [entry.dagster_event.event_specific_data for entry in logs if entry.dagster_event
+                       and entry.dagster_event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
+        assert [(e.partition, e.check_name, e.passed) for e in evaluations] == [("b", "ok", True)]
+        assert not [e for e in logs if "did not yield or return expected outputs" in e.user_message]

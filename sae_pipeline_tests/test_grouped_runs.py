@@ -57,6 +57,9 @@ def test_a_ranged_run_trains_one_group_and_materialises_each_partition(pipeline:
     assert result.success
     messages = [entry.user_message for entry in pipeline.instance.all_logs(result.run_id)]
     assert any("group 1/1: 3 configs in one pass" in message for message in messages)
+    assert not [message for message in messages if "did not yield or return expected outputs" in message]
+    logged = pipeline.instance.all_logs(result.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    assert len(logged) == len(keys) * len(SAE_CHECKS)  # one per partition and check: none twice, none unpartitioned
     evaluations = _evaluations(pipeline, result.run_id)
     for key, cfg in zip(keys, cfgs, strict=True):
         (materialization,) = _materializations(pipeline, key, result.run_id)

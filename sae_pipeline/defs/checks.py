@@ -3,8 +3,10 @@ the core's pure check outcomes (`sae_pipeline.quality`). Every spec is blocking:
 downstream steps in the run, a failed WARN check only flags. Thresholds come from the `quality` resource.
 
 The checks of partitioned assets are partitioned too, so the UI shows status and history per config partition.
-A ranged `sae` run (several partitions in one step) logs one evaluation per partition itself
-(`check_evaluations`): Dagster attaches a partition to an `AssetCheckResult` only in a single-partition step.
+A ranged `sae` run (several partitions in one step) builds one evaluation per partition itself
+(`check_evaluations`): Dagster attaches a partition to an `AssetCheckResult` only in a single-partition step. It
+logs each but the last partition's, which it yields as the step's check outputs (`recorded_check_result`), so
+Dagster expects no other output and the job graph shows the latest partition's verdicts.
 """
 
 import math

@@ -4,6 +4,9 @@ changes one fails there, loudly, and not somewhere in a run. Two non-public meth
 `runs.py`: `JobDefinition.as_ephemeral_job` (the in-process executor) and `with_logger_defs` (the CLI's console
 logger on a location run's job)."""
 
+import dagster as dg
+from dagster import AssetCheckEvaluation
+
 # Staleness as the UI shows it (`staleness.py`): Dagster computes it with this resolver over an asset graph
 # view, and has no public call that answers "is this partition stale, and why".
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
@@ -52,6 +55,30 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 # The clock the stale resolver's temporal context expects (timezone-aware, patchable in Dagster's tests).
 from dagster._time import get_current_datetime
 
+
+class RecordedCheckResult(dg.AssetCheckResult):
+    """A check result that Dagster records as one given evaluation, partition included (`recorded_check_result`).
+
+    A ranged `sae` step (`defs/assets/training.py`) must yield an `AssetCheckResult` per check: otherwise Dagster
+    logs "did not yield or return expected outputs" for every check, though each partition's evaluation is
+    logged. But Dagster turns a yielded result into an evaluation of the step's one partition, and a ranged step
+    has none, so the public result would be recorded without its partition. Step execution builds the evaluation
+    with `to_asset_check_evaluation` (a method Dagster calls, not one users are meant to override); this result
+    returns the evaluation it carries instead."""
+
+    def to_asset_check_evaluation(self, step_context: object) -> AssetCheckEvaluation:  # noqa: ARG002
+        return self.__dict__["evaluation"]
+
+
+def recorded_check_result(evaluation: AssetCheckEvaluation) -> dg.AssetCheckResult:
+    """The check result of a step that Dagster records as `evaluation` (a partition's, from a ranged step)."""
+    result = RecordedCheckResult(passed=evaluation.passed, asset_key=evaluation.asset_key,
+                                 check_name=evaluation.check_name, metadata=evaluation.metadata,
+                                 severity=evaluation.severity, description=evaluation.description)
+    result.__dict__["evaluation"] = evaluation  # a NamedTuple subclass without __slots__ keeps a __dict__
+    return result
+
+
 __all__ = [
     "BACKFILL_ID_TAG", "CODE_VERSION_TAG", "DATA_VERSION_TAG", "DEFAULT_DATA_VERSION", "NULL_EVENT_POINTER",
     "SINGLETON_REPOSITORY_NAME", "AssetCheckEvaluationTargetMaterializationData", "AssetGraphView",
@@ -59,5 +86,5 @@ __all__ = [
     "ManagedGrpcPythonEnvCodeLocationOrigin", "ReconstructableRepository", "RemoteJobOrigin",
     "RemoteRepositoryOrigin", "StaleStatus", "TemporalContext", "compute_logical_data_version",
     "create_execution_plan", "execute_run", "get_current_datetime", "get_input_data_version_tag",
-    "get_input_event_pointer_tag", "merge_run_tags",
+    "get_input_event_pointer_tag", "merge_run_tags", "recorded_check_result",
 ]

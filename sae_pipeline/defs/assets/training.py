@@ -1,7 +1,7 @@
 """`sae`: one SAE per config partition, trained as groups in one pass over the activations for 1 to n
 partitions, each published with its check results as soon as it is done."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sae_pipeline.defs.checks import (
     refuse_if_blocked,
     refuse_if_other_lineage,
 )
+from sae_pipeline.defs.dagster_private import recorded_check_result
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
@@ -87,6 +88,7 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
     planned = [[ready[i] for i in group] for ready in by_store.values()
                for group in plan_groups([cfgs[k] for k in ready], store_of[ready[0]].d_model, device.memory_bytes(),
                                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])]
+    latest: list[dg.AssetCheckEvaluation] = []
     for number, members in enumerate(planned, 1):
         store = store_of[members[0]]
         context.log.info(f"sae group {number}/{len(planned)}: {len(members)} configs in one pass over the "
@@ -105,10 +107,13 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
             except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
                 failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
                 continue
-            yield from materialisation(context, key, published, tags)
+            for evaluation in latest:  # the previous partition's; the last one's are the step's check outputs
+                context.log_event(evaluation)
+            latest = yield from materialisation(context, key, published, tags)
             if published.blocking_failures and not context.has_partition_key:
                 failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
             context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
+    yield from (recorded_check_result(evaluation) for evaluation in latest)
     if failures:
         lines = [f"{key}: {why}" for key, why in failures.items()]
         raise dg.Failure(description=f"{len(failures)} of {len(keys)} sae partitions failed (the others are "
@@ -126,19 +131,20 @@ def sae_metadata(published: PublishedSAE, key: str) -> dict[str, Any]:
 
 
 def materialisation(context: dg.AssetExecutionContext, key: str, published: PublishedSAE, tags: dict[str, str]
-                    ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+                    ) -> Generator[dg.MaterializeResult | dg.AssetMaterialization, None,
+                                   list[dg.AssetCheckEvaluation]]:
     """A published partition's materialisation and check results. Dagster ties a `MaterializeResult` (the step's
     output, which downstream steps in the run wait for, and whose failed blocking checks stop them) to a partition
-    only in a single-partition step; in a ranged step each partition is an `AssetMaterialization` with its check
-    evaluations logged beside it."""
+    only in a single-partition step; in a ranged step each partition is an `AssetMaterialization`, and its check
+    evaluations are returned: the caller logs them, but the last partition's, which become the step's check
+    outputs (`recorded_check_result`) so that Dagster expects no other."""
     metadata = sae_metadata(published, key)
     if context.has_partition_key:
         yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=metadata,
                                    check_results=[check_result(o, key) for o in published.outcomes])
-        return
+        return []
     yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=metadata, tags=tags)
-    for evaluation in check_evaluations(context.instance, SAE_KEY, key, published.outcomes):
-        context.log_event(evaluation)
+    return check_evaluations(context.instance, SAE_KEY, key, published.outcomes)
 
 
 @dg.multi_asset(

@@ -62,8 +62,9 @@ def build_store(folder: Path, tokens: int, dtype: str) -> dict:
 
 
 def train(store: ActivationStore, train_tokens: int) -> dict:
+    steps = max(1, train_tokens // 1024)  # one checkpoint, at the end: none is timed mid-run
     cfgs = [SAEConfig(**point, batch_size=1024, lr=1e-3, train_tokens=train_tokens, dead_tokens=1_000_000,
-                      log_every=100, checkpoint_every=10**9) for point in GROUP]
+                      log_every=100, checkpoint_every=steps) for point in GROUP]
     groups = plan_groups(cfgs, store.d_model)
     reset_peak_rss()
     started = time.perf_counter()
@@ -106,8 +107,9 @@ def main() -> None:
         print(json.dumps(report))
         return
     shutil.rmtree(args.out, ignore_errors=True)
-    report = {**build_store(args.out, args.tokens, args.dtype), **train_in_child(args.out, args.train_tokens)}
-    print(json.dumps(report, indent=2))
+    built = build_store(args.out, args.tokens, args.dtype)
+    print(json.dumps(built), flush=True)  # kept even if training fails
+    print(json.dumps({**built, **train_in_child(args.out, args.train_tokens)}, indent=2))
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
 

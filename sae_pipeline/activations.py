@@ -162,7 +162,7 @@ class _HookStore:
                hook_names: list[str]) -> dict:
         """Drop norm outliers if configured, write meta.json from the shards written; returns it."""
         shards = self.committed()
-        train_norm = torch.cat([read_norms(self.folder, shard) for shard in shards["train"]])
+        train_norm = torch.cat([torch.empty(0)] + [read_norms(self.folder, shard) for shard in shards["train"]])
         n_nonfinite = sum(int((~torch.isfinite(read_norms(self.folder, shard))).sum())
                           for split in shards.values() for shard in split)
         n_excluded = 0

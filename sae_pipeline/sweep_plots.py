@@ -7,7 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Annotation, Text
+from matplotlib.transforms import Bbox
 
 from sae_pipeline.markdown import format_value
 from sae_pipeline.plots import figure_png
@@ -68,14 +71,47 @@ def l0_fvu_figure(table: pl.DataFrame, sweep_name: str) -> Figure | None:
 
 
 def _label_points(ax, points: pl.DataFrame) -> None:
-    """Name each point by its config key, in small type beside it; neighbours in L0 order alternate above and
-    below so that keys of close points do not print over each other."""
-    ordered = points.sort("l0", "fvu", "key")
-    for i, row in enumerate(ordered.iter_rows(named=True)):
+    """Name each point by its config key, in small type beside it, joined to it by a thin leader line; labels
+    that would print over one another are moved apart (`_separate_labels`)."""
+    labels = []
+    for row in points.sort("l0", "fvu", "key").iter_rows(named=True):
         on_front = bool(row["on_pareto_front"])
-        ax.annotate(row["key"], (row["l0"], row["fvu"]), xytext=(5, 6 if i % 2 == 0 else -10),
-                    textcoords="offset points", fontsize=6.5, color="C3" if on_front else "0.25",
-                    fontweight="bold" if on_front else "normal")
+        labels.append(ax.annotate(row["key"], (row["l0"], row["fvu"]), xytext=(6, 4), textcoords="offset points",
+                                  fontsize=6.5, color="C3" if on_front else "0.25",
+                                  fontweight="bold" if on_front else "normal",
+                                  arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5,
+                                              "shrinkA": 0, "shrinkB": 2}))
+    _separate_labels(ax.figure, labels)
+
+
+LABEL_GAP_PIXELS = 2.0
+
+
+def _separate_labels(fig: Figure, labels: list) -> None:
+    """Move each label, in order, past every label already placed that it overlaps, measured on the laid-out
+    figure: up or down, whichever the first overlap makes shorter, and on in that direction (so it ends), and the
+    keys of points at the same L0 and a close FVU stay legible."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.tight_layout()
+    placed = []
+    for label in labels:
+        direction = 0
+        for _ in range(len(placed)):  # each move passes one placed label for good: at most that many
+            box = _text_box(label, renderer)
+            clash = next((other for other in placed if other.overlaps(box)), None)
+            if clash is None:
+                break
+            up, down = clash.y1 - box.y0 + LABEL_GAP_PIXELS, clash.y0 - box.y1 - LABEL_GAP_PIXELS
+            direction = direction or (1 if abs(up) <= abs(down) else -1)
+            x, y = label.xyann
+            label.xyann = (x, y + (up if direction > 0 else down) * 72 / fig.dpi)  # offsets are in points
+        placed.append(_text_box(label, renderer))
+
+
+def _text_box(label: Annotation, renderer: RendererAgg) -> Bbox:
+    """Where a label's text is drawn, in pixels; its window extent would include the leader line."""
+    label.update_positions(renderer)
+    return Text.get_window_extent(label, renderer)
 
 
 def write_box_plots(table: pl.DataFrame, path: Path) -> Path | None:

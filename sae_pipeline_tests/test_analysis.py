@@ -446,6 +446,33 @@ def test_pareto_plot_names_its_points_and_only_the_front_when_crowded(planted: p
     assert _texts(crowded) == expected and 0 < len(expected) < len(crowded_rows)
 
 
+def test_pareto_labels_of_close_points_do_not_overlap(tmp_path: Path) -> None:
+    """Seven configs at the same L0 and FVU within 0.01 (as the default sweep's two k32 TopKs at L0 32), on an
+    axis that two more configs stretch: every
+    label, measured on the saved figure, keeps clear of the others and stays joined to its point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from sae_pipeline.plots import figure_png
+
+    close = [{"key": f"topk_exp{2 ** i}_k32_lr4e-03_aux3e-02_he16fba", "architecture": "topk", "k": 32,
+              "l0": 32.0, "fvu": 0.130 - i * 0.0015, "dead_fraction": 0.01} for i in range(7)]
+    far = [{"key": f"topk_exp4_k{k}_lr4e-03_aux3e-02_he16fba", "architecture": "topk", "k": k, "l0": float(k),
+            "fvu": fvu, "dead_fraction": 0.01} for k, fvu in ((8, 0.45), (64, 0.04))]  # the axis spans 0.04-0.45
+    runs = pl.DataFrame(close + far)
+    table = pl.read_parquet(build_sweep_report(runs, tmp_path).table_path)
+    fig = l0_fvu_figure(table, "close")
+    figure_png(fig)  # laid out as it is saved
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    labels = fig.axes[0].texts
+    for label in labels:
+        label.update_positions(renderer)
+    boxes = [Text.get_window_extent(label, renderer) for label in labels]  # the text, without its leader line
+    assert sorted(label.get_text() for label in labels) == sorted(runs["key"])
+    assert not [(a, b) for a in range(len(boxes)) for b in range(a + 1, len(boxes)) if boxes[a].overlaps(boxes[b])]
+    assert all(label.arrow_patch is not None for label in labels)  # each has its leader line
+
+
 def test_report_numbers_are_rounded_and_wall_time_reads_as_a_duration(tmp_path: Path) -> None:
     runs = pl.DataFrame([{"key": "a", "architecture": "relu", "l1_alpha": 0.1 + 0.2, "l0": 10.123456789,
                           "fvu": 0.020833333333333332, "dead_fraction": 0.1, "wall_seconds": 280.32290581000007},

@@ -189,3 +189,17 @@ def test_outliers_are_dropped_from_new_shards_and_only_those_stay(pipeline: Pipe
     listed = {shard["file"] for shard in meta["train_shards"] + meta["eval_shards"]}
     assert all(name.endswith("-kept.safetensors") for name in listed)
     assert {path.name for path in tmp_path.glob("*.safetensors")} == listed
+
+
+def test_a_corpus_of_special_tokens_only_is_refused_naming_why(tmp_path: Path) -> None:
+    import polars as pl
+
+    from sae_pipeline.config import ConfigError
+
+    spec = ActivationSpec()
+    tokenizer = load_tokenizer(spec)
+    ids = [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    corpus = pl.DataFrame({"seq_id": list(range(4)), "text": [""] * 4, "input_ids": [ids] * 4},
+                          schema={"seq_id": pl.Int64, "text": pl.String, "input_ids": pl.List(pl.Int32)})
+    with pytest.raises(ConfigError, match="no tokens left after excluding padding/special tokens"):
+        extract_activations(corpus, load_model(spec), tokenizer, spec, tmp_path, spec.model)

@@ -24,7 +24,8 @@ from sae_pipeline.storage import (
 @dg.asset(deps=[sae, features], group_name="analysis", kinds={"markdown"},
           description="The sweep report (seed 004's form) over every finished config partition, opening with "
                       "the check matrix (every partition against every sae and features check); the `report` "
-                      "metadata holds it whole, plots inline.")
+                      "metadata holds it whole: the text in place, each plot behind its \"[Show Markdown]\" "
+                      "link (Dagster's for values over 1,000 characters).")
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     with stops_without_retry(context, storage.layout):
         layout = storage.layout

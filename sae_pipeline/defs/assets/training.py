@@ -88,36 +88,73 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
     planned = [[ready[i] for i in group] for ready in by_store.values()
                for group in plan_groups([cfgs[k] for k in ready], store_of[ready[0]].d_model, device.memory_bytes(),
                                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])]
-    latest: list[dg.AssetCheckEvaluation] = []
-    for number, members in enumerate(planned, 1):
-        store = store_of[members[0]]
-        context.log.info(f"sae group {number}/{len(planned)}: {len(members)} configs in one pass over the "
-                         f"activations at {store.meta.get('hook_name', 'the store')}: {', '.join(members)}")
-        hooks = [training_hooks(context, layout, key) for key in members]
-        results = train_group([cfgs[k] for k in members], store, device.resolve(),
-                              [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
-                              [h[1] for h in hooks], progress=context.log.info)
-        for key, result in zip(members, results, strict=True):
-            if isinstance(result, Exception):
-                failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
-                continue
-            try:
-                published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
-                                        trust_remote_code)
-            except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
-                failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
-                continue
-            for evaluation in latest:  # the previous partition's; the last one's are the step's check outputs
-                context.log_event(evaluation)
-            latest = yield from materialisation(context, key, published, tags)
-            if published.blocking_failures and not context.has_partition_key:
-                failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
-            context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
-    yield from (recorded_check_result(evaluation) for evaluation in latest)
+    checks = _HeldChecks(context)
+    try:
+        for number, members in enumerate(planned, 1):
+            checks.log()  # before the next group trains: the last partition published has its checks in the UI
+            yield from _train_and_materialise(context, layout, members, cfgs, store_of[members[0]], device,
+                                              thresholds, trust_remote_code, tags, failures, checks,
+                                              f"{number}/{len(planned)}")
+    except BaseException:
+        checks.log()  # a stop or an error: every partition published keeps its evaluations
+        raise
+    yield from checks.as_outputs()
     if failures:
         lines = [f"{key}: {why}" for key, why in failures.items()]
         raise dg.Failure(description=f"{len(failures)} of {len(keys)} sae partitions failed (the others are "
                          "materialised): " + "; ".join(lines), metadata={"failed": "\n".join(lines)})
+
+
+class _HeldChecks:
+    """A ranged step's check evaluations, the latest partition's held back. Dagster expects a check result per
+    check from the step, or it logs "did not yield or return expected outputs" for each: the last partition's
+    evaluations become those results (`recorded_check_result`), and every earlier partition's are logged as
+    soon as the next one is published, the next group starts, or the step stops."""
+
+    def __init__(self, context: dg.AssetExecutionContext) -> None:
+        self.context, self.held = context, []
+
+    def hold(self, evaluations: list[dg.AssetCheckEvaluation]) -> None:
+        self.log()
+        self.held = evaluations
+
+    def log(self) -> None:
+        for evaluation in self.held:
+            self.context.log_event(evaluation)
+        self.held = []
+
+    def as_outputs(self) -> list[dg.AssetCheckResult]:
+        outputs, self.held = [recorded_check_result(evaluation) for evaluation in self.held], []
+        return outputs
+
+
+def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, members: list[str],
+                           cfgs: dict[str, SAEConfig], store: ActivationStore, device: DeviceResource,
+                           thresholds: quality.QualityThresholds, trust_remote_code: bool, tags: dict[str, str],
+                           failures: dict[str, str], checks: _HeldChecks, number: str
+                           ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """One group of `train_partitions`: train it in one pass, then publish and materialise each member; a
+    member that fails goes into `failures` with why."""
+    context.log.info(f"sae group {number}: {len(members)} configs in one pass over the "
+                     f"activations at {store.meta.get('hook_name', 'the store')}: {', '.join(members)}")
+    hooks = [training_hooks(context, layout, key) for key in members]
+    results = train_group([cfgs[k] for k in members], store, device.resolve(),
+                          [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
+                          [h[1] for h in hooks], progress=context.log.info)
+    for key, result in zip(members, results, strict=True):
+        if isinstance(result, Exception):
+            failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
+            continue
+        try:
+            published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
+                                    trust_remote_code)
+        except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
+            failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
+            continue
+        checks.hold((yield from materialisation(context, key, published, tags)))
+        if published.blocking_failures and not context.has_partition_key:
+            failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
+        context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
 
 
 SAE_KEY = dg.AssetKey("sae")

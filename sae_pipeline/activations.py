@@ -162,9 +162,9 @@ class _HookStore:
                hook_names: list[str]) -> dict:
         """Drop norm outliers if configured, write meta.json from the shards written; returns it."""
         shards = self.committed()
-        train_norm = torch.cat([torch.empty(0)] + [read_norms(self.folder, shard) for shard in shards["train"]])
-        n_nonfinite = sum(int((~torch.isfinite(read_norms(self.folder, shard))).sum())
-                          for split in shards.values() for shard in split)
+        norms = {split: [read_norms(self.folder, shard) for shard in shards[split]] for split in shards}
+        train_norm = torch.cat([torch.empty(0), *norms["train"]])
+        n_nonfinite = sum(int((~torch.isfinite(part)).sum()) for parts in norms.values() for part in parts)
         n_excluded = 0
         if spec.exclude_norm_outliers is not None and train_norm.numel():
             finite = train_norm[torch.isfinite(train_norm)]

@@ -121,40 +121,39 @@ def assets_to_run(defs, instance, keys: list[str], refresh: bool) -> tuple[dict[
     return todo, why
 
 
-def train_ranges(defs, instance, keys: list[str], stop: StopSignals) -> set[str]:
-    """Train `keys` as ranged `sae` runs (the path an asset backfill takes: each run trains its partitions as
-    groups in one pass); returns the keys that were not materialised."""
+def ranged_runs(defs, instance, asset: str, keys: list[str], size: int, stop: StopSignals) -> set[str]:
+    """Materialise `asset` for `keys` as ranged runs of at most `size` consecutive partitions (the path an asset
+    backfill takes: each run loads what its partitions share once); returns the keys that were not materialised."""
     import dagster as dg
 
-    from sae_pipeline.defs.assets import SAE_RUN_SIZE
     from sae_pipeline.defs.partitions import key_ranges, sae_configs
     from sae_pipeline.defs.runs import failure_message
     from sae_pipeline.defs.schedules import RANGE_END_TAG, RANGE_START_TAG
     from sae_pipeline.defs.stops import published_in_run
 
     failed: set[str] = set()
-    ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), SAE_RUN_SIZE)
+    ranges = key_ranges(instance.get_dynamic_partitions(sae_configs.name), set(keys), size)
     for index, members in enumerate(ranges, 1):
-        print(f"== train_sweep sae [{index}/{len(ranges)}]: {len(members)} config(s) in one run, trained as groups "
-              f"in one pass each: {', '.join(members)}", flush=True)
+        how = ", trained as groups in one pass each" if asset == "sae" else ""
+        print(f"== train_sweep {asset} [{index}/{len(ranges)}]: {len(members)} config(s) in one run{how}: "
+              f"{', '.join(members)}", flush=True)
         where = ({"partition_key": members[0]} if len(members) == 1 else
                  {"tags": {RANGE_START_TAG: members[0], RANGE_END_TAG: members[-1]}})
         result = stop.execute(defs.resolve_job_def("train_sweep"), instance, run_config=QUIET,
-                              asset_selection=[dg.AssetKey("sae")], **where)
+                              asset_selection=[dg.AssetKey(asset)], **where)
         if not result.success:
             print(f"   {failure_message(result)}", flush=True)
-        failed |= set(members) - set(published_in_run(instance, "sae", members, result.run_id))
+        failed |= set(members) - set(published_in_run(instance, asset, members, result.run_id))
     return failed
 
 
 def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: bool = False) -> int:
-    """Register the sweep, extract activations if needed, train every partition whose `sae` is not current (as
-    ranged runs, each training its configs as groups), run `features` and `feature_labels` per partition where
-    they are not current (all with `refresh`), then the sweep report."""
-    import dagster as dg
-
+    """Register the sweep, extract activations if needed, then materialise `sae`, `features` and
+    `feature_labels` where they are not current (all with `refresh`), each as ranged runs (`sae` trains its
+    configs as groups; a partition that failed is not taken further), then the sweep report."""
     from sae_pipeline.check_matrix import check_matrix_markdown
     from sae_pipeline.definitions import defs
+    from sae_pipeline.defs.assets import FEATURES_RUN_SIZE, SAE_RUN_SIZE
     from sae_pipeline.defs.runs import failure_message
 
     keys = register(path, dry_run=False)
@@ -169,16 +168,10 @@ def run_sweep(path: str, refresh_activations: bool, stop: StopSignals, refresh: 
                   flush=True)
         elif key in why:
             print(f"== {key}: reruns from {todo[key][0]} ({why[key]})", flush=True)
-    failed = train_ranges(defs, instance, [key for key in keys if todo[key][:1] == ["sae"]], stop)
-    downstream = [key for key in keys if todo[key] and key not in failed]
-    for index, key in enumerate(downstream, 1):
-        assets = [asset for asset in todo[key] if asset != "sae"]
-        print(f"== train_sweep [{index}/{len(downstream)}] {key}: {', '.join(assets)}", flush=True)
-        result = stop.execute(defs.resolve_job_def("train_sweep"), instance, partition_key=key, run_config=QUIET,
-                              asset_selection=[dg.AssetKey(asset) for asset in assets])
-        if not result.success:
-            print(f"   {failure_message(result)}", flush=True)
-            failed.add(key)
+    failed: set[str] = set()
+    for asset, size in (("sae", SAE_RUN_SIZE), ("features", FEATURES_RUN_SIZE), ("feature_labels", FEATURES_RUN_SIZE)):
+        wanted = [key for key in keys if asset in todo[key] and key not in failed]
+        failed |= ranged_runs(defs, instance, asset, wanted, size, stop)
     print("== analyze_sweep", flush=True)
     analysis = stop.execute(defs.resolve_job_def("analyze_sweep"), instance, run_config=QUIET)
     _print_results(layout, keys, sorted(failed))

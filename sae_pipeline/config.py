@@ -467,4 +467,5 @@ class LabelsSpec(StrictSpec):
     retries: Int = Field(3, ge=0, le=10)
     """`llm`: further attempts after a transient failure (no connection, timeout, HTTP 429 or 5xx)."""
     step_timeout: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
-    """`llm`: seconds the whole labelling and scoring may take; labels obtained by then are kept for a rerun."""
+    """`llm`: seconds the whole labelling and scoring of a step may take (every partition of a ranged run);
+    labels obtained by then are kept for a rerun."""

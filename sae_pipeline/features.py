@@ -9,7 +9,8 @@ only with numerically meaningless values such as 1e-16 ("near-zero", the symptom
 seed 003). Neither kind may be labelled, because its "top examples" are noise.
 
 `extract_features` adds what a feature dashboard (SAEDashboard, Neuronpedia) and delphi-style scoring need,
-still with memory flat in n_tokens, in three streamed passes over the eval split:
+still with memory flat in n_tokens, in three streamed passes over the eval split (its latents are encoded once
+and kept between the passes when they fit in KEPT_LATENTS_BYTES, else encoded in each pass):
 1. statistics, the running top-N and a log10 activation histogram per latent (fixed bins, HIST_LOG10_EDGES);
 2. quantile-sampled examples: (0, max] cut into `n_bands` equal-width bands (as SAEDashboard does), up to
    `per_band` examples drawn uniformly per band by a hash of (eval row, latent), the top-N excluded so they stay
@@ -26,7 +27,7 @@ Tables (plain parquet, `polars.read_parquet` reads them):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -127,15 +128,16 @@ def _chunk_top(latents: Tensor, k: int) -> tuple[Tensor, Tensor]:
     chunk size (a bias-only latent is constant on every token). Latents with such a straddling positive tie
     are re-selected with a stable sort, which is slower but rare; ties at zero never matter.
     """
-    values, rows = latents.topk(min(k + 1, len(latents)), dim=0)  # one extra row reveals a straddling tie
-    if len(values) > k:
-        straddling = ((values[k] == values[k - 1]) & (values[k - 1] > 0)).nonzero().squeeze(1)
-        values, rows = values[:k], rows[:k]
+    by_latent = latents.t().contiguous()  # topk along the contiguous dim runs about twice as fast
+    values, rows = by_latent.topk(min(k + 1, len(latents)), dim=1)  # one extra row reveals a straddling tie
+    if values.shape[1] > k:
+        straddling = ((values[:, k] == values[:, k - 1]) & (values[:, k - 1] > 0)).nonzero().squeeze(1)
+        values, rows = values[:, :k], rows[:, :k]
         if len(straddling):
-            tied_values, tied_rows = latents[:, straddling].sort(dim=0, descending=True, stable=True)
-            values[:, straddling], rows[:, straddling] = tied_values[:k], tied_rows[:k]
-    rows, by_row = rows.t().sort(dim=1)
-    values, by_value = values.t().gather(1, by_row).sort(dim=1, descending=True, stable=True)
+            tied_values, tied_rows = by_latent[straddling].sort(dim=1, descending=True, stable=True)
+            values[straddling], rows[straddling] = tied_values[:, :k], tied_rows[:, :k]
+    rows, by_row = rows.sort(dim=1)
+    values, by_value = values.gather(1, by_row).sort(dim=1, descending=True, stable=True)
     return values, rows.gather(1, by_value)
 
 
@@ -188,30 +190,169 @@ class _RunningStats:
         self.top_locations = candidates.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
 
 
-@torch.no_grad()
-def _stream_latents(sae: SparseAutoencoder, store: ActivationStore, top_n: int, device: torch.device,
-                    chunk: int, advance: Callable[[int], None]) -> _RunningStats:
-    stats = _RunningStats.empty(sae.d_sae, device)
-    for acts, locations in store.iter_split("eval", chunk, with_locations=True):
-        _, latents = sae.reconstruct(acts.to(device))
-        stats.update(latents.float(), locations.to(device), top_n)
-        advance(len(acts))
+KEPT_LATENTS_BYTES = 512 * 2**20
+"""Eval-split latents up to this size are encoded once and kept for the later passes; above it every pass
+encodes them again, so memory stays flat in n_tokens."""
+
+
+class _EvalLatents:
+    """The eval split's latents, chunk by chunk in store order, for the three passes of `extract_features`."""
+
+    def __init__(self, sae: SparseAutoencoder, store: ActivationStore, device: torch.device, chunk: int) -> None:
+        self.sae, self.store, self.device, self.chunk = sae, store, device, chunk
+        self.keep = store.n_tokens("eval") * sae.d_sae * 4 <= KEPT_LATENTS_BYTES
+        self.kept: list[tuple[Tensor, Tensor]] | None = None
+
+    def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(latents [rows, d_sae] float32, locations [rows, 2]) per chunk."""
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept = []
+        for acts, locations in self.store.iter_split("eval", self.chunk, with_locations=True):
+            item = self._encode(acts.to(self.device)), locations.to(self.device)
+            if self.keep:
+                kept.append(item)
+            yield item
+        self.kept = kept if self.keep else None
+
+    def selectable(self) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+        """(locations, the latents of the given rows of the chunk) per chunk: only those rows are encoded when
+        the latents are not kept."""
+        if self.kept is not None:
+            for latents, locations in self.kept:
+                yield locations, latents.__getitem__
+            return
+        for acts, locations in self.store.iter_split("eval", self.chunk, with_locations=True):
+            acts = acts.to(self.device)
+            yield locations.to(self.device), lambda rows, acts=acts: self._encode(acts[rows])
+
+    @torch.no_grad()
+    def _encode(self, acts: Tensor) -> Tensor:
+        return self.sae.latents(acts).float()
+
+
+def _stream_latents(latents_of: _EvalLatents, top_n: int, advance: Callable[[int], None]) -> _RunningStats:
+    stats = _RunningStats.empty(latents_of.sae.d_sae, latents_of.device)
+    for latents, locations in latents_of.chunks():
+        stats.update(latents, locations, top_n)
+        advance(len(latents))
     if stats.n_tokens == 0:
-        raise ValueError(f"{store.folder}: the eval split has no tokens; nothing to compute features on")
+        raise ValueError(f"{latents_of.store.folder}: the eval split has no tokens; nothing to compute features on")
     return stats
 
 
-class _ContextBuilder:
-    """Token strings and marked contexts of (seq_id, position) pairs.
+def _hash_priority(rows: Tensor, latent_ids: Tensor, seed: int) -> Tensor:
+    """A uniform-looking priority in [0, 1) per (global eval row, latent), float64, broadcast over the two
+    index tensors (a [n, 1] column of rows and all latent ids give the dense [n, d_sae] table).
 
-    The seq_id -> tokens lookup is built once, for the sequences that hold a top example only.
+    A fixed integer hash, not a random generator, so the examples drawn do not depend on the chunk size.
     """
+    x = rows.to(torch.int64) * 1_000_003 + latent_ids.to(torch.int64) * 7_919 + seed
+    for _ in range(2):  # in place: on the dense table each step is a pass over chunk x d_sae int64
+        x.bitwise_xor_(x >> 13).bitwise_and_(0xFFFFFFFF).mul_(0x5BD1E995).bitwise_and_(0xFFFFFFFF)
+        x.bitwise_xor_(x >> 15)
+    return x.double().div_(2.0**32)
 
-    def __init__(self, corpus: pl.DataFrame, seq_ids: set[int], tokenizer, window: int):
-        rows = corpus.filter(pl.col("seq_id").is_in(sorted(seq_ids))).select("seq_id", "input_ids")
-        pairs = zip(rows["seq_id"].to_list(), rows["input_ids"].to_list(), strict=True)
-        self.tokens = {seq: tokenizer.convert_ids_to_tokens(ids) for seq, ids in pairs}
-        self.tokenizer, self.window = tokenizer, window
+
+@dataclass
+class _BandSampler:
+    """Per latent and group (n_bands quantile bands, then one `random` group), the k draws of highest priority."""
+
+    priority: Tensor  # [d_sae, groups, k] float64, -inf where empty
+    values: Tensor  # [d_sae, groups, k] float32
+    locations: Tensor  # [d_sae, groups, k, 2] int64
+
+    @classmethod
+    def empty(cls, d_sae: int, groups: int, k: int, device: torch.device) -> _BandSampler:
+        return cls(torch.full((d_sae, groups, k), -torch.inf, dtype=torch.float64, device=device),
+                   torch.zeros(d_sae, groups, k, device=device),
+                   torch.zeros(d_sae, groups, k, 2, dtype=torch.int64, device=device))
+
+    def merge(self, groups: slice, priority: Tensor, values: Tensor, locations: Tensor) -> None:
+        """Fold a chunk's candidates of `groups` in ([d_sae, len(groups), k'] each, locations with a last dim
+        of 2): a stable sort with the kept (earlier) draws first, so ties go to the earliest tokens."""
+        k = self.priority.shape[2]
+        merged = torch.cat([self.priority[:, groups], priority], dim=2)
+        values = torch.cat([self.values[:, groups], values], dim=2)
+        locations = torch.cat([self.locations[:, groups], locations], dim=2)
+        merged, order = merged.sort(dim=2, descending=True, stable=True)
+        order = order[..., :k]
+        self.priority[:, groups] = merged[..., :k]
+        self.values[:, groups] = values.gather(2, order)
+        self.locations[:, groups] = locations.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, 2))
+
+
+def _band_candidates(latents: Tensor, locations: Tensor, eligible: Tensor, peak: Tensor, n_bands: int, k: int,
+                     offset: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A chunk's k draws of highest priority per (latent, quantile band), as [d_sae, n_bands, k] priority
+    (-inf where empty), values and locations, from its eligible (firing) entries only: the bands never look at
+    the zeros, so the work follows the firing count, not chunk x d_sae."""
+    d_sae = latents.shape[1]
+    rows, latent_ids = eligible.nonzero(as_tuple=True)
+    values = latents[rows, latent_ids]
+    band = (values / peak[latent_ids].clamp(min=1e-30) * n_bands).floor().clamp(0, n_bands - 1).to(torch.int64)
+    priority = _hash_priority(rows + offset, latent_ids, seed)
+    order = priority.argsort(descending=True, stable=True)
+    group = latent_ids[order] * n_bands + band[order]
+    by_group = group.argsort(stable=True)  # groups in order, each by priority, highest first
+    order, group = order[by_group], group[by_group]
+    counts = torch.bincount(group, minlength=d_sae * n_bands)
+    rank = torch.arange(len(group), device=latents.device) - (counts.cumsum(0) - counts)[group]
+    keep = rank < k
+    order, group, rank = order[keep], group[keep], rank[keep]
+    out_priority = torch.full((d_sae * n_bands, k), -torch.inf, dtype=torch.float64, device=latents.device)
+    out_values = torch.zeros(d_sae * n_bands, k, device=latents.device)
+    out_locations = torch.zeros(d_sae * n_bands, k, 2, dtype=torch.int64, device=latents.device)
+    out_priority[group, rank] = priority[order]
+    out_values[group, rank] = values[order]
+    out_locations[group, rank] = locations.to(torch.int64)[rows[order]]
+    return (out_priority.view(d_sae, n_bands, k), out_values.view(d_sae, n_bands, k),
+            out_locations.view(d_sae, n_bands, k, 2))
+
+
+def _random_candidates(latents: Tensor, locations: Tensor, k: int, offset: int, seed: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """A chunk's k draws of highest priority per latent among the tokens where it is 0, [d_sae, 1, k'] each."""
+    rows = torch.arange(offset, offset + len(latents), device=latents.device)
+    priority = _hash_priority(rows, torch.arange(latents.shape[1], device=latents.device).unsqueeze(1), seed)
+    by_latent = latents.t()  # [d_sae, chunk]: the priority is built in this layout, so topk runs along rows
+    masked = torch.where(by_latent <= 0, priority, -torch.inf)
+    chunk_priority, chunk_rows = masked.topk(min(k, len(latents)), dim=1)  # [d_sae, k']
+    return (chunk_priority.unsqueeze(1), by_latent.gather(1, chunk_rows).unsqueeze(1),
+            locations.to(torch.int64)[chunk_rows].unsqueeze(1))
+
+
+def _sample_examples(latents_of: _EvalLatents, stats: _RunningStats, n_bands: int, per_band: int, n_random: int,
+                     seed: int, advance: Callable[[int], None]) -> _BandSampler:
+    """Pass 2: quantile-band and non-activating draws; firing tokens at or above the latent's smallest top-N
+    value are excluded (they are the labelling examples; these are held out for scoring)."""
+    k = max(per_band, n_random, 1)
+    sampler = _BandSampler.empty(latents_of.sae.d_sae, n_bands + 1, k, latents_of.device)
+    if not per_band and not n_random:
+        return sampler
+    peak = stats.peak.float()
+    kept = stats.top_values
+    top_floor = torch.where(kept > 0, kept, torch.inf).amin(dim=1) if kept.shape[1] else torch.full_like(peak,
+                                                                                                         torch.inf)
+    offset = 0
+    for latents, locations in latents_of.chunks():
+        if per_band:
+            eligible = (latents > 0) & (latents < top_floor)
+            sampler.merge(slice(0, n_bands), *_band_candidates(latents, locations, eligible, peak, n_bands, k,
+                                                              offset, seed))
+        if n_random:
+            sampler.merge(slice(n_bands, n_bands + 1), *_random_candidates(latents, locations, k, offset, seed))
+        offset += len(latents)
+        advance(len(latents))
+    return sampler
+
+
+class _ContextBuilder:
+    """Token strings and marked contexts of (seq_id, position) pairs, from a seq_id -> tokens lookup."""
+
+    def __init__(self, tokens: dict[int, list[str]], tokenizer, window: int):
+        self.tokens, self.tokenizer, self.window = tokens, tokenizer, window
         self.cache: dict[tuple[int, int], str] = {}
 
     def _sequence(self, seq_id: int, position: int) -> list[str]:
@@ -236,125 +377,88 @@ class _ContextBuilder:
         return self.cache[key]
 
 
-def _hash_priority(rows: Tensor, d_sae: int, seed: int) -> Tensor:
-    """A uniform-looking priority in [0, 1) per (global eval row, latent), [len(rows), d_sae] float64.
-
-    A fixed integer hash, not a random generator, so the examples drawn do not depend on the chunk size.
-    """
-    x = rows.to(torch.int64).unsqueeze(1) * 1_000_003 + torch.arange(d_sae, device=rows.device) * 7_919 + seed
-    for _ in range(2):
-        x = ((x ^ (x >> 13)) & 0xFFFFFFFF) * 0x5BD1E995 & 0xFFFFFFFF
-        x = x ^ (x >> 15)
-    return x.double() / 2.0**32
+def _sequence_tokens(corpus: pl.DataFrame, seq_ids: set[int], tokenizer) -> dict[int, list[str]]:
+    """seq_id -> its token strings, for the sequences that hold an example only."""
+    rows = corpus.filter(pl.col("seq_id").is_in(sorted(seq_ids))).select("seq_id", "input_ids")
+    return {seq: tokenizer.convert_ids_to_tokens(ids)
+            for seq, ids in zip(rows["seq_id"].to_list(), rows["input_ids"].to_list(), strict=True)}
 
 
-@dataclass
-class _BandSampler:
-    """Per latent and group (n_bands quantile bands, then one `random` group), the k draws of highest priority."""
-
-    priority: Tensor  # [d_sae, groups, k] float64, -inf where empty
-    values: Tensor  # [d_sae, groups, k] float32
-    locations: Tensor  # [d_sae, groups, k, 2] int64
-
-    @classmethod
-    def empty(cls, d_sae: int, groups: int, k: int, device: torch.device) -> _BandSampler:
-        return cls(torch.full((d_sae, groups, k), -torch.inf, dtype=torch.float64, device=device),
-                   torch.zeros(d_sae, groups, k, device=device),
-                   torch.zeros(d_sae, groups, k, 2, dtype=torch.int64, device=device))
-
-    def update(self, group: int, eligible: Tensor, priority: Tensor, latents: Tensor, locations: Tensor) -> None:
-        k = self.priority.shape[2]
-        masked = torch.where(eligible, priority, -torch.inf)
-        chunk_priority, rows = masked.topk(min(k, len(masked)), dim=0)  # [k', d_sae]
-        chunk_values = latents.gather(0, rows).t()
-        merged = torch.cat([self.priority[:, group], chunk_priority.t()], dim=1)
-        values = torch.cat([self.values[:, group], chunk_values], dim=1)
-        locs = torch.cat([self.locations[:, group], locations.to(torch.int64)[rows.t()]], dim=1)
-        merged, order = merged.sort(dim=1, descending=True, stable=True)
-        order = order[:, :k]
-        self.priority[:, group] = merged[:, :k]
-        self.values[:, group] = values.gather(1, order)
-        self.locations[:, group] = locs.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+def _draws(block: int, values: Tensor, locations: Tensor, kept: Tensor) -> pl.DataFrame:
+    """The kept draws of one block of examples ([d_sae, m] values and kept mask, [d_sae, m, 2] locations), each
+    ranked by its place among the kept ones of its latent."""
+    rank = kept.cumsum(dim=1) - 1
+    latent_ids, slots = kept.nonzero(as_tuple=True)
+    where = locations[latent_ids, slots].cpu().numpy()
+    return pl.DataFrame({"latent_id": latent_ids.cpu().numpy(), "block": block,
+                         "rank": rank[latent_ids, slots].cpu().numpy(), "seq_id": where[:, 0],
+                         "position": where[:, 1], "activation": values[latent_ids, slots].double().cpu().numpy()},
+                        schema={"latent_id": pl.Int64(), "block": pl.Int64(), "rank": pl.Int64(),
+                                "seq_id": pl.Int64(), "position": pl.Int64(), "activation": pl.Float64()})
 
 
-@torch.no_grad()
-def _sample_examples(sae: SparseAutoencoder, store: ActivationStore, stats: _RunningStats, n_bands: int,
-                     per_band: int, n_random: int, device: torch.device, chunk: int, seed: int,
-                     advance: Callable[[int], None]) -> _BandSampler:
-    """Pass 2: quantile-band and non-activating draws; firing tokens at or above the latent's smallest top-N
-    value are excluded (they are the labelling examples; these are held out for scoring)."""
-    d_sae = sae.d_sae
-    k = max(per_band, n_random, 1)
-    sampler = _BandSampler.empty(d_sae, n_bands + 1, k, device)
-    if not per_band and not n_random:
-        return sampler
-    peak = stats.peak.float()
-    kept = stats.top_values
-    top_floor = torch.where(kept > 0, kept, torch.inf).amin(dim=1) if kept.shape[1] else torch.full_like(peak,
-                                                                                                         torch.inf)
-    offset = 0
-    for acts, locations in store.iter_split("eval", chunk, with_locations=True):
-        _, latents = sae.reconstruct(acts.to(device))
-        latents, locations = latents.float(), locations.to(device)
-        priority = _hash_priority(torch.arange(offset, offset + len(latents), device=device), d_sae, seed)
-        offset += len(latents)
-        advance(len(latents))
-        firing = (latents > 0) & (latents < top_floor)
-        band = (latents / peak.clamp(min=1e-30) * n_bands).floor().clamp(0, n_bands - 1).to(torch.int64)
-        if per_band:
-            for b in range(n_bands):
-                sampler.update(b, firing & (band == b), priority, latents, locations)
-        if n_random:
-            sampler.update(n_bands, latents <= 0, priority, latents, locations)
-    return sampler
+def _example_locations(stats: _RunningStats, sampler: _BandSampler, n_bands: int, per_band: int,
+                       n_random: int) -> pl.DataFrame:
+    """Every kept example's latent_id, kind, band, rank, seq_id, position and activation; per latent its top
+    examples, then each quantile band's by descending activation (draw order among equals), then its random
+    draws in draw order."""
+    blocks = [_draws(0, stats.top_values, stats.top_locations, stats.top_values > 0)]
+    drawn = sampler.priority[:, :n_bands, :per_band] > -torch.inf
+    values, order = torch.where(drawn, sampler.values[:, :n_bands, :per_band], -torch.inf).sort(
+        dim=2, descending=True, stable=True)
+    locations = sampler.locations[:, :n_bands, :per_band].gather(2, order.unsqueeze(-1).expand(-1, -1, -1, 2))
+    drawn = drawn.gather(2, order)
+    blocks += [_draws(1 + band, values[:, band], locations[:, band], drawn[:, band]) for band in range(n_bands)]
+    blocks.append(_draws(1 + n_bands, sampler.values[:, n_bands, :n_random], sampler.locations[:, n_bands, :n_random],
+                         sampler.priority[:, n_bands, :n_random] > -torch.inf))
+    block = pl.col("block")
+    return pl.concat(blocks).sort("latent_id", "block", "rank").with_columns(
+        kind=pl.when(block == 0).then(pl.lit("top")).when(block <= n_bands).then(pl.lit("quantile"))
+        .otherwise(pl.lit("random")),
+        band=pl.when((block >= 1) & (block <= n_bands)).then(block - 1).otherwise(-1)).drop("block")
 
 
-class _Windows:
-    """Token windows of (seq_id, position) centres, from the corpus (only sequences holding an example)."""
-
-    def __init__(self, corpus: pl.DataFrame, seq_ids: set[int], tokenizer, window: int):
-        rows = corpus.filter(pl.col("seq_id").is_in(sorted(seq_ids))).select("seq_id", "input_ids")
-        self.ids = dict(zip(rows["seq_id"].to_list(), rows["input_ids"].to_list(), strict=True))
-        self.tokenizer, self.window = tokenizer, window
-        self.cache: dict[int, list[str]] = {}
-
-    def span(self, seq_id: int, position: int) -> tuple[int, int]:
-        ids = self.ids.get(seq_id)
-        if ids is None or not 0 <= position < len(ids):
-            raise ValueError(f"activation location (seq_id={seq_id}, position={position}) is not in the "
-                             "corpus; the corpus and the activation store are out of sync")
-        return max(0, position - self.window), min(len(ids), position + self.window + 1)
-
-    def tokens(self, seq_id: int, start: int, stop: int) -> list[str]:
-        if seq_id not in self.cache:
-            self.cache[seq_id] = self.tokenizer.convert_ids_to_tokens(self.ids[seq_id])
-        return self.cache[seq_id][start:stop]
+def _with_windows(examples: pl.DataFrame, tokens: dict[int, list[str]], window: int) -> pl.DataFrame:
+    """The examples with their window's `start`, `stop` (into the sequence), `tokens` and `center`; a location
+    outside the corpus is refused (the corpus and the activation store are out of sync)."""
+    sequences = pl.DataFrame({"seq_id": list(tokens), "sequence": list(tokens.values())},
+                             schema={"seq_id": pl.Int64(), "sequence": pl.List(pl.String())})
+    joined = examples.join(sequences, on="seq_id", how="left", maintain_order="left")
+    length, position = pl.col("sequence").list.len(), pl.col("position")
+    outside = joined.filter(pl.col("sequence").is_null() | (position < 0) | (position >= length))
+    if len(outside):
+        seq_id, where = outside.row(0)[outside.columns.index("seq_id")], outside["position"][0]
+        raise ValueError(f"activation location (seq_id={seq_id}, position={where}) is not in the corpus; the "
+                         "corpus and the activation store are out of sync")
+    start = pl.max_horizontal(position - window, 0)
+    return joined.with_columns(start=start, stop=pl.min_horizontal(length, position + window + 1)).with_columns(
+        tokens=pl.col("sequence").list.slice(pl.col("start"), pl.col("stop") - pl.col("start")),
+        center=position - pl.col("start")).drop("sequence")
 
 
-@torch.no_grad()
-def _window_activations(sae: SparseAutoencoder, store: ActivationStore, spans: list[tuple[int, int, int, int]],
-                        device: torch.device, chunk: int) -> list[list[float]]:
-    """Pass 3: the latent's activation on every token of each (latent, seq_id, start, stop) window.
+def _window_activations(latents_of: _EvalLatents, windows: pl.DataFrame) -> pl.Series:
+    """Pass 3: the latent's activation on every token of each example's window (`latent_id`, `seq_id`,
+    `start`, `stop` columns), as a list column.
 
     Every window token becomes one entry keyed by (seq_id, position); each chunk looks its rows up in the
     sorted keys, so the work and memory are proportional to the entries, not to n_tokens.
     """
-    if not spans:
-        return []
-    max_pos = max(stop for _, _, _, stop in spans) + 1
-    lengths = torch.tensor([stop - start for _, _, start, stop in spans])
-    example = torch.repeat_interleave(torch.arange(len(spans)), lengths)
-    starts = torch.tensor([start for _, _, start, _ in spans])
+    def column(name: str) -> Tensor:
+        return torch.from_numpy(windows[name].to_numpy().copy())
+
+    device = latents_of.device
+    starts, lengths = column("start"), column("stop") - column("start")
+    max_pos = int(column("stop").max()) + 1
+    example = torch.repeat_interleave(torch.arange(len(windows)), lengths)
     offsets = torch.arange(len(example)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    seqs = torch.tensor([seq for _, seq, _, _ in spans])
-    keys = seqs[example] * max_pos + starts[example] + offsets
+    keys = column("seq_id")[example] * max_pos + starts[example] + offsets
     keys, order = keys.sort()
     example, offsets = example[order].to(device), offsets[order].to(device)
     keys = keys.to(device)
-    latent_of = torch.tensor([latent for latent, _, _, _ in spans], device=device)
-    out = torch.zeros(len(spans), int(lengths.max()), device=device)
-    for acts, locations in store.iter_split("eval", chunk, with_locations=True):
-        locations = locations.to(device).to(torch.int64)
+    latent_of = column("latent_id").to(device)
+    out = torch.zeros(len(windows), int(lengths.max()), device=device)
+    for locations, latents_at in latents_of.selectable():
+        locations = locations.to(torch.int64)
         row_keys = locations[:, 0] * max_pos + locations[:, 1]
         left = torch.searchsorted(keys, row_keys)
         counts = torch.searchsorted(keys, row_keys, right=True) - left
@@ -364,11 +468,17 @@ def _window_activations(sae: SparseAutoencoder, store: ActivationStore, spans: l
         entries = torch.repeat_interleave(left, counts) + torch.arange(len(rows), device=device) - \
             torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         needed = rows.unique()
-        _, latents = sae.reconstruct(acts.to(device)[needed])
+        latents = latents_at(needed)
         position_in_needed = torch.searchsorted(needed, rows)
         ex = example[entries]
-        out[ex, offsets[entries]] = latents.float()[position_in_needed, latent_of[ex]]
-    return [row[: int(n)] for row, n in zip(out.cpu().double().tolist(), lengths.tolist(), strict=True)]
+        out[ex, offsets[entries]] = latents[position_in_needed, latent_of[ex]]
+    return _list_column(out.double(), lengths).alias("token_activations")
+
+
+def _list_column(matrix: Tensor, lengths: Tensor) -> pl.Series:
+    """A list column of the first `lengths[i]` values of each row of a 2-D tensor, built without Python lists."""
+    frame = pl.DataFrame({"values": matrix.cpu().numpy(), "length": lengths.cpu().numpy()})
+    return frame.select(pl.col("values").arr.to_list().list.head(pl.col("length")))["values"]
 
 
 class FeatureTables(NamedTuple):
@@ -378,11 +488,6 @@ class FeatureTables(NamedTuple):
     """One row per latent, FEATURE_SCHEMA."""
     examples: pl.DataFrame
     """One row per kept example, EXAMPLE_SCHEMA, sorted by latent_id, kind, band, rank."""
-
-
-def _example_rows(latent: int, kind: str, band: int, pairs: list[tuple[float, list[int]]]) -> list[dict]:
-    return [{"latent_id": latent, "kind": kind, "band": band, "rank": rank, "seq_id": loc[0], "position": loc[1],
-             "activation": value} for rank, (value, loc) in enumerate(pairs)]
 
 
 def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.DataFrame, tokenizer,
@@ -402,39 +507,18 @@ def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.
     device = torch.device(device)
     sae = sae.to(device).eval()
     advance = progress_counter(progress, "features", 2 * store.n_tokens("eval"), "tokens")
-    stats = _stream_latents(sae, store, top_n, device, chunk, advance)
-    sampler = _sample_examples(sae, store, stats, n_bands, per_band, n_random, device, chunk, seed, advance)
-    values = stats.top_values.double().cpu().tolist()
-    locations = stats.top_locations.cpu().tolist()
-    top_examples = [[(value, loc) for value, loc in zip(row_values, row_locations, strict=True) if value > 0]
-                    for row_values, row_locations in zip(values, locations, strict=True)]
-    rows: list[dict] = []
-    sampled_ok = (sampler.priority > -torch.inf).cpu()
-    sampled_values = sampler.values.double().cpu().tolist()
-    sampled_locations = sampler.locations.cpu().tolist()
-    for latent in range(sae.d_sae):
-        rows += _example_rows(latent, "top", -1, top_examples[latent])
-        for group in range(n_bands + 1):
-            limit = per_band if group < n_bands else n_random
-            kept = [(sampled_values[latent][group][i], sampled_locations[latent][group][i])
-                    for i in range(limit) if sampled_ok[latent, group, i]]
-            if group < n_bands:
-                rows += _example_rows(latent, "quantile", group, sorted(kept, key=lambda item: -item[0]))
-            else:
-                rows += _example_rows(latent, "random", -1, kept)
-    seq_ids = {row["seq_id"] for row in rows}
-    contexts = _ContextBuilder(corpus, {seq for row in top_examples for _, (seq, _) in row}, tokenizer, window)
-    windows = _Windows(corpus, seq_ids, tokenizer, window)
-    spans = []
-    for row in rows:
-        start, stop = windows.span(row["seq_id"], row["position"])
-        spans.append((row["latent_id"], row["seq_id"], start, stop))
-        row["tokens"] = windows.tokens(row["seq_id"], start, stop)
-        row["center"] = row["position"] - start
-    for row, token_values in zip(rows, _window_activations(sae, store, spans, device, chunk), strict=True):
-        row["token_activations"] = token_values
-    examples = pl.DataFrame(rows, schema=EXAMPLE_SCHEMA) if rows else pl.DataFrame(schema=EXAMPLE_SCHEMA)
-    examples = examples.select(list(EXAMPLE_SCHEMA))
+    latents_of = _EvalLatents(sae, store, device, chunk)
+    stats = _stream_latents(latents_of, top_n, advance)
+    sampler = _sample_examples(latents_of, stats, n_bands, per_band, n_random, seed, advance)
+    n_top = (stats.top_values > 0).sum(dim=1).cpu()  # the positive ones lead each row (descending)
+    top_locations = [row[:n] for row, n in zip(stats.top_locations.cpu().tolist(), n_top.tolist(), strict=True)]
+    drawn = _example_locations(stats, sampler, n_bands, per_band, n_random)
+    tokens = _sequence_tokens(corpus, set(drawn["seq_id"].unique().to_list()), tokenizer)
+    contexts = _ContextBuilder(tokens, tokenizer, window)
+    examples = _with_windows(drawn, tokens, window)
+    examples = examples.with_columns(_window_activations(latents_of, examples)) if len(examples) \
+        else examples.with_columns(token_activations=pl.lit([], dtype=pl.List(pl.Float64())))
+    examples = examples.select(list(EXAMPLE_SCHEMA)).cast(EXAMPLE_SCHEMA)
     if vocab is not None:
         projected = vocab_projection(sae.W_dec.detach(), vocab[1], vocab[0], tokenizer, vocab_k,
                                      excluded_vocab_ids(tokenizer))
@@ -450,16 +534,31 @@ def extract_features(sae: SparseAutoencoder, store: ActivationStore, corpus: pl.
         "mean_activation": torch.where(count > 0, stats.total.cpu() / count.clamp(min=1), 0.0).tolist(),
         "max_activation": stats.peak.cpu().tolist(),
         "is_live": (stats.peak.cpu() >= LIVE_THRESHOLD).tolist(),
-        "top_activations": [[v for v, _ in row] for row in top_examples],
-        "top_tokens": [[contexts.token(seq, pos) for _, (seq, pos) in row] for row in top_examples],
-        "top_contexts": [[contexts.context(seq, pos) for _, (seq, pos) in row] for row in top_examples],
-        "top_seq_ids": [[seq for _, (seq, _) in row] for row in top_examples],
-        "top_positions": [[pos for _, (_, pos) in row] for row in top_examples],
-        "hist_counts": stats.hist.cpu().tolist(),
+        "top_activations": _list_column(stats.top_values.double(), n_top),
+        "top_tokens": [[contexts.token(seq, pos) for seq, pos in row] for row in top_locations],
+        "top_contexts": [[contexts.context(seq, pos) for seq, pos in row] for row in top_locations],
+        "top_seq_ids": _list_column(stats.top_locations[..., 0], n_top),
+        "top_positions": _list_column(stats.top_locations[..., 1], n_top),
+        "hist_counts": _list_column(stats.hist, torch.full((sae.d_sae,), stats.hist.shape[1])),
         "vocab_kind": [kind] * sae.d_sae,
         **projected,
     }, schema=FEATURE_SCHEMA)
     return FeatureTables(latents, examples)
+
+
+def example_rows(examples: pl.DataFrame) -> Iterator[dict]:
+    """The rows of (a selection of) an examples table as dicts, in order. The `tokens` and `token_activations`
+    lists are read flat and sliced, several times faster than `iter_rows` on a table of many windows."""
+    lists = [name for name in ("tokens", "token_activations") if name in examples.columns]
+    lengths = examples[lists[0]].list.len().to_list() if lists else [0] * len(examples)
+    flat = {name: examples[name].explode(empty_as_null=False).to_list() for name in lists}
+    scalars = examples.drop(lists).to_dict(as_series=False)
+    start = 0
+    for index, length in enumerate(lengths):
+        row = {name: column[index] for name, column in scalars.items()}
+        row.update({name: values[start:start + length] for name, values in flat.items()})
+        start += length
+        yield row
 
 
 def features_summary(features: pl.DataFrame) -> dict:

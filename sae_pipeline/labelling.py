@@ -11,6 +11,7 @@ any table or metadata.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Protocol
 
 import polars as pl
 
-from sae_pipeline.features import LIVE_THRESHOLD
+from sae_pipeline.features import LIVE_THRESHOLD, example_rows
 from sae_pipeline.markdown import format_cell
 from sae_pipeline.progress import RateProgress
 from sae_pipeline.storage import read_json, write_json_atomic, write_parquet_atomic
@@ -60,6 +61,9 @@ LABEL_COLUMNS: dict[str, str] = {
 
 class Labeller(Protocol):
     name: str
+    reads_examples: bool
+    """Whether `label` reads `row["examples"]` (giving them costs a pass over the examples table); a labeller
+    without the attribute is given them."""
 
     def label(self, row: dict) -> str:
         """A label for one row of the features table (as a dict); `row["examples"]`, when present, holds its
@@ -239,6 +243,8 @@ LABEL_SYSTEM_PROMPT = (
 class LLMLabeller:
     """Labels from an OpenAI-compatible chat endpoint, shown the latent's top examples with activation values."""
 
+    reads_examples = True
+
     def __init__(self, client: ChatClient, max_examples: int = 10):
         self.client, self.max_examples = client, max_examples
         self.name = f"llm:{client.model}"
@@ -256,6 +262,7 @@ class LLMLabeller:
         return " ".join(text.split())[:200] or "(empty answer)"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalise_token(token: str) -> str:
     """Grouping key of a token string: subword markers stripped, lowercased; a bare marker stays as is."""
     key = token
@@ -280,6 +287,7 @@ class OfflineLabeller:
     """Names the tokens that carry most of the latent's activation mass among its top examples."""
 
     name = "offline-top-tokens"
+    reads_examples = False
 
     def __init__(self, n_also: int = 2):
         self.n_also = n_also
@@ -304,8 +312,9 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
 
     Never-firing and near-zero latents are filtered out before the labeller sees any row, so lowering
     `live_threshold` below the features table's own LIVE_THRESHOLD cannot let them through either.
-    `examples` (the examples table) hands each row its `top` examples only: the quantile and random ones stay
-    held out for scoring. `max_latents` > 0 labels only that many, highest max activation first.
+    `examples` (the examples table) hands each row its `top` examples only, when the labeller reads them: the
+    quantile and random ones stay held out for scoring. `max_latents` > 0 labels only that many, highest max
+    activation first.
     `done`: labels this labeller already gave (an interrupted run's), reused instead of asked again.
     `obtained`: each LABEL_SCHEMA row is appended here as it is obtained, so that a caller keeps them when the
     labeller fails part-way or the step is stopped. `progress` gets a line every PROGRESS_SECONDS.
@@ -316,8 +325,10 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
     live = features.filter(pl.col("is_live") & (pl.col("max_activation") >= live_threshold))
     if max_latents > 0:
         live = live.sort("max_activation", descending=True).head(max_latents).sort("latent_id")
-    top = {} if examples is None else examples.filter(pl.col("kind") == "top").sort("rank").partition_by(
-        "latent_id", as_dict=True)
+    given = examples is not None and getattr(labeller, "reads_examples", True)
+    top: dict[int, list[dict]] = {}
+    for example in example_rows(examples.filter(pl.col("kind") == "top").sort("latent_id", "rank")) if given else ():
+        top.setdefault(example["latent_id"], []).append(example)
     rows = [] if obtained is None else obtained
     tracker = RateProgress(progress, "labelling", live.height, "latents") if progress else None
     for row in live.iter_rows(named=True):
@@ -326,9 +337,8 @@ def label_features(features: pl.DataFrame, labeller: Labeller | None = None,
         if row["latent_id"] in previous:
             rows.append(previous[row["latent_id"]])
             continue
-        if examples is not None:
-            found = top.get((row["latent_id"],))
-            row["examples"] = [] if found is None else list(found.iter_rows(named=True))
+        if given:
+            row["examples"] = top.get(row["latent_id"], [])
         label = labeller.label(row)
         top_token, share = (token_shares(row) or [("", 0.0)])[0]
         rows.append({"latent_id": row["latent_id"], "label": label, "labeller": labeller.name,

@@ -10,6 +10,7 @@ from the seeds (003: L0 3-7 % for a 5 % target, dead latents < 10 %, max activat
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -384,12 +385,28 @@ def _expectations():
     ]
 
 
+@functools.cache
+def _feature_suite():
+    """The ephemeral context's batch definition for a feature table and the suite, made once per process (a
+    sweep validates one table per partition)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    definition = (context.data_sources.add_pandas("features").add_dataframe_asset("feature_table")
+                  .add_batch_definition_whole_dataframe("all"))
+    suite = gx.ExpectationSuite(name="feature_table")
+    for expectation in _expectations():
+        suite.add_expectation(expectation)
+    return definition, suite
+
+
 def features_table_valid(features: pl.DataFrame) -> Finding:
     """A Great Expectations 1.x suite over the feature table, run directly (ephemeral context, pandas frame):
     ids unique, no nulls, frequency in [0, 1], max >= mean >= 0, context windows non-empty for live latents."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     table = features.select(
         "latent_id", "frequency", "mean_activation", "max_activation", "is_live",
@@ -398,14 +415,8 @@ def features_table_valid(features: pl.DataFrame) -> Finding:
         | (pl.col("top_contexts").list.eval(pl.element().str.len_chars() > 0).list.all()
            & (pl.col("top_contexts").list.len() > 0)).fill_null(False),
     ).to_pandas()
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    batch = (context.data_sources.add_pandas("features").add_dataframe_asset("feature_table")
-             .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": table}))
-    suite = gx.ExpectationSuite(name="feature_table")
-    for expectation in _expectations():
-        suite.add_expectation(expectation)
-    result = batch.validate(suite)
+    definition, suite = _feature_suite()
+    result = definition.get_batch(batch_parameters={"dataframe": table}).validate(suite)
     failed = {}
     for item in result.results:
         if not item.success:

@@ -27,7 +27,7 @@ import json
 import random
 import re
 from dataclasses import dataclass, replace
-from typing import Protocol, get_args
+from typing import NamedTuple, Protocol, get_args
 
 import polars as pl
 
@@ -101,23 +101,61 @@ class Scorer(Protocol):
         ...
 
 
-def _crop(example: dict, window: int) -> tuple[list[str], list[float]]:
-    start = max(0, example["center"] - window)
-    stop = example["center"] + window + 1
-    return example["tokens"][start:stop], example["token_activations"][start:stop]
+class HeldExample(NamedTuple):
+    """What scoring reads of one held-out example (a row of the examples table)."""
+
+    center: int
+    tokens: list[str]
+    token_activations: list[float]
 
 
-def scoring_contexts(examples: pl.DataFrame, window: int = 8) -> list[Context]:
-    """Balanced held-out contexts of one latent (its rows of the examples table), activating ones first.
+def _crop(example: HeldExample, window: int) -> tuple[list[str], list[float]]:
+    start = max(0, example.center - window)
+    stop = example.center + window + 1
+    return example.tokens[start:stop], example.token_activations[start:stop]
+
+
+class HeldOut(NamedTuple):
+    """One latent's held-out examples."""
+
+    quantile: list[HeldExample]
+    """Its `quantile` examples, rank by rank across bands (rank, then band)."""
+    random: list[HeldExample]
+    """Its `random` examples, by rank."""
+
+
+def held_out_examples(examples: pl.DataFrame, window: int | None = None) -> dict[int, HeldOut]:
+    """Each latent's held-out examples, from one pass over the examples table (its token lists read flat), each
+    cropped to `window` tokens on either side of its centre when given (as scoring crops them)."""
+    rows = examples.filter(pl.col("kind").is_in(["quantile", "random"])).sort(["latent_id", "kind", "rank", "band"])
+    if window is not None:
+        start = pl.max_horizontal(pl.col("center") - window, 0)
+        rows = rows.with_columns(pl.col("tokens", "token_activations").list.slice(start, pl.col("center") + window + 1
+                                                                                  - start),
+                                 center=pl.col("center") - start)
+    tokens = rows["tokens"].explode(empty_as_null=False).to_list()
+    values = rows["token_activations"].explode(empty_as_null=False).to_list()
+    ends = rows["tokens"].list.len().cum_sum().to_list()
+    held: dict[int, HeldOut] = {}
+    start = 0
+    for latent, kind, center, end in zip(rows["latent_id"].to_list(), rows["kind"].to_list(), rows["center"].to_list(),
+                                         ends, strict=True):
+        own = held.setdefault(latent, HeldOut([], []))
+        (own.quantile if kind == "quantile" else own.random).append(HeldExample(center, tokens[start:end],
+                                                                                 values[start:end]))
+        start = end
+    return held
+
+
+def scoring_contexts(held: HeldOut, window: int = 8) -> list[Context]:
+    """Balanced held-out contexts of one latent, activating ones first.
 
     Activating: `quantile` examples, taken rank by rank across bands so every band is represented.
     Non-activating: `random` examples whose cropped window has no firing token.
     """
-    positives, negatives = [], []
-    for row in examples.filter(pl.col("kind") == "quantile").sort(["rank", "band"]).iter_rows(named=True):
-        tokens, _ = _crop(row, window)
-        positives.append(Context(tokens, True))
-    for row in examples.filter(pl.col("kind") == "random").sort("rank").iter_rows(named=True):
+    positives = [Context(_crop(row, window)[0], True) for row in held.quantile]
+    negatives = []
+    for row in held.random:
         tokens, values = _crop(row, window)
         if max(values, default=0.0) <= 0:
             negatives.append(Context(tokens, False))
@@ -125,15 +163,14 @@ def scoring_contexts(examples: pl.DataFrame, window: int = 8) -> list[Context]:
     return positives[:n] + negatives[:n]
 
 
-def fuzzing_contexts(examples: pl.DataFrame, latent_id: int, window: int = 8) -> list[Highlighted]:
+def fuzzing_contexts(held: HeldOut, latent_id: int, window: int = 8) -> list[Highlighted]:
     """Balanced highlighted contexts of one latent, correctly highlighted ones first (see the module docstring).
 
     The `quantile` examples, in the order detection takes them, alternate: even positions keep their true marks,
     odd ones get as many marks on tokens where the latent does not fire (random.Random(latent_id))."""
     rng = random.Random(latent_id)
     correct, false = [], []
-    rows = examples.filter(pl.col("kind") == "quantile").sort(["rank", "band"]).iter_rows(named=True)
-    for index, row in enumerate(rows):
+    for index, row in enumerate(held.quantile):
         tokens, values = _crop(row, window)
         fires = [value > 0 for value in values]
         if index % 2 == 0:
@@ -247,10 +284,10 @@ def score_labels(labels: pl.DataFrame, examples: pl.DataFrame, scorer: Scorer | 
     held-out contexts of either kind (either highlighting) exist (a latent firing only on its top examples, or on
     almost every token)."""
     scorer = scorer or OfflineScorer()
-    by_latent = examples.partition_by("latent_id", as_dict=True) if not examples.is_empty() else {}
+    by_latent = held_out_examples(examples, window)
     rows = []
     for latent, label in zip(labels["latent_id"].to_list(), labels["label"].to_list(), strict=True):
-        own = by_latent.get((latent,), examples.clear())
+        own = by_latent.get(latent, HeldOut([], []))
         contexts = scoring_contexts(own, window)
         highlighted = fuzzing_contexts(own, latent, window)
         n = len(contexts) // 2

@@ -3,6 +3,7 @@ unembedding (causal LM) or input embeddings (encoder)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,8 +44,7 @@ def vocab_projection(decoder: Tensor, matrix: Tensor, kind: str, tokenizer, k: i
     if kind == "nearest_embedding":
         matrix = matrix / matrix.norm(dim=1, keepdim=True).clamp(min=1e-12)
     k = min(k, len(matrix))
-    out: dict[str, list] = {"top_vocab_tokens": [], "top_vocab_values": [], "bottom_vocab_tokens": [],
-                            "bottom_vocab_values": []}
+    found: dict[str, list[tuple[Tensor, Tensor]]] = {"top": [], "bottom": []}
     for start in range(0, len(decoder), block):
         rows = decoder[start:start + block].float()
         if kind == "nearest_embedding":
@@ -52,9 +52,11 @@ def vocab_projection(decoder: Tensor, matrix: Tensor, kind: str, tokenizer, k: i
         scores = rows @ matrix.t()
         if exclude_ids:
             scores[:, exclude_ids] = torch.nan
-        top = scores.nan_to_num(-torch.inf).topk(k, dim=1)
-        bottom = scores.nan_to_num(torch.inf).topk(k, dim=1, largest=False)
-        for name, result in (("top", top), ("bottom", bottom)):
-            out[f"{name}_vocab_values"] += result.values.double().cpu().tolist()
-            out[f"{name}_vocab_tokens"] += [tokenizer.convert_ids_to_tokens(ids) for ids in result.indices.tolist()]
+        found["top"].append(scores.nan_to_num(-torch.inf).topk(k, dim=1))
+        found["bottom"].append(scores.nan_to_num(torch.inf).topk(k, dim=1, largest=False))
+    names = np.array(tokenizer.convert_ids_to_tokens(list(range(len(matrix)))), dtype=object)  # once per id
+    out: dict[str, list] = {}
+    for name, results in found.items():
+        out[f"{name}_vocab_tokens"] = names[torch.cat([r.indices for r in results]).cpu().numpy()].tolist()
+        out[f"{name}_vocab_values"] = torch.cat([r.values for r in results]).double().cpu().tolist()
     return out

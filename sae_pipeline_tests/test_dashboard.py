@@ -46,6 +46,10 @@ def test_tokens_read_as_text_and_are_shaded_by_activation():
     html = context_html(["a", "<b>"], [1.0, 4.0], 1, 4.0)
     assert "rgba(255,120,0,0.250)" in html and "rgba(255,120,0,1.000)" in html
     assert "&lt;b&gt;" in html and "<b>" not in html and 'class="centre"' in html
+    quiet = context_html(["[CLS]", "play", "##ing", "&", "now"], [0.0, 2.0, 0.0, 0.0, 0.0], 1, 2.0)
+    assert quiet == ('[CLS]<span class="centre" style="background:rgba(255,120,0,1.000)" title="2"> play</span>'
+                     "ing &amp; now")  # tokens where the latent is 0 are plain text
+    assert context_html(["x", "y"], [0.0, 0.0], 0, 1.0) == '<span class="centre" title="0">x</span> y'
 
 
 def test_render_writes_index_and_live_pages_only(hand_tables, tmp_path):
@@ -63,6 +67,20 @@ def test_render_writes_index_and_live_pages_only(hand_tables, tmp_path):
     assert "Nearest token embeddings" in page and "<svg" in page
     unlabelled = (tmp_path / "dash" / "latents" / "1.html").read_text()
     assert "not labelled yet" in unlabelled and "band 0: activation in (0%, 20%] of max" in unlabelled
+
+
+def test_a_labelled_dashboard_from_the_unlabelled_one_equals_one_rendered_whole(hand_tables, tmp_path):
+    latents, examples = hand_tables
+    labels = pl.DataFrame({"latent_id": [0, 1], "label": ["'<script>'", "cats"], "labeller": ["offline"] * 2,
+                           "detection_accuracy": [0.75, None]})
+    unlabelled = tmp_path / "features"
+    render_dashboard(latents, examples, unlabelled, "features k")
+    (unlabelled / "latents" / "1.html").unlink()  # a page missing there is rendered
+    render_dashboard(latents, examples, tmp_path / "reused", "labelled k", labels=labels, reuse=unlabelled)
+    render_dashboard(latents, examples, tmp_path / "whole", "labelled k", labels=labels)
+    for name in ("index.html", "latents/0.html", "latents/1.html"):
+        assert (tmp_path / "reused" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert (tmp_path / "reused" / "density.png").read_bytes() == (unlabelled / "density.png").read_bytes()
 
 
 @pytest.fixture(scope="module")

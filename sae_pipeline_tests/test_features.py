@@ -20,6 +20,7 @@ from polars.testing import assert_frame_equal
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
+import sae_pipeline.features as features_module
 from sae_pipeline.features import (
     EXAMPLE_SCHEMA,
     FEATURE_SCHEMA,
@@ -338,6 +339,26 @@ def test_examples_do_not_depend_on_chunk_size(tables, sae, store, corpus, tokeni
                              per_band=PER_BAND, n_random=N_RANDOM, chunk=3)
     assert_frame_equal(small.examples, tables.examples, check_exact=False, rel_tol=1e-6)
     assert_frame_equal(small.latents, tables.latents, check_exact=False, rel_tol=1e-6)
+
+
+def test_latents_encoded_every_pass_give_the_tables_of_kept_ones(tables, sae, store, corpus, tokenizer,
+                                                                 monkeypatch):
+    """Above KEPT_LATENTS_BYTES each pass encodes the eval split again (only the window rows in the last)."""
+    calls = []
+    original = type(sae).latents
+    monkeypatch.setattr(type(sae), "latents", lambda self, x: calls.append(len(x)) or original(self, x))
+    kept = extract_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=WINDOW, n_bands=N_BANDS,
+                            per_band=PER_BAND, n_random=N_RANDOM, chunk=4096)
+    n_kept_calls = len(calls)
+    monkeypatch.setattr(features_module, "KEPT_LATENTS_BYTES", 0)
+    again = extract_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=WINDOW, n_bands=N_BANDS,
+                             per_band=PER_BAND, n_random=N_RANDOM, chunk=4096)
+    n_chunks = len(list(store.iter_split("eval", 4096)))
+    assert n_kept_calls == n_chunks  # kept: each chunk encoded once; not kept: again in each pass
+    assert 2 * n_chunks < len(calls) - n_kept_calls <= 3 * n_chunks
+    assert_frame_equal(kept.examples, tables.examples)
+    assert_frame_equal(again.examples, tables.examples)
+    assert_frame_equal(again.latents, tables.latents)
 
 
 def test_examples_table_round_trips_through_plain_polars(tables, tmp_path):

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import dagster as dg
 import polars as pl
 import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from sae_pipeline import quality
 from sae_pipeline.defs.assets import feature_labels, features, sae
@@ -29,7 +30,7 @@ from sae_pipeline.labelling import (
     label_features,
 )
 from sae_pipeline.scoring import FUZZING_SYSTEM_PROMPT, Highlighted, LLMScorer
-from sae_pipeline_tests.conftest import Pipeline, tiny_topk
+from sae_pipeline_tests.conftest import ALL_ASSETS, Pipeline, tiny_topk
 from sae_pipeline_tests.test_labelling import DEAD, NEAR_ZERO, PLANTED
 from sae_pipeline_tests.test_labelling import features as features_table  # noqa: F401  (fixture)
 
@@ -314,6 +315,28 @@ def test_an_unavailable_endpoint_is_retried_by_dagster_and_resumes(pipeline: Pip
     assert len(set(labels_asked)) == n_live
     labels = pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")
     assert sorted(labels["latent_id"].to_list()) == sorted(set(labels_asked))
+
+
+def test_a_ranged_labels_retry_skips_the_partitions_already_labelled(pipeline: Pipeline, server, monkeypatch,
+                                                                      fast_retries):
+    keys = [pipeline.register(tiny_topk(k=k, lr=1.7e-3, train_tokens=256 * 20)) for k in (5, 7)]
+    for key in keys:
+        assert pipeline.materialize([sae, features], partition_key=key).success
+    _llm_env(monkeypatch, server)
+    n_live = 3
+    run_config = {"ops": {"feature_labels": {"config": {"labeller": "llm", "retries": 0, "max_latents": n_live}}}}
+    server.label_statuses = {n_live + 1: 503}  # the second partition's first label fails
+    result = dg.materialize(ALL_ASSETS, selection=[feature_labels], instance=pipeline.instance,
+                            resources=pipeline.resources(), run_config=run_config, raise_on_error=False,
+                            tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[1]})
+    assert result.success and _retries(result) == 1
+    # attempt 1: the first partition's labels, then one failed request; the retry asks only for the second's
+    assert len(server.labelling_requests()) == n_live + 1 + n_live
+    for key in keys:
+        records = pipeline.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("feature_labels"), asset_partitions=[key]), limit=5).records
+        assert [r.run_id for r in records].count(result.run_id) == 1
+        assert len(pl.read_parquet(pipeline.layout.labels_dir(key) / "labels.parquet")) == n_live
 
 
 def test_a_stop_during_labelling_is_not_retried(pipeline: Pipeline, server, monkeypatch, fast_retries):

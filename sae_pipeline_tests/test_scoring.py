@@ -28,6 +28,7 @@ from sae_pipeline.scoring import (
     best_worst_markdown,
     classification_metrics,
     fuzzing_contexts,
+    held_out_examples,
     label_terms,
     score_labels,
     scores_summary,
@@ -136,13 +137,14 @@ def test_fuzzing_contexts_alternate_true_and_false_highlights_by_hand():
         _example(4, ["l", "m", "import", "n", "o"], [0, 0, 0.4, 0, 0]),
         _example(0, ["x", "y", "z", "w", "v"], [0] * 5, kind="random"),  # not an activating context
     ])
-    contexts = fuzzing_contexts(examples, latent_id=3, window=8)
+    held = held_out_examples(examples)[3]
+    contexts = fuzzing_contexts(held, latent_id=3, window=8)
     assert [c.correct for c in contexts] == [True, False]  # 3 correct (ranks 0, 2, 4), 1 false (rank 1)
     assert contexts[0] == Highlighted(["a", "b", "import", "c", "d"], [False, False, True, False, False], True)
     false = contexts[1]
     assert false.tokens == ["e", "import", "f", "import", "g"] and sum(false.marked) == 2
     assert not any(mark and value > 0 for mark, value in zip(false.marked, [0, 0.7, 0, 0.9, 0], strict=True))
-    assert fuzzing_contexts(examples, 3) == contexts  # seeded by the latent id
+    assert fuzzing_contexts(held, 3) == contexts  # seeded by the latent id
     # the offline judge applies the label's terms to the marked tokens only
     assert OfflineScorer().judge_highlights("'import'", contexts) == [True, False]
     # a label naming the tokens around 'import' calls the false marks right and the true ones wrong

@@ -235,7 +235,7 @@ def test_rerun_after_sigkill_releases_the_dead_run_resumes_and_matches_an_uninte
     assert f"run {dead.run_id}: its process is gone" in rerun.stdout
     statuses = {run.run_id: run.status for run in _runs(env, "train_sweep")}
     assert statuses.pop(dead.run_id) == dg.DagsterRunStatus.FAILURE
-    assert list(statuses.values()) == [dg.DagsterRunStatus.SUCCESS] * 2  # sae, then features + feature_labels
+    assert list(statuses.values()) == [dg.DagsterRunStatus.SUCCESS] * 3  # sae, features, feature_labels
     resumed = json.loads((Layout(root).sae_dir(key) / SUMMARY_FILE).read_text())
     expected = json.loads((reference.layout.sae_dir(key) / SUMMARY_FILE).read_text())
     assert resumed["resumed_from_step"] > 0
@@ -256,9 +256,12 @@ def test_configs_train_in_one_ranged_run_and_a_rerun_skips_current_partitions(pi
     env, spec, keys = _home(pipeline, tmp_path, tokens=256 * 10, seeds=[0], ks=[4, 8])
     output = _run_sweep(env, spec)
     assert "2 config(s) in one run" in output
-    sae_run, *downstream = reversed(_runs(env, "train_sweep"))  # newest first
-    assert (sae_run.tags[ASSET_PARTITION_RANGE_START_TAG], sae_run.tags[ASSET_PARTITION_RANGE_END_TAG]) == tuple(keys)
-    assert sorted(run.tags["dagster/partition"] for run in downstream) == sorted(keys)
+    runs = list(reversed(_runs(env, "train_sweep")))  # oldest first: sae, features, feature_labels
+    assert [sorted(key.to_user_string() for key in run.asset_selection) for run in runs] == [
+        ["sae"], ["features"], ["feature_labels"]]
+    for run in runs:  # each a ranged run over both configs
+        assert (run.tags[ASSET_PARTITION_RANGE_START_TAG], run.tags[ASSET_PARTITION_RANGE_END_TAG]) == tuple(keys)
+    sae_run = runs[0]
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         logs = [entry.user_message for entry in instance.all_logs(sae_run.run_id)]
         assert any("group 1/1: 2 configs in one pass" in message for message in logs)
@@ -267,7 +270,7 @@ def test_configs_train_in_one_ranged_run_and_a_rerun_skips_current_partitions(pi
     assert all(f"{key}: skipped, current" in rerun for key in keys)
     assert len(_runs(env, "train_sweep")) == 3  # nothing retrained
     refreshed = _run_sweep(env, spec, "--refresh")
-    assert "2 config(s) in one run" in refreshed and f"{keys[0]}: features, feature_labels" in refreshed
+    assert "2 config(s) in one run" in refreshed and "== train_sweep feature_labels [1/1]: 2 config(s)" in refreshed
     assert len(_runs(env, "train_sweep")) == 6
 
 

@@ -178,8 +178,9 @@ def test_check_history_names_each_partition_and_its_reason(page: DevToolsPage, u
 
 def test_ranged_run_log_names_the_partition_of_each_check(page: DevToolsPage, ui_home: UIHome, instance) -> None:
     """One `sae` run trained both configs; its event log shows each check evaluation's partition and verdict."""
-    (run,) = instance.get_runs(filters=dg.RunsFilter(job_name="train_sweep",
-                                                     tags={ASSET_PARTITION_RANGE_START_TAG: ui_home.keys[0]}))
+    (run,) = [run for run in instance.get_runs(filters=dg.RunsFilter(
+        job_name="train_sweep", tags={ASSET_PARTITION_RANGE_START_TAG: ui_home.keys[0]}))
+              if run.asset_selection == {dg.AssetKey("sae")}]
     recorded = {}
     for spec in SAE_CHECKS:
         for entry in instance.event_log_storage.get_asset_check_execution_history(spec.key, limit=20):

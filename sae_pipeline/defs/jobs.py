@@ -7,8 +7,8 @@ import dagster as dg
 from sae_pipeline.defs.assets import activations, calibration, corpus, feature_labels, features, sae, sweep_analysis
 
 # Intended, so not a warning worth printing on every load: in an asset backfill `sae` trains up to SAE_RUN_SIZE
-# partitions per run and its downstream assets one per run; a job's own runs (job-page backfills included) take
-# the smallest policy, one partition per run.
+# partitions per run, `features` describes up to FEATURES_RUN_SIZE and `feature_labels` labels one per run; a job's
+# own runs (job-page backfills included) take the smallest policy, one partition per run, so the three run together.
 warnings.filterwarnings("ignore", message=r"Asset job \w+ materializes assets with varying BackfillPolicies")
 
 prepare_job = dg.define_asset_job(

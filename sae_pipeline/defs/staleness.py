@@ -47,15 +47,18 @@ def stale_causes(resolver: CachingStaleStatusResolver, asset: str, partition_key
 
 
 def provenance_tags(instance: dg.DagsterInstance, run: dg.DagsterRun, code_version: str,
-                    parents: list[dg.AssetKey]) -> dict[str, str]:
+                    parents: dict[dg.AssetKey, str | None]) -> dict[str, str]:
     """The provenance tags Dagster writes on a materialisation it makes from an op's output (code version,
     each parent's data version and event, the derived data version, the backfill), for a materialisation the
-    op logs itself (one per partition of a ranged `sae` run), so that the UI and `run-sweep` judge it current
-    exactly as they would a single-partition one."""
+    op logs itself (one per partition of a ranged run), so that the UI and `run-sweep` judge it current exactly
+    as they would a single-partition one. `parents` maps each parent to the partition read from it (the same
+    key, for an identity-partitioned parent), or None for an unpartitioned one."""
     tags = {CODE_VERSION_TAG: code_version}
     inputs = {}
-    for parent in parents:
-        records = instance.fetch_materializations(parent, limit=1).records
+    for parent, partition in parents.items():
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=parent, asset_partitions=[partition] if partition else None),
+            limit=1).records
         version = records[0].asset_materialization.tags.get(DATA_VERSION_TAG) if records else None
         inputs[parent] = dg.DataVersion(version) if version else DEFAULT_DATA_VERSION
         tags[get_input_data_version_tag(parent)] = inputs[parent].value

@@ -64,17 +64,19 @@ def partitions_phrase(keys: Sequence[str]) -> str:
 
 def kept_after_stop(step: str, keys: Sequence[str], layout: Layout, published: Collection[str] = ()) -> str:
     """What a stop during `step` (over partitions `keys`) leaves for the rerun, read from disk when the stop
-    arrives; `published`: the partitions this run already published (a ranged `sae` run publishes each as it
+    arrives; `published`: the partitions this run already published (a ranged run publishes each as it
     finishes)."""
     if step == "sae":
         return "kept: " + "; ".join(_training_state(layout, key, key in published) for key in keys)
     if step == "feature_labels":
-        return "kept: " + "; ".join(_labels_state(layout, key) for key in keys)
+        return "kept: " + "; ".join(f"{key} labelled and published" if key in published else
+                                    _labels_state(layout, key) for key in keys)
     if step == "activations":
         return f"kept: {_extraction_state(layout)}"
     what = PUBLISHED_WHOLE.get(step, f"the output of {step}")
+    done = f"; published by this run: {', '.join(k for k in keys if k in published)}" if published else ""
     return (f"kept: what the earlier steps made ({what} is written only when complete: nothing partial, and a "
-            "previous one is unchanged)")
+            f"previous one is unchanged){done}")
 
 
 def _training_state(layout: Layout, key: str, published: bool) -> str:
@@ -99,12 +101,14 @@ def _labels_state(layout: Layout, key: str) -> str:
 
 
 def published_in_run(instance: dg.DagsterInstance, asset: str, keys: Sequence[str], run_id: str) -> list[str]:
-    """The partitions of `keys` whose latest materialisation of `asset` is from run `run_id`."""
+    """The partitions of `keys` whose latest materialisation of `asset` is from run `run_id` (labels withdrawn
+    by the run do not count)."""
     published = []
     for key in keys:
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1).records
-        if records and records[0].run_id == run_id:
+        status = records[0].asset_materialization.metadata.get("status") if records else None
+        if records and records[0].run_id == run_id and getattr(status, "value", status) != "withdrawn":
             published.append(key)
     return published
 

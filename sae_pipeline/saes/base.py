@@ -158,6 +158,10 @@ class SparseAutoencoder(nn.Module):
         latents = self.encode(x)
         return self.decode(latents), latents
 
+    def latents(self, x: Tensor) -> Tensor:
+        """The latents `reconstruct` gives for raw activations, without decoding (what features read)."""
+        return self.encode(normalize_per_token(x)[0] if self.normalize == "per_token" else x)
+
     @staticmethod
     def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
         return (x_hat - x).pow(2).sum(dim=-1).mean()

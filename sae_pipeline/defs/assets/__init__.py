@@ -17,10 +17,10 @@ from sae_pipeline.defs.assets.common import (
     automation_condition,
 )
 from sae_pipeline.defs.assets.data import activations, corpus
-from sae_pipeline.defs.assets.interpretation import feature_labels, features
+from sae_pipeline.defs.assets.interpretation import FEATURES_RUN_SIZE, feature_labels, features
 from sae_pipeline.defs.assets.reports import calibration, sweep_analysis
 from sae_pipeline.defs.assets.training import SAE_RUN_SIZE, sae
 
-__all__ = ["CODE_VERSIONS", "DASHBOARD_DIR", "ENV_AUTOMATION", "SAE_RUN_SIZE", "ActivationsConfig", "CorpusConfig",
-           "FeaturesConfig", "LabelsConfig", "activations", "automation_condition", "calibration", "corpus",
-           "feature_labels", "features", "sae", "sweep_analysis"]
+__all__ = ["CODE_VERSIONS", "DASHBOARD_DIR", "ENV_AUTOMATION", "FEATURES_RUN_SIZE", "SAE_RUN_SIZE",
+           "ActivationsConfig", "CorpusConfig", "FeaturesConfig", "LabelsConfig", "activations",
+           "automation_condition", "calibration", "corpus", "feature_labels", "features", "sae", "sweep_analysis"]

@@ -1,7 +1,7 @@
 """`sae`: one SAE per config partition, trained as groups in one pass over the activations for 1 to n
 partitions, each published with its check results as soon as it is done."""
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +14,10 @@ from sae_pipeline.config import (
 )
 from sae_pipeline.defs.assets.common import CODE_VERSIONS, automation_condition, validate_downstream_config
 from sae_pipeline.defs.assets.data import activations
-from sae_pipeline.defs.checks import (
-    SAE_CHECKS,
-    check_evaluations,
-    check_result,
-    refuse_if_blocked,
-    refuse_if_other_lineage,
-)
-from sae_pipeline.defs.dagster_private import recorded_check_result
+from sae_pipeline.defs.checks import SAE_CHECKS, refuse_if_blocked, refuse_if_other_lineage
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
+from sae_pipeline.defs.ranged import HeldChecks, fail_partitions, partition_materialisation
 from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
 from sae_pipeline.defs.staleness import provenance_tags
 from sae_pipeline.defs.stops import stops_without_retry
@@ -79,7 +73,7 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
     mates are published, and the step fails at the end naming each failed partition and why (a backfill marks
     only those failed)."""
     cfgs, store_of, failures = ready_configs(layout, acts, keys, device)
-    tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], [activations.key])
+    tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], {activations.key: None})
     for key in cfgs:
         layout.restore(layout.checkpoint_dir(key))
     by_store: dict[Path, list[str]] = {}
@@ -88,7 +82,7 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
     planned = [[ready[i] for i in group] for ready in by_store.values()
                for group in plan_groups([cfgs[k] for k in ready], store_of[ready[0]].d_model, device.memory_bytes(),
                                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])]
-    checks = _HeldChecks(context)
+    checks = HeldChecks(context)
     try:
         for number, members in enumerate(planned, 1):
             checks.log()  # before the next group trains: the last partition published has its checks in the UI
@@ -99,39 +93,13 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
         checks.log()  # a stop or an error: every partition published keeps its evaluations
         raise
     yield from checks.as_outputs()
-    if failures:
-        lines = [f"{key}: {why}" for key, why in failures.items()]
-        raise dg.Failure(description=f"{len(failures)} of {len(keys)} sae partitions failed (the others are "
-                         "materialised): " + "; ".join(lines), metadata={"failed": "\n".join(lines)})
-
-
-class _HeldChecks:
-    """A ranged step's check evaluations, the latest partition's held back. Dagster expects a check result per
-    check from the step, or it logs "did not yield or return expected outputs" for each: the last partition's
-    evaluations become those results (`recorded_check_result`), and every earlier partition's are logged as
-    soon as the next one is published, the next group starts, or the step stops."""
-
-    def __init__(self, context: dg.AssetExecutionContext) -> None:
-        self.context, self.held = context, []
-
-    def hold(self, evaluations: list[dg.AssetCheckEvaluation]) -> None:
-        self.log()
-        self.held = evaluations
-
-    def log(self) -> None:
-        for evaluation in self.held:
-            self.context.log_event(evaluation)
-        self.held = []
-
-    def as_outputs(self) -> list[dg.AssetCheckResult]:
-        outputs, self.held = [recorded_check_result(evaluation) for evaluation in self.held], []
-        return outputs
+    fail_partitions("sae", failures, len(keys))
 
 
 def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, members: list[str],
                            cfgs: dict[str, SAEConfig], store: ActivationStore, device: DeviceResource,
                            thresholds: quality.QualityThresholds, trust_remote_code: bool, tags: dict[str, str],
-                           failures: dict[str, str], checks: _HeldChecks, number: str
+                           failures: dict[str, str], checks: HeldChecks, number: str
                            ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """One group of `train_partitions`: train it in one pass, then publish and materialise each member; a
     member that fails goes into `failures` with why."""
@@ -151,7 +119,8 @@ def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, me
         except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
             failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
             continue
-        checks.hold((yield from materialisation(context, key, published, tags)))
+        checks.hold((yield from partition_materialisation(context, SAE_KEY, key, sae_metadata(published, key),
+                                                            published.outcomes, tags)))
         if published.blocking_failures and not context.has_partition_key:
             failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
         context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
@@ -165,23 +134,6 @@ def sae_metadata(published: PublishedSAE, key: str) -> dict[str, Any]:
     plots = {name: dg.MetadataValue.md(png_markdown(png, f"{name.replace('_', ' ')} {key}"))
              for name, png in published.plots.items()}
     return {**published.values, "weights_dir": dg.MetadataValue.path(published.weights_dir), **plots}
-
-
-def materialisation(context: dg.AssetExecutionContext, key: str, published: PublishedSAE, tags: dict[str, str]
-                    ) -> Generator[dg.MaterializeResult | dg.AssetMaterialization, None,
-                                   list[dg.AssetCheckEvaluation]]:
-    """A published partition's materialisation and check results. Dagster ties a `MaterializeResult` (the step's
-    output, which downstream steps in the run wait for, and whose failed blocking checks stop them) to a partition
-    only in a single-partition step; in a ranged step each partition is an `AssetMaterialization`, and its check
-    evaluations are returned: the caller logs them, but the last partition's, which become the step's check
-    outputs (`recorded_check_result`) so that Dagster expects no other."""
-    metadata = sae_metadata(published, key)
-    if context.has_partition_key:
-        yield dg.MaterializeResult(asset_key=SAE_KEY, metadata=metadata,
-                                   check_results=[check_result(o, key) for o in published.outcomes])
-        return []
-    yield dg.AssetMaterialization(asset_key=SAE_KEY, partition=key, metadata=metadata, tags=tags)
-    return check_evaluations(context.instance, SAE_KEY, key, published.outcomes)
 
 
 @dg.multi_asset(

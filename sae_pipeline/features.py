@@ -14,7 +14,8 @@ and kept between the passes when they fit in KEPT_LATENTS_BYTES, else encoded in
 1. statistics, the running top-N and a log10 activation histogram per latent (fixed bins, HIST_LOG10_EDGES);
 2. quantile-sampled examples: (0, max] cut into `n_bands` equal-width bands (as SAEDashboard does), up to
    `per_band` examples drawn uniformly per band by a hash of (eval row, latent), the top-N excluded so they stay
-   held out for scoring; plus `n_random` non-activating examples (the latent is 0 on the centre token);
+   held out for scoring; plus `n_random` non-activating examples (the latent is 0 on the centre token), drawn
+   per latent from a pool of about RANDOM_POOL eval rows;
 3. the per-token activation values of the latent over each kept example's context window: only the
    (sequence, position, latent) triples inside those windows are looked up, so this pass holds
    O(d_sae x examples x window) values, never O(n_tokens).
@@ -311,16 +312,29 @@ def _band_candidates(latents: Tensor, locations: Tensor, eligible: Tensor, peak:
             out_locations.view(d_sae, n_bands, k, 2))
 
 
-def _random_candidates(latents: Tensor, locations: Tensor, k: int, offset: int, seed: int
+RANDOM_POOL = 2048
+"""About this many eval rows, chosen by a hash of the row, are the candidates of every latent's non-activating
+draws: drawing them costs pool x d_sae hashes instead of n_tokens x d_sae (10^8 x 16k at scale). Each latent still
+draws its own rows from the pool (a hash of row and latent), so two latents share about n_random^2 / pool."""
+
+_POOL_SALT = 0x5EED
+"""Keeps the pool hash independent of the per-latent priorities."""
+
+
+def _random_candidates(latents: Tensor, locations: Tensor, k: int, offset: int, n_rows: int, seed: int
                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """A chunk's k draws of highest priority per latent among the tokens where it is 0, [d_sae, 1, k'] each."""
+    """A chunk's k draws of highest priority per latent among its pool rows where the latent is 0, [d_sae, 1, k']
+    each (`n_rows`: the eval split's, which sets the share of rows in the pool)."""
     rows = torch.arange(offset, offset + len(latents), device=latents.device)
-    priority = _hash_priority(rows, torch.arange(latents.shape[1], device=latents.device).unsqueeze(1), seed)
-    by_latent = latents.t()  # [d_sae, chunk]: the priority is built in this layout, so topk runs along rows
+    in_pool = _hash_priority(rows, torch.zeros((), dtype=torch.int64, device=rows.device), seed ^ _POOL_SALT) \
+        < RANDOM_POOL / max(n_rows, 1)
+    pool = in_pool.nonzero().squeeze(1)
+    priority = _hash_priority(rows[pool], torch.arange(latents.shape[1], device=latents.device).unsqueeze(1), seed)
+    by_latent = latents[pool].t()  # [d_sae, pool rows]: the priority is built in this layout, so topk runs along rows
     masked = torch.where(by_latent <= 0, priority, -torch.inf)
-    chunk_priority, chunk_rows = masked.topk(min(k, len(latents)), dim=1)  # [d_sae, k']
+    chunk_priority, chunk_rows = masked.topk(min(k, len(pool)), dim=1)  # [d_sae, k']
     return (chunk_priority.unsqueeze(1), by_latent.gather(1, chunk_rows).unsqueeze(1),
-            locations.to(torch.int64)[chunk_rows].unsqueeze(1))
+            locations[pool].to(torch.int64)[chunk_rows].unsqueeze(1))
 
 
 def _sample_examples(latents_of: _EvalLatents, stats: _RunningStats, n_bands: int, per_band: int, n_random: int,
@@ -335,14 +349,15 @@ def _sample_examples(latents_of: _EvalLatents, stats: _RunningStats, n_bands: in
     kept = stats.top_values
     top_floor = torch.where(kept > 0, kept, torch.inf).amin(dim=1) if kept.shape[1] else torch.full_like(peak,
                                                                                                          torch.inf)
-    offset = 0
+    offset, n_rows = 0, stats.n_tokens
     for latents, locations in latents_of.chunks():
         if per_band:
             eligible = (latents > 0) & (latents < top_floor)
             sampler.merge(slice(0, n_bands), *_band_candidates(latents, locations, eligible, peak, n_bands, k,
                                                               offset, seed))
         if n_random:
-            sampler.merge(slice(n_bands, n_bands + 1), *_random_candidates(latents, locations, k, offset, seed))
+            sampler.merge(slice(n_bands, n_bands + 1), *_random_candidates(latents, locations, k, offset, n_rows,
+                                                                          seed))
         offset += len(latents)
         advance(len(latents))
     return sampler

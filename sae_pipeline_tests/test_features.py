@@ -318,6 +318,27 @@ def test_random_examples_do_not_fire_at_the_centre(tables, sae, eval_rows):
         assert mine["activation"].to_list() == [0.0] * len(mine)
 
 
+def test_random_examples_come_from_a_pool_of_rows_the_same_at_any_chunk_size(sae, store, corpus, tokenizer,
+                                                                              eval_rows, tables, monkeypatch):
+    """RANDOM_POOL bounds the rows every latent's non-activating draws come from; each latent draws its own."""
+    monkeypatch.setattr(features_module, "RANDOM_POOL", 4)
+    truth = brute_force_by_location(sae, eval_rows)
+    drawn = [extract_features(sae, store, corpus, tokenizer, top_n=TOP_N, window=WINDOW, n_bands=N_BANDS,
+                              per_band=PER_BAND, n_random=N_RANDOM, chunk=chunk).examples.filter(
+        pl.col("kind") == "random") for chunk in (4096, 5)]
+    assert_frame_equal(drawn[0], drawn[1])
+
+    def rows(frame: pl.DataFrame) -> set:
+        return set(zip(frame["seq_id"], frame["position"], strict=True))
+
+    unpooled = tables.examples.filter(pl.col("kind") == "random")  # the pool holds every row of this tiny split
+    assert 0 < len(rows(drawn[0])) <= 8 < len(rows(unpooled)), (len(rows(drawn[0])), len(rows(unpooled)))
+    for latent in range(D_SAE):
+        mine = drawn[0].filter(pl.col("latent_id") == latent)
+        assert all(truth[(s, p)][latent] <= 0 for s, p in zip(mine["seq_id"], mine["position"], strict=True))
+    assert len({tuple(sorted(rows(group))) for _, group in drawn[0].group_by("latent_id")}) > 1  # each its own
+
+
 def test_window_tokens_and_per_token_activations(tables, sae, eval_rows, corpus, tokenizer):
     truth = brute_force_by_location(sae, eval_rows)
     ids = dict(zip(corpus["seq_id"].to_list(), corpus["input_ids"].to_list(), strict=True))

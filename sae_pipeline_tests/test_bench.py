@@ -23,9 +23,14 @@ def test_bench_runs_and_appends_a_dated_table(tmp_path, capsys):
     assert text.startswith("# Measured results\n")  # appended, not overwritten
     assert "python -m sae_pipeline.bench --shape 16x64:k4:b32" in text and "load average" in text
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 16x64 k4 B32")}
+    floor_ms = float(rows[bench.FLOOR].split(" | ")[2])
+    assert floor_ms > 0 and rows[bench.FLOOR].rstrip(" |").endswith("1.00x")
     for ours in ("sae_pipeline sparse", "sae_pipeline dense (reference)"):
         ms = float(rows[ours].split(" | ")[2])
         assert ms > 0
+        over_floor = float(rows[ours].rstrip(" |").rsplit(" | ", 1)[1].removesuffix("x"))
+        # the ms shown are rounded to 0.1: the ratio lies within what they allow
+        assert (ms - 0.05) / (floor_ms + 0.05) - 0.01 <= over_floor <= (ms + 0.05) / max(floor_ms - 0.05, 1e-3)
     for peer, package in (("sparsify", "eai-sparsify"), ("SAELens", "sae-lens")):
         installed = bench._available(package) is not None
         assert (f"not installed (pip install {package})" in rows[peer]) is not installed

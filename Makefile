@@ -8,6 +8,10 @@ export SAE_PIPELINE_ROOT ?= $(ROOT)
 export DAGSTER_HOME ?= $(ROOT)/dagster_home
 CI_ROOT := $(CURDIR)/data/ci
 CI_SWEEP := data/sweeps/ci.yaml
+# the CI job runs with both trackers on, offline (W&B run folders, an MLflow file store), then checks what they hold
+CI_MLFLOW := file://$(CI_ROOT)/mlruns
+CI_TRACKING := SAE_PIPELINE_TRACKING=wandb,mlflow WANDB_MODE=offline WANDB_SILENT=true WANDB_DIR=$(CI_ROOT)/tracking \
+  MLFLOW_TRACKING_URI=$(CI_MLFLOW) MLFLOW_ALLOW_FILE_STORE=true
 
 .PHONY: install install-test run test ui lint clean
 
@@ -31,10 +35,11 @@ test: install-test
 	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 	$(VENV)/bin/dagster definitions validate -m sae_pipeline.definitions
 	rm -rf $(CI_ROOT) && mkdir -p $(CI_ROOT)/dagster_home
-	export SAE_PIPELINE_ROOT=$(CI_ROOT) DAGSTER_HOME=$(CI_ROOT)/dagster_home && \
+	export SAE_PIPELINE_ROOT=$(CI_ROOT) DAGSTER_HOME=$(CI_ROOT)/dagster_home $(CI_TRACKING) && \
 	  key=$$($(VENV)/bin/sae-pipeline register-sweep $(CI_SWEEP) | head -n 1) && \
 	  $(VENV)/bin/dagster job execute -m sae_pipeline.definitions -j ci_smoke -c data/sweeps/ci_run_config.yaml \
-	    --tags "{\"dagster/partition\": \"$$key\"}"
+	    --tags "{\"dagster/partition\": \"$$key\"}" && \
+	  $(PY) -m sae_pipeline_tests.tracking_records $(CI_ROOT) $(CI_MLFLOW) ci $(CI_ROOT)/tracking
 
 ui: install
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -43,7 +43,7 @@ def register(path: str, dry_run: bool) -> list[str]:
         return keys
     layout = Layout.at(default_root())
     layout.check_writable()
-    store_configs(layout, configs)
+    store_configs(layout, configs, spec.name)
     instance = open_instance()
     existing = set(instance.get_dynamic_partitions(sae_configs.name))
     instance.add_dynamic_partitions(sae_configs.name, [k for k in keys if k not in existing])

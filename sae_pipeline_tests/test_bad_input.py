@@ -22,7 +22,7 @@ import sae_pipeline.defs.assets.reports as reports_module
 import sae_pipeline.publish as publish_module
 from sae_pipeline import cli
 from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae
-from sae_pipeline.defs.resources import DeviceResource, QualityResource, StorageResource
+from sae_pipeline.defs.resources import DeviceResource, QualityResource, StorageResource, TrackingResource
 from sae_pipeline.saes import load_sae
 from sae_pipeline.storage import atomic_dir
 from sae_pipeline.training import CHECKPOINT_FILE
@@ -249,6 +249,8 @@ DAGSTER_CASES = [
     ("thresholds out of order", [activations], {},
      {"quality_thresholds": QualityResource(overrides={"fvu_warn": 3.0})}, "fvu_warn"),
     ("unknown device", [sae], {}, {"device": DeviceResource(device="tpu")}, "device"),
+    ("unknown tracker", [sae], {}, {"tracking": TrackingResource(trackers="wandb,neptune")},
+     "resources.tracking.config.trackers (SAE_PIPELINE_TRACKING): unknown tracker 'neptune'; allowed: wandb, mlflow"),
     ("unknown device for activations", [activations], {}, {"device": DeviceResource(device="tpu")}, "device: 'tpu'"),
     ("unknown device for the corpus and activations", [corpus, activations], {},
      {"device": DeviceResource(device="tpu")}, "device: 'tpu'"),

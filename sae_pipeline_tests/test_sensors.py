@@ -11,7 +11,7 @@ from sae_pipeline.calibration import with_l1_alpha
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.resources import ModelResource, StorageResource
 from sae_pipeline.defs.sensors import calibration_requests, sweep_files_sensor
-from sae_pipeline.registry import store_configs
+from sae_pipeline.registry import store_configs, sweep_of
 from sae_pipeline.storage import Layout, write_json_atomic
 from sae_pipeline.sweep_spec import load_sweep
 
@@ -59,6 +59,22 @@ def test_sweep_files_sensor_registers_new_and_changed_specs_once(tmp_path: Path)
         (request,) = changed.dynamic_partitions_requests
         assert list(request.partition_keys) == [SAEConfig(architecture="topk", expansion_factor=2, lr=1e-3,
                                                           k=32).partition_key()]
+    layout = Layout(tmp_path)  # each key knows the sweep that registered it (the tracking runs' group)
+    assert [sweep_of(layout, key) for key in expected] == ["tiny", "tiny"]
+    assert sweep_of(layout, changed.dynamic_partitions_requests[0].partition_keys[0]) == "tiny"
+
+
+def test_a_key_belongs_to_the_first_sweep_by_name_that_registered_it(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    shared, own = (SAEConfig(architecture="topk", expansion_factor=2, k=k) for k in (4, 6))
+    store_configs(layout, [shared, own], "zeta")
+    store_configs(layout, [shared], "alpha")
+    store_configs(layout, [own], "zeta")  # registering again adds nothing
+    assert sweep_of(layout, shared.partition_key()) == "alpha"
+    assert sweep_of(layout, own.partition_key()) == "zeta"
+    assert sweep_of(layout, SAEConfig(architecture="topk", expansion_factor=2, k=5).partition_key()) is None
+    assert (layout.configs_dir / "zeta.sweep").read_text().split() == sorted([shared.partition_key(),
+                                                                              own.partition_key()])
 
 
 def test_sweep_files_sensor_rejects_k_not_below_d_sae(tmp_path: Path) -> None:

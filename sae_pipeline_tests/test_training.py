@@ -13,6 +13,7 @@ import torch
 
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.evaluation import evaluate_sae
+from sae_pipeline.store import BatchSampler
 from sae_pipeline.training import (
     CHECKPOINT_FILE,
     METRIC_COLUMNS,
@@ -118,13 +119,27 @@ def test_sparsity_coefficient_warmup():
 
 # ---------------------------------------------------------------- metrics log
 
+def test_logged_fvu_is_the_interval_error_over_the_interval_spread(small_store):
+    """`fvu` of a row = squared error / squared deviation from the interval's mean input, over the interval's
+    tokens: rebuilt here from the row's own `mse` and the batches of the same stream (one step per row)."""
+    cfg = SAEConfig(architecture="topk", k=3, batch_size=32, train_tokens=32 * 6, log_every=1, normalize="none",
+                    seed=4)
+    result = train_sae(cfg, small_store, device="cpu")
+    sampler = BatchSampler(small_store, cfg.batch_size, cfg.seed)
+    for row in result.metrics.to_dicts():
+        x = sampler.next_batch().double()
+        spread = (x - x.mean(dim=0)).square().sum().item()
+        assert row["fvu"] == pytest.approx(row["mse"] * x.numel() / spread, rel=1e-4), row["step"]
+    assert result.metrics["fvu"].min() > 0 and result.metrics["fvu"].max() < 5
+
+
 def test_metrics_log_columns_and_steps(small_store):
     cfg = SAEConfig(architecture="relu", l1_alpha=0.05, batch_size=32, train_tokens=32 * 23, log_every=5,
                     lr=1e-3, lr_warmup_steps=3, lr_decay_fraction=0.3, l1_warmup_steps=6)
     rows: list[dict] = []
     result = train_sae(cfg, small_store, device="cpu", log=rows.append)
     metrics = result.metrics
-    assert metrics.columns == ["step", "tokens", "loss", "mse", "sparsity_loss", "aux_loss", "l0",
+    assert metrics.columns == ["step", "tokens", "loss", "mse", "fvu", "sparsity_loss", "aux_loss", "l0",
                                "dead_fraction", "lr"] == METRIC_COLUMNS
     assert metrics["step"].to_list() == [5, 10, 15, 20, 23]
     assert metrics["tokens"].to_list() == [s * 32 for s in (5, 10, 15, 20, 23)]
@@ -204,6 +219,18 @@ def test_resume_matches_uninterrupted_run(small_store, tmp_path, arch, checkpoin
     for column in METRIC_COLUMNS:
         assert resumed.metrics[column].to_list() == pytest.approx(reference.metrics[column].to_list(),
                                                                   rel=1e-5, abs=1e-6), column
+
+
+def test_a_resumed_run_logs_its_checkpoint_rows_first(small_store, tmp_path):
+    """A tracker sees a resumed run's whole history: the checkpoint's rows, then the new ones, in step order."""
+    cfg = SAEConfig(architecture="topk", k=2, batch_size=32, train_tokens=32 * 30, log_every=5, checkpoint_every=10)
+    with pytest.raises(_Interrupt):
+        train_sae(cfg, small_store, device="cpu", checkpoint_dir=tmp_path, log=_interrupt_after(20))
+    rows: list[dict] = []
+    resumed = train_sae(cfg, small_store, device="cpu", checkpoint_dir=tmp_path, log=rows.append)
+    assert resumed.resumed_from_step == 10
+    assert rows == resumed.metrics.to_dicts()
+    assert [row["step"] for row in rows] == [5, 10, 15, 20, 25, 30]
 
 
 def test_checkpoint_is_not_written_for_final_step(small_store, tmp_path):

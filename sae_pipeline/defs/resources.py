@@ -1,6 +1,7 @@
-"""Resources: the storage root, the compute device, and the transformer model."""
+"""Resources: the storage root, the compute device, the transformer model, check thresholds, and tracking."""
 
 import os
+from collections.abc import Callable
 
 import dagster as dg
 import torch
@@ -9,6 +10,7 @@ from pydantic import Field
 from sae_pipeline.config import EMBEDDED_MODEL
 from sae_pipeline.quality import QualityThresholds, parse_thresholds
 from sae_pipeline.storage import Layout, default_root
+from sae_pipeline.tracking import TRACKING_ENV, Tracking, parse_trackers
 from sae_pipeline.training import resolve_device
 
 
@@ -68,10 +70,31 @@ class QualityResource(dg.ConfigurableResource):
         self.thresholds()
 
 
+class TrackingResource(dg.ConfigurableResource):
+    """Experiment tracking of each `sae` partition (`sae_pipeline/tracking.py`): off by default. The trackers read
+    their keys and endpoints from their own environment variables (WANDB_API_KEY, WANDB_MODE, WANDB_DIR,
+    WANDB_PROJECT, MLFLOW_TRACKING_URI); none is set here."""
+
+    trackers: str = Field(default="", description="Empty (off), wandb, mlflow or wandb,mlflow; default "
+                          f"${TRACKING_ENV}. Needs the `tracking` extra.")
+
+    def parsed(self) -> tuple[str, ...]:
+        return parse_trackers(self.trackers, f"resources.tracking.config.trackers ({TRACKING_ENV})")
+
+    def session(self, layout: Layout, warn: Callable[[str], None]) -> Tracking:
+        """The trackers of one run, writing their local files (when their own variables name no place) under
+        `<storage root>/tracking`."""
+        return Tracking(self.parsed(), warn, layout.root / "tracking")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.parsed()  # an unknown or uninstalled tracker fails the run before any asset computes
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "storage": StorageResource(root=default_root()),
         "device": DeviceResource(device=os.environ.get("SAE_PIPELINE_DEVICE", "auto")),
         "model": ModelResource(name=os.environ.get("SAE_PIPELINE_MODEL", EMBEDDED_MODEL)),
         "quality_thresholds": QualityResource(),
+        "tracking": TrackingResource(trackers=os.environ.get(TRACKING_ENV, "")),
     }

@@ -36,7 +36,7 @@ def register_sweep_file(layout: Layout, sweep: SweepFile, d_model: int, existing
     if sweep.spec is None:
         raise ConfigError(sweep.error or f"{sweep.path}: not a sweep spec")
     validate_configs_for_model(sweep.configs, d_model, where=f"{sweep.path.name}: ")
-    keys = store_configs(layout, list(sweep.configs))
+    keys = store_configs(layout, list(sweep.configs), sweep.spec.name)
     return [key for key in keys if key not in existing]
 
 

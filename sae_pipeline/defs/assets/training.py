@@ -18,16 +18,23 @@ from sae_pipeline.defs.checks import SAE_CHECKS, refuse_if_blocked, refuse_if_ot
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.defs.profiles import gpu_op_tags
 from sae_pipeline.defs.ranged import HeldChecks, fail_partitions, partition_materialisation
-from sae_pipeline.defs.resources import DeviceResource, ModelResource, QualityResource, StorageResource
+from sae_pipeline.defs.resources import (
+    DeviceResource,
+    ModelResource,
+    QualityResource,
+    StorageResource,
+    TrackingResource,
+)
 from sae_pipeline.defs.staleness import provenance_tags
 from sae_pipeline.defs.stops import stops_without_retry
 from sae_pipeline.plots import png_markdown
 from sae_pipeline.publish import PublishedSAE, publish_sae
-from sae_pipeline.registry import load_config
+from sae_pipeline.registry import load_config, sweep_of
 from sae_pipeline.storage import (
     Layout,
 )
 from sae_pipeline.store import ActivationStore, store_of_hook
+from sae_pipeline.tracking import DEFAULT_GROUP, PartitionTracking, RunEnd, RunInfo, Tracking
 from sae_pipeline.training import checkpoint_step, plan_groups, train_group
 
 SAE_RUN_SIZE = 8
@@ -35,11 +42,32 @@ SAE_RUN_SIZE = 8
 groups in one pass over the activations (`plan_groups` splits by batch size, seed, resume step and memory)."""
 
 
-def training_hooks(context: dg.AssetExecutionContext, layout: Layout, key: str
+def training_hooks(context: dg.AssetExecutionContext, layout: Layout, key: str, tracked: PartitionTracking
                    ) -> tuple[Callable[[dict], None], Callable[[], None]]:
-    """The per-row log and the after-checkpoint hook (commit to object storage) of one partition's training."""
+    """The per-row log (the run's debug log and the tracking runs) and the after-checkpoint hook (commit to
+    object storage) of one partition's training."""
     checkpoints = layout.checkpoint_dir(key)
-    return (lambda row: context.log.debug(f"{key} step {row['step']}: {row}")), (lambda: layout.push(checkpoints))
+
+    def log(row: dict) -> None:
+        context.log.debug(f"{key} step {row['step']}: {row}")
+        tracked.log(row)
+
+    return log, (lambda: layout.push(checkpoints))
+
+
+def start_tracking(tracking: Tracking, layout: Layout, keys: list[str], cfgs: dict[str, SAEConfig],
+                   store: ActivationStore) -> dict[str, PartitionTracking]:
+    """Each key's tracking runs, grouped by the sweep that registered it; the config logged with the model and
+    hook it reads."""
+    where = {"model": store.meta["model"], "hook_name": store.meta.get("hook_name", "")}
+    return {key: tracking.start(RunInfo(key, (sweep_of(layout, key) if tracking.enabled else None) or DEFAULT_GROUP,
+                                        {**cfgs[key].model_dump(mode="json"), "partition_key": key, **where}))
+            for key in keys}
+
+
+def tracking_end(published: PublishedSAE) -> RunEnd:
+    return RunEnd("finished", published.evaluation,
+                  {o.name: "pass" if o.passed else o.severity for o in published.outcomes}, published.weights_dir)
 
 
 def ready_configs(layout: Layout, acts: Path, keys: list[str], device: DeviceResource
@@ -65,8 +93,8 @@ def ready_configs(layout: Layout, acts: Path, keys: list[str], device: DeviceRes
 
 
 def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Path, keys: list[str],
-                     device: DeviceResource, thresholds: quality.QualityThresholds,
-                     trust_remote_code: bool) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+                     device: DeviceResource, thresholds: quality.QualityThresholds, trust_remote_code: bool,
+                     tracking: Tracking) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """Train the partitions of a run as groups, each in one pass over its hook's activations, and materialise
     each partition with its own metadata and check results as soon as it is published. A config that is
     invalid, fails to start, train or publish, or fails a blocking check fails its own partition: its group
@@ -88,10 +116,12 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
             checks.log()  # before the next group trains: the last partition published has its checks in the UI
             yield from _train_and_materialise(context, layout, members, cfgs, store_of[members[0]], device,
                                               thresholds, trust_remote_code, tags, failures, checks,
-                                              f"{number}/{len(planned)}")
+                                              f"{number}/{len(planned)}", tracking)
     except BaseException:
         checks.log()  # a stop or an error: every partition published keeps its evaluations
         raise
+    finally:
+        tracking.close()  # a run a stop or an error left open ends as killed
     yield from checks.as_outputs()
     fail_partitions("sae", failures, len(keys))
 
@@ -99,26 +129,30 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
 def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, members: list[str],
                            cfgs: dict[str, SAEConfig], store: ActivationStore, device: DeviceResource,
                            thresholds: quality.QualityThresholds, trust_remote_code: bool, tags: dict[str, str],
-                           failures: dict[str, str], checks: HeldChecks, number: str
+                           failures: dict[str, str], checks: HeldChecks, number: str, tracking: Tracking
                            ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """One group of `train_partitions`: train it in one pass, then publish and materialise each member; a
     member that fails goes into `failures` with why."""
     context.log.info(f"sae group {number}: {len(members)} configs in one pass over the "
                      f"activations at {store.meta.get('hook_name', 'the store')}: {', '.join(members)}")
-    hooks = [training_hooks(context, layout, key) for key in members]
+    tracked = start_tracking(tracking, layout, members, cfgs, store)
+    hooks = [training_hooks(context, layout, key, tracked[key]) for key in members]
     results = train_group([cfgs[k] for k in members], store, device.resolve(),
                           [layout.checkpoint_dir(k) for k in members], [h[0] for h in hooks],
                           [h[1] for h in hooks], progress=context.log.info)
     for key, result in zip(members, results, strict=True):
         if isinstance(result, Exception):
             failures[key] = f"training failed ({type(result).__name__}: {result}); its checkpoint is kept"
+            tracked[key].end(RunEnd("failed"))
             continue
         try:
             published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
                                     trust_remote_code)
         except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
             failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
+            tracked[key].end(RunEnd("failed"))
             continue
+        tracked[key].end(tracking_end(published))
         checks.hold((yield from partition_materialisation(context, SAE_KEY, key, sae_metadata(published, key),
                                                             published.outcomes, tags)))
         if published.blocking_failures and not context.has_partition_key:
@@ -146,16 +180,17 @@ def sae_metadata(published: PublishedSAE, key: str) -> dict[str, Any]:
                                     "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
                                     "one pass over the activations.")])
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
-        quality_thresholds: QualityResource, model: ModelResource) -> Iterator[dg.MaterializeResult
-                                                                                | dg.AssetMaterialization]:
+        quality_thresholds: QualityResource, model: ModelResource,
+        tracking: TrackingResource) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     layout = storage.layout
     with stops_without_retry(context, layout):
-        yield from train_and_publish(context, layout, device, quality_thresholds.thresholds(), model)
+        yield from train_and_publish(context, layout, device, quality_thresholds.thresholds(), model,
+                                     tracking.session(layout, context.log.warning))
 
 
 def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device: DeviceResource,
-                      thresholds: quality.QualityThresholds,
-                      model: ModelResource) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+                      thresholds: quality.QualityThresholds, model: ModelResource,
+                      tracking: Tracking) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """The body of `sae`: its partitions, one or many, trained as groups and published (`train_partitions`)."""
     validate_downstream_config(context, "features", "feature_labels")
     refuse_if_other_lineage("sae", layout, model.name)
@@ -163,4 +198,4 @@ def train_and_publish(context: dg.AssetExecutionContext, layout: Layout, device:
     refuse_if_blocked("sae", context.partition_key if context.has_partition_key else None,
                       quality.blocking_failures(acts, missing_ok=True))
     yield from train_partitions(context, layout, acts, list(context.partition_keys), device, thresholds,
-                                model.trust_remote_code)
+                                model.trust_remote_code, tracking)

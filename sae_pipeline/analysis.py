@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -53,6 +53,10 @@ from sae_pipeline.sweep_stats import (
 )
 
 SHOWN_METRICS: tuple[str, ...] = ("dead_fraction", "fvu", "l0")
+COMPACT_METRICS: tuple[str, ...] = ("l0", "fvu", "dead_fraction")
+"""The headline metrics of a compact table, in its order, after the one it ranks by."""
+COUNTS_NOTE = "The counts of finite and non-finite values are in report.md."
+"""What a compact summary table says it leaves out."""
 TOP_N = 10
 TOP_SUMMARY_N = 5
 REPORT_NAME = "report.md"
@@ -74,20 +78,39 @@ class SweepReport:
     """Keys on the L0 vs dead-fraction Pareto front."""
     failed: tuple[str, ...] = ()
     """Keys whose blocking checks failed (kept off the fronts and the recommendations)."""
+    ui_markdown: str = ""
+    """The report as the UI shows it (`ReportView`), its plots still linked by file name."""
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """How a rendition of the report names and judges configs. report.md's (the default): every column, each
+    config by its key. The UI's (`compact`): tables of at most 7 columns (`check_matrix.UI_COLUMNS`: a config's
+    label, the metric ranked by, L0, FVU, dead fraction, its worst check verdict), each config by its short
+    label, whose key the check matrix's key table gives."""
+
+    compact: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    verdicts: Mapping[str, str] = field(default_factory=dict)
+    check_matrix: str = ""
+
+    def name(self, key: str) -> str:
+        return self.labels[key] if self.compact and key in self.labels else f"`{key}`"
 
 
 def build_sweep_report(
     runs: pl.DataFrame, out_dir: Path, sweep_name: str = "sweep", missing: Sequence[str] = (),
-    training_logs: Mapping[str, pl.DataFrame] | None = None, check_matrix: str = "",
+    training_logs: Mapping[str, pl.DataFrame] | None = None, check_matrix: str = "", ui: ReportView | None = None,
 ) -> SweepReport:
     """Write metrics.parquet, the PNGs and report.md into `out_dir`, each atomically (temp + rename).
 
     `runs` has one row per finished config: a `key` column and any of HYPERPARAMETERS and METRICS (absent
     columns are added as nulls, other columns are dropped). `missing`: keys registered but not materialised.
     `training_logs`: key -> metrics log (step/tokens + CURVE_COLUMNS); the top balanced configs' curves are
-    overlaid in top_training_curves.png. `check_matrix` (`check_matrix.check_matrix_markdown`) opens the report,
-    under its title. PNGs: l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots
-    of dead_fraction and fvu per value of each varying hyperparameter), top_training_curves.png. Runs with the
+    overlaid in top_training_curves.png. `check_matrix` (`check_matrix.matrix_markdown`) opens the report,
+    under its title. `ui`: the view of `ui_markdown` and `top_markdown` (default: report.md's). PNGs:
+    l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots of dead_fraction and fvu per value of each
+    varying hyperparameter), top_training_curves.png. Runs with the
     `seed_group` and `sae_dir` columns of `results.collect_runs` add a cross-seed consistency section
     (`consistency.seed_consistency_section`).
     """
@@ -114,10 +137,12 @@ def build_sweep_report(
     top_keys = ranked.get_column("key").head(CURVES_TOP_N).to_list()
     curves_path = write_curves(training_logs or {}, top_keys, out_dir / CURVES_PLOT_NAME)
     report_path = out_dir / REPORT_NAME
-    report = _render_report(table, sweep_name, list(missing), front, plot_path, check_matrix)
-    report = _append_sections(report, table, front_dead, box_path, curves_path)
-    report += seed_consistency_section(runs)
-    write_bytes_atomic(report_path, report.encode())
+    full = ReportView(check_matrix=check_matrix)
+    shown = ui or full
+    texts = [_append_sections(_render_report(table, sweep_name, list(missing), front, plot_path, view), table,
+                              front_dead, box_path, curves_path, view) + seed_consistency_section(runs)
+             for view in ([full, ui] if ui else [full])]
+    write_bytes_atomic(report_path, texts[0].encode())
 
     return SweepReport(
         report_path=report_path,
@@ -125,20 +150,22 @@ def build_sweep_report(
         plot_path=plot_path,
         n_configs=table.height,
         best_balanced=ranked.get_column("key")[0] if ranked.height else None,
-        top_markdown=_config_table(ranked.head(TOP_SUMMARY_N), table, with_score=True)
+        top_markdown=_config_table(ranked.head(TOP_SUMMARY_N), table, shown, with_score=True)
         if ranked.height
         else "No finished configurations yet.",
         box_plot_path=box_path,
         curves_plot_path=curves_path,
         pareto_dead=tuple(front_dead),
         failed=tuple(failed_rows(table).get_column("key").to_list()),
+        ui_markdown=texts[-1],
     )
 
 
 def report_with_inline_plots(report: SweepReport) -> str:
-    """report.md with each plot it links embedded as a data URI, so the report reads whole where it is shown
-    without its folder (Dagster metadata); the file on disk keeps plain links to the PNGs beside it."""
-    text = report.report_path.read_text()
+    """The UI's rendition of the report (report.md's without a `ReportView`) with each plot it links embedded as
+    a data URI, so the report reads whole where it is shown without its folder (Dagster metadata); the file on
+    disk keeps plain links to the PNGs beside it."""
+    text = report.ui_markdown
     for plot in (report.plot_path, report.box_plot_path, report.curves_plot_path):
         if plot is not None:
             text = text.replace(f"]({plot.name})", f"]({png_data_uri(plot.read_bytes())})")
@@ -162,8 +189,15 @@ def _present_metrics(table: pl.DataFrame, candidates: Sequence[str]) -> list[str
     return [m for m in candidates if m in table.columns and table.get_column(m).null_count() < table.height]
 
 
-def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, with_score: bool = False) -> str:
-    """Markdown rows of `ranked`: rank, key, the sweep's varying hyperparameters, the headline metrics."""
+def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, view: ReportView, with_score: bool = False,
+                  ranked_by_metric: str = "balanced_score") -> str:
+    """Markdown rows of `ranked`: rank, key, the sweep's varying hyperparameters, the headline metrics (in a
+    compact view: rank, label, the metric ranked by, the other headline metrics, the worst verdict)."""
+    if view.compact:
+        metrics = _present_metrics(table, [ranked_by_metric, *(m for m in COMPACT_METRICS if m != ranked_by_metric)])
+        rows = [[str(i), view.name(row["key"]), *(format_value(row[m]) for m in metrics),
+                 view.verdicts.get(row["key"], "–")] for i, row in enumerate(ranked.iter_rows(named=True), start=1)]
+        return _md_table(["#", "config", *metrics, "verdict"], rows)
     columns = varying_hyperparameters(table) + _present_metrics(table, SHOWN_METRICS)
     if with_score:
         columns.append("balanced_score")
@@ -178,18 +212,18 @@ def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, with_score: bool = 
 
 def _render_report(
     table: pl.DataFrame, sweep_name: str, missing: list[str], front: list[str], plot_path: Path | None,
-    check_matrix: str = "",
+    view: ReportView,
 ) -> str:
-    sections = [_header(table, sweep_name, missing, check_matrix)]
+    sections = [_header(table, sweep_name, missing, view.check_matrix)]
     if failed_rows(table).height:
         sections.append(_failed_section(table))
     if table.height:
         passing = passing_rows(table)
         sections += [
-            _summary_section(passing, failed_rows(table).height),
+            _summary_section(passing, failed_rows(table).height, view),
             _effects_section(passing),
-            _best_section(passing),
-            _pareto_section(table, front, plot_path),
+            _best_section(passing, view),
+            _pareto_section(table, front, plot_path, view),
             _recommendations_section(table, front),
         ]
     return "\n\n".join(sections) + "\n"
@@ -231,21 +265,23 @@ def _failed_section(table: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _summary_section(table: pl.DataFrame, n_failed: int) -> str:
-    """Statistics over the runs that passed their blocking checks (`table`); `n_failed` more were left out."""
+def _summary_section(table: pl.DataFrame, n_failed: int, view: ReportView) -> str:
+    """Statistics over the runs that passed their blocking checks (`table`); `n_failed` more were left out. A
+    compact view leaves the counts of finite and non-finite values to report.md."""
     rows = []
     for metric in _present_metrics(table, METRICS):
         finite = finite_values(table.get_column(metric)).drop_nulls()
         non_finite = table.get_column(metric).drop_nulls().len() - finite.len()
         stats = [finite.mean(), finite.median(), finite.std(), finite.min(), finite.max()]
         cells = [format_value(None if v is None else float(v)) for v in stats]
-        rows.append([metric, str(finite.len()), *cells, str(non_finite)])
-    body = _md_table(["metric", "n finite", "mean", "median", "std", "min", "max", "non-finite"], rows)
+        rows.append([metric, *cells] if view.compact else [metric, str(finite.len()), *cells, str(non_finite)])
+    headers = ["metric", "mean", "median", "std", "min", "max"]
+    body = _md_table(headers if view.compact else [*headers[:1], "n finite", *headers[1:], "non-finite"], rows)
     runs = "1 run" if table.height == 1 else f"{table.height} runs"
     left_out = f" ({n_failed} that failed blocking checks left out)" if n_failed else ""
     note = (f"Over {runs} that passed their blocking checks{left_out}; over finite values: null (not measured) "
             "values are excluded, non-finite ones counted.")
-    return "## Summary statistics\n\n" + note + "\n\n" + body
+    return "## Summary statistics\n\n" + note + "\n\n" + (COUNTS_NOTE + "\n\n" if view.compact else "") + body
 
 
 def _effects_section(table: pl.DataFrame) -> str:
@@ -280,24 +316,25 @@ def _effects_section(table: pl.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def _best_section(table: pl.DataFrame) -> str:
+def _best_section(table: pl.DataFrame, view: ReportView) -> str:
     parts = ["## Best configurations"]
     for metric, title in (("dead_fraction", "lowest dead_fraction"), ("fvu", "lowest FVU")):
         parts += ["", f"### Top {TOP_N}: {title}", ""]
         ranked = ranked_by(table, metric)
         parts.append(
-            _config_table(ranked.head(TOP_N), table) if ranked.height else f"No run reports {metric}."
+            _config_table(ranked.head(TOP_N), table, view, ranked_by_metric=metric) if ranked.height
+            else f"No run reports {metric}."
         )
     parts += ["", f"### Top {TOP_N}: balanced", "", "Balanced score: " + BALANCED_SCORE_FORMULA, ""]
     ranked = ranked_balanced(table)
     parts.append(
-        _config_table(ranked.head(TOP_N), table, with_score=True) if ranked.height
+        _config_table(ranked.head(TOP_N), table, view, with_score=True) if ranked.height
         else "No run reports dead_fraction or fvu, so no balanced score."
     )
     return "\n".join(parts)
 
 
-def _pareto_section(table: pl.DataFrame, front: list[str], plot_path: Path | None) -> str:
+def _pareto_section(table: pl.DataFrame, front: list[str], plot_path: Path | None, view: ReportView) -> str:
     parts = [
         "## Pareto front (L0 vs FVU)",
         "",
@@ -307,9 +344,9 @@ def _pareto_section(table: pl.DataFrame, front: list[str], plot_path: Path | Non
     ]
     if front:
         on_front = table.filter(pl.col("on_pareto_front")).sort("l0", "fvu", "key")
-        rows = [[f"`{r['key']}`", format_value(r["l0"]), format_value(r["fvu"]), format_value(r["dead_fraction"])]
+        rows = [[view.name(r["key"]), format_value(r["l0"]), format_value(r["fvu"]), format_value(r["dead_fraction"])]
                 for r in on_front.iter_rows(named=True)]
-        parts.append(_md_table(["key", "l0", "fvu", "dead_fraction"], rows))
+        parts.append(_md_table(["config" if view.compact else "key", "l0", "fvu", "dead_fraction"], rows))
     else:
         parts.append("No run reports both a finite l0 and a finite fvu.")
     if plot_path is not None:
@@ -368,7 +405,7 @@ def _recommendations_section(table: pl.DataFrame, front: list[str]) -> str:
 
 
 def _append_sections(report: str, table: pl.DataFrame, front_dead: list[str], box_path: Path | None,
-                     curves_path: Path | None) -> str:
+                     curves_path: Path | None, view: ReportView) -> str:
     if not table.height:
         return report
     parts = ["## Pareto front (L0 vs dead fraction)", "",
@@ -376,8 +413,8 @@ def _append_sections(report: str, table: pl.DataFrame, front_dead: list[str], bo
              ""]
     if front_dead:
         on_front = table.filter(pl.col("on_pareto_front_dead")).sort("l0", "dead_fraction", "key")
-        parts.append(_md_table(["key", "l0", "dead_fraction", "fvu"],
-                               [[f"`{r['key']}`", *(format_value(r[m]) for m in ("l0", "dead_fraction", "fvu"))]
+        parts.append(_md_table(["config" if view.compact else "key", "l0", "dead_fraction", "fvu"],
+                               [[view.name(r["key"]), *(format_value(r[m]) for m in ("l0", "dead_fraction", "fvu"))]
                                 for r in on_front.iter_rows(named=True)]))
     else:
         parts.append("No run reports both a finite l0 and a finite dead_fraction.")

@@ -24,6 +24,8 @@ NOT_APPLICABLE = "n/a"
 """A cell of a check that does not apply to the config (`applicable: false` in its metadata: no target_l0 set,
 an L0 trend of an architecture that does not steer L0 with l1_alpha)."""
 VALUE_DIGITS = 4
+UI_COLUMNS = 7
+"""Most columns of a table shown in Dagster's metadata column (issue 28: wider ones clip at a 1600 px window)."""
 
 
 def config_label(cfg: SAEConfig) -> str:
@@ -62,7 +64,7 @@ def _rank(cells: Sequence[str]) -> int:
     return 0 if "ERROR" in verdicts else 1 if "WARN" in verdicts else 2
 
 
-def _labels(layout: Layout, keys: Sequence[str]) -> dict[str, str]:
+def config_labels(layout: Layout, keys: Sequence[str]) -> dict[str, str]:
     """Each key's short label; the key itself where its config is not registered or two labels collide."""
     labels = {}
     for key in keys:
@@ -77,7 +79,7 @@ def _labels(layout: Layout, keys: Sequence[str]) -> dict[str, str]:
 def check_matrix(layout: Layout, keys: Sequence[str]) -> pl.DataFrame:
     """The matrix as a table: `config` (short label), `key`, then one column per check in MATRIX_CHECKS; rows
     with an ERROR first, then with a WARN, then the rest, each group by key."""
-    labels = _labels(layout, keys)
+    labels = config_labels(layout, keys)
     rows = []
     for key in keys:
         verdicts = stored_verdicts(layout, key)
@@ -87,10 +89,42 @@ def check_matrix(layout: Layout, keys: Sequence[str]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=dict.fromkeys(columns, pl.String), orient="row")
 
 
+def _legend(n_keys: int) -> str:
+    return (f"**Checks per config** ({n_keys}): ✓ passed, WARN or ERROR, each with the measured value; "
+            f"{NOT_APPLICABLE} does not apply; {NOT_RUN} not run. Failed rows first.")
+
+
 def check_matrix_markdown(layout: Layout, keys: Sequence[str]) -> str:
-    """The matrix as markdown, under a one-line legend (what `run-sweep` prints and the report opens with)."""
-    legend = (f"**Checks per config** ({len(keys)}): ✓ passed, WARN or ERROR, each with the measured value; "
-              f"{NOT_APPLICABLE} does not apply; {NOT_RUN} not run. Failed rows first.")
-    if not keys:
-        return legend + "\n\nNo registered configuration."
-    return legend + "\n\n" + markdown_table(check_matrix(layout, keys))
+    """The matrix as markdown, under a one-line legend (what `run-sweep` prints and report.md opens with)."""
+    return matrix_markdown(check_matrix(layout, keys))
+
+
+def matrix_markdown(matrix: pl.DataFrame) -> str:
+    """`check_matrix`'s table as markdown, under its legend."""
+    if not matrix.height:
+        return _legend(0) + "\n\nNo registered configuration."
+    return _legend(matrix.height) + "\n\n" + markdown_table(matrix)
+
+
+def matrix_ui_markdown(matrix: pl.DataFrame) -> str:
+    """The matrix for the UI, every table at most UI_COLUMNS wide: the checks split evenly into tables of at
+    most UI_COLUMNS - 1, each led by the config label (rows in the matrix's order, failed first; a check's name
+    with spaces, so that its header wraps), then a table of each label's key."""
+    if not matrix.height:
+        return _legend(0) + "\n\nNo registered configuration."
+    checks = matrix.columns[2:]
+    n_tables = -(-len(checks) // (UI_COLUMNS - 1))
+    size = -(-len(checks) // n_tables)
+    tables = [markdown_table(matrix.select("config", *part).rename({name: name.replace("_", " ") for name in part}))
+              for part in (checks[start:start + size] for start in range(0, len(checks), size))]
+    keyed = matrix.select("config", pl.format("`{}`", "key").alias("key"))
+    return "\n\n".join([_legend(matrix.height), *tables, markdown_table(keyed)])
+
+
+def worst_verdicts(matrix: pl.DataFrame) -> dict[str, str]:
+    """Each key's worst verdict in the matrix: ERROR, WARN, ✓, or NOT_RUN when none is stored."""
+    found = {}
+    for row in matrix.iter_rows():
+        cells = [c for c in row[2:] if c not in (NOT_RUN, NOT_APPLICABLE)]
+        found[row[1]] = NOT_RUN if not cells else ("ERROR", "WARN", "✓")[_rank(cells)]
+    return found

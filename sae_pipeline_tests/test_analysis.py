@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sae_pipeline.analysis import CURVES_TOP_N, build_sweep_report, report_with_inline_plots
-from sae_pipeline.markdown import format_duration, report_pieces, round_significant, rounded
+from sae_pipeline.analysis import CURVES_TOP_N, ReportView, build_sweep_report, report_with_inline_plots
+from sae_pipeline.markdown import format_duration, format_value, report_pieces, round_significant, rounded
 from sae_pipeline.results import collect_runs
 from sae_pipeline.storage import Layout, write_json_atomic, write_parquet_atomic
 from sae_pipeline.sweep_plots import MAX_POINT_LABELS, l0_fvu_figure
@@ -188,6 +188,33 @@ def test_report_on_planted_sweep(planted: pl.DataFrame, tmp_path: Path) -> None:
     assert "| k |" in effects_section and "architecture" not in effects_section
     assert f"`{rows[best]['key']}`" in report.top_markdown
     assert report.top_markdown.count("\n| ") == 5
+
+
+def test_the_ui_view_narrows_every_table_to_seven_columns_and_names_configs_by_label(planted: pl.DataFrame,
+                                                                                      tmp_path: Path) -> None:
+    rows = planted_rows()
+    labels = {r["key"]: f"cfg{i}" for i, r in enumerate(rows)}
+    verdicts = {r["key"]: ("WARN" if i % 3 == 0 else "✓") for i, r in enumerate(rows)}
+    ui = ReportView(compact=True, labels=labels, verdicts=verdicts, check_matrix="**Checks per config** (12)")
+    full_only = build_sweep_report(planted, tmp_path / "full", sweep_name="planted")
+    report = build_sweep_report(planted, tmp_path / "ui", sweep_name="planted", ui=ui)
+    assert report.report_path.read_text() == full_only.report_path.read_text()  # report.md keeps every column
+    text = report.ui_markdown
+    widths = [line.count("|") - 1 for line in text.splitlines() if line.startswith("|")]
+    assert max(widths) <= 7 < max(line.count("|") - 1 for line in report.report_path.read_text().splitlines()
+                                  if line.startswith("|"))
+    assert text.splitlines()[2] == "**Checks per config** (12)" and not any(f"`{r['key']}`" in line for r in rows
+                                                                              for line in text.splitlines()
+                                                                              if line.startswith("|"))
+    fvu_section = text.split("### Top 10: lowest FVU")[1].split("###")[0]
+    table = [line.strip("|").split("|") for line in fvu_section.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in table[0]] == ["#", "config", "fvu", "l0", "dead_fraction", "verdict"]
+    by_fvu = sorted(rows, key=lambda r: r["fvu"])[:10]
+    assert [(c[1].strip(), c[2].strip(), c[5].strip()) for c in table[2:]] == [
+        (labels[r["key"]], format_value(r["fvu"]), verdicts[r["key"]]) for r in by_fvu]
+    top = [line.strip("|").split("|") for line in report.top_markdown.splitlines()]
+    assert [c.strip() for c in top[0]] == ["#", "config", "balanced_score", "l0", "fvu", "dead_fraction", "verdict"]
+    assert top[2][1].strip() == labels[report.best_balanced]
 
 
 def test_every_held_out_metric_is_a_report_column(tmp_path: Path) -> None:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from sae_pipeline.check_matrix import MATRIX_CHECKS, NOT_APPLICABLE, NOT_RUN, check_matrix, check_matrix_markdown
+from sae_pipeline.check_matrix import (
+    MATRIX_CHECKS,
+    NOT_APPLICABLE,
+    NOT_RUN,
+    UI_COLUMNS,
+    check_matrix,
+    check_matrix_markdown,
+    matrix_ui_markdown,
+    worst_verdicts,
+)
 from sae_pipeline.checks import checks_of
 from sae_pipeline.config import SAEConfig
+from sae_pipeline.defs.checks import SAE_CHECKS
 from sae_pipeline.quality import CheckOutcome, write_verdict
 from sae_pipeline.registry import store_configs
 from sae_pipeline.storage import Layout
@@ -90,3 +101,61 @@ def test_run_sweep_ends_with_the_matrix_of_its_partitions(ui_home) -> None:
     matrix = check_matrix_markdown(Layout(ui_home.root), ui_home.keys)
     assert printed.rstrip().endswith(matrix)
     assert all(f"| {key} |" in matrix for key in ui_home.keys)
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Each markdown table of `text` as rows of cells (header first, the rule line dropped)."""
+    tables, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                current.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_the_ui_matrix_splits_the_checks_into_tables_of_at_most_seven_columns_with_a_key_table(sweep) -> None:
+    layout, keys = sweep
+    matrix = check_matrix(layout, keys)
+    *parts, key_table = _tables(matrix_ui_markdown(matrix))
+    assert all(len(row) <= UI_COLUMNS for table in (*parts, key_table) for row in table)
+    checks = [name for table in parts for name in table[0][1:]]
+    assert checks == [check.name.replace("_", " ") for check in MATRIX_CHECKS]  # every check once, in order
+    assert max(len(t[0]) for t in parts) - min(len(t[0]) for t in parts) <= 1  # split evenly
+    for table in parts:  # each led by the label, rows in the matrix's order (failed first)
+        assert [row[0] for row in table[1:]] == matrix["config"].to_list()
+    cells = {(row[0], name): value for table in parts for row in table[1:]
+             for name, value in zip(table[0][1:], row[1:], strict=True)}
+    for row in matrix.iter_rows(named=True):
+        assert all(cells[(row["config"], c.name.replace("_", " "))] == row[c.name] for c in MATRIX_CHECKS)
+    assert key_table == [["config", "key"], *([label, f"`{key}`"] for label, key in matrix.select("config", "key")
+                                               .iter_rows())]
+
+
+def test_worst_verdicts_are_the_worst_cell_of_each_row(sweep) -> None:
+    layout, keys = sweep
+    verdicts = worst_verdicts(check_matrix(layout, keys))
+    assert verdicts == {keys[0]: "ERROR", keys[1]: "WARN", keys[2]: "✓", keys[3]: "WARN"}
+    assert worst_verdicts(check_matrix(layout, [*keys, *store_configs(layout, [SAEConfig(k=4)])]))[
+        SAEConfig(k=4).partition_key()] == NOT_RUN
+
+
+def test_sweep_analysis_metadata_opens_with_the_check_matrix_and_no_table_is_wider_than_seven(
+        ui_home) -> None:
+    with dg.DagsterInstance.from_config(str(ui_home.home)) as instance:
+        (record,) = instance.fetch_materializations(dg.AssetKey("sweep_analysis"), limit=1).records
+    metadata = record.asset_materialization.metadata
+    markdown = [(label, value.value) for label, value in metadata.items()
+                if isinstance(value, dg.MarkdownMetadataValue)]
+    widths = [(label, line.count("|") - 1) for label, text in markdown for line in text.splitlines()
+              if line.startswith("|")]
+    assert widths and max(width for _, width in widths) <= UI_COLUMNS, widths
+    first_label, first = markdown[0]
+    assert list(metadata)[0] == first_label and "**Checks per config**" in first
+    opening = "".join(text for _, text in markdown).split("- Registered configurations")[0]
+    matrix = check_matrix(Layout(ui_home.root), ui_home.keys)
+    assert all(f"| {label} |" in opening for label in matrix["config"])
+    assert all(check.name.replace("_", " ") in opening for check in SAE_CHECKS)
+

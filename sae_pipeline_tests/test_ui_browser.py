@@ -17,7 +17,9 @@ import dagster as dg
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG
 
+from sae_pipeline.check_matrix import check_matrix
 from sae_pipeline.defs.checks import SAE_CHECKS
+from sae_pipeline.storage import Layout
 from sae_pipeline_tests.webui import (
     CHROMIUM_MISSING,
     REPO,
@@ -215,14 +217,23 @@ def test_sweep_report_shows_its_sections_and_plots(page: DevToolsPage, ui_home: 
                      lambda text: "report_path" in text and len(page.evaluate(rendered)) >= len(headings),
                      "sweep_analysis's latest materialisation, its report rendered")
     shown = _metadata(page)
-    # the top configurations table is short enough to be shown inline: a header, then one row per config
+    # the top configurations table is short enough to be shown inline: a header, then one row per config label
+    labels = dict(check_matrix(Layout(ui_home.root), ui_home.keys).select("config", "key").iter_rows())
     table = _lines(shown["top_configs"])
-    assert table[0].startswith("#\tkey\t") and sorted(row.split("\t")[1] for row in table[1:]) == sorted(
+    assert table[0].startswith("#\tconfig\t") and sorted(labels[row.split("\t")[1]] for row in table[1:]) == sorted(
         ui_home.keys), table
     assert shown["best_balanced"] in ui_home.keys and not _raw_floats(text)
     # the report is on the page itself, section by section: every heading rendered in place, in order, and
     # only the plots behind Dagster's "[Show Markdown]" (markdown over 1,000 characters)
     assert page.evaluate(rendered) == headings
+    # every table and paragraph fits its metadata value's column, and the column fits the 1600 px window
+    overflow = page.evaluate("""[...document.querySelectorAll('td table, td p, td li')].map(e => {
+        const box = e.getBoundingClientRect(), column = e.parentElement.closest('td').getBoundingClientRect();
+        return [e.tagName, e.innerText.slice(0, 60), Math.round(box.right - column.right),
+                Math.round(column.right - window.innerWidth), e.scrollWidth - e.clientWidth];
+    }).filter(([tag, text, past, outside, hidden]) => past > 1 || outside > 1 || hidden > 1)""")
+    assert not overflow, overflow
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     plots = [label for label, value in shown.items() if label.endswith(" (plot)")]
     assert len(plots) == n_plots >= 3 and all(shown[label] == "[Show Markdown]" for label in plots), shown
     assert [label for label, value in shown.items() if value == "[Show Markdown]"] == plots
@@ -269,3 +280,4 @@ def test_a_failed_run_says_why_and_what_to_do(page: DevToolsPage, ui_home: UIHom
                      "the failed step's reason on the run page")
     assert key in text and "Failure" in text
     _no_console_errors(page)
+

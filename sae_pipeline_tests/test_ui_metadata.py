@@ -11,7 +11,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from sae_pipeline.check_matrix import check_matrix_markdown
+from sae_pipeline.analysis import COUNTS_NOTE
+from sae_pipeline.check_matrix import UI_COLUMNS, check_matrix_markdown
 from sae_pipeline.defs.assets import DASHBOARD_DIR, calibration, feature_labels, features, sae, sweep_analysis
 from sae_pipeline.defs.partitions import sae_configs
 from sae_pipeline.features import EXAMPLES_FILE, FEATURES_FILE
@@ -100,12 +101,16 @@ def test_sweep_analysis_shows_the_whole_report_with_its_plots(pipeline: Pipeline
     shown = re.sub(r"\(data:image/png;base64,[^)]+\)", "(x)", report).splitlines()
     expected = re.sub(r"\([\w.]+\.png\)", "(x)", on_disk).splitlines()
     position = 0
-    for line in expected:  # every line of the report, in order...
-        assert line in shown[position:], f"missing or out of order: {line!r}"
-        position = shown.index(line, position) + 1
-    # ...and what the pieces add repeats a table's header (and the blank line before it)
+    for line in expected:  # every line of the report but its tables, in order...
+        if not line.startswith("|"):
+            assert line in shown[position:], f"missing or out of order: {line!r}"
+            position = shown.index(line, position) + 1
+    # ...its tables narrowed to at most 7 columns (report.md keeps the wide ones), each key in the key table...
+    assert max(line.count("|") - 1 for line in shown if line.startswith("|")) <= UI_COLUMNS
+    assert all(f"| `{k}` |" in report for k in pipeline.instance.get_dynamic_partitions(sae_configs.name))
+    # ...and nothing more than tables, blank lines and the note on what the summary table leaves out
     added = [line for line in shown if line not in expected or shown.count(line) > expected.count(line)]
-    assert all(line == "" or line.startswith("|") for line in added), added
+    assert all(line in ("", COUNTS_NOTE) or line.startswith("|") for line in added), added
 
 
 def test_an_empty_calibration_says_how_to_get_a_config(pipeline: Pipeline) -> None:

@@ -3,9 +3,9 @@
 
 import dagster as dg
 
-from sae_pipeline.analysis import build_sweep_report, report_with_inline_plots
+from sae_pipeline.analysis import ReportView, build_sweep_report, report_with_inline_plots
 from sae_pipeline.calibration import calibration_png, calibration_state, how_to_calibrate, plans_markdown
-from sae_pipeline.check_matrix import check_matrix_markdown
+from sae_pipeline.check_matrix import check_matrix, matrix_markdown, matrix_ui_markdown, worst_verdicts
 from sae_pipeline.defs.assets.interpretation import features
 from sae_pipeline.defs.assets.training import sae
 from sae_pipeline.defs.partitions import sae_configs
@@ -24,17 +24,22 @@ from sae_pipeline.storage import (
 @dg.asset(deps=[sae, features], group_name="analysis", kinds={"markdown"},
           description="The sweep report (seed 004's form) over every finished config partition, opening with "
                       "the check matrix (every partition against every sae and features check); the `report` "
-                      "metadata holds it whole: the text in place, each plot behind its \"[Show Markdown]\" "
-                      "link (Dagster's for values over 1,000 characters).")
+                      "metadata holds it whole: the text in place, its tables at most 7 columns wide (each config "
+                      "by its short label; the key table and report.md give the keys, report.md every column), "
+                      "each plot behind its \"[Show Markdown]\" link (Dagster's for values over 1,000 "
+                      "characters).")
 def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     with stops_without_retry(context, storage.layout):
         layout = storage.layout
         keys = context.instance.get_dynamic_partitions(sae_configs.name)
         logs = training_logs(layout, keys)
         runs, missing = collect_runs(layout, keys, logs)
+        matrix = check_matrix(layout, keys)
+        ui = ReportView(compact=True, labels=dict(zip(matrix["key"], matrix["config"], strict=True)),
+                        verdicts=worst_verdicts(matrix), check_matrix=matrix_ui_markdown(matrix))
         with layout.publish(layout.analysis_dir) as folder:
             report = build_sweep_report(runs, folder, sweep_name="sae_configs", missing=missing, training_logs=logs,
-                                        check_matrix=check_matrix_markdown(layout, keys))
+                                        check_matrix=matrix_markdown(matrix), ui=ui)
             text = report_with_inline_plots(report)
         where = layout.location(layout.analysis_dir)
         return dg.MaterializeResult(metadata={

@@ -64,7 +64,7 @@ def _rank(cells: Sequence[str]) -> int:
     return 0 if "ERROR" in verdicts else 1 if "WARN" in verdicts else 2
 
 
-def config_labels(layout: Layout, keys: Sequence[str]) -> dict[str, str]:
+def _labels(layout: Layout, keys: Sequence[str]) -> dict[str, str]:
     """Each key's short label; the key itself where its config is not registered or two labels collide."""
     labels = {}
     for key in keys:
@@ -79,7 +79,7 @@ def config_labels(layout: Layout, keys: Sequence[str]) -> dict[str, str]:
 def check_matrix(layout: Layout, keys: Sequence[str]) -> pl.DataFrame:
     """The matrix as a table: `config` (short label), `key`, then one column per check in MATRIX_CHECKS; rows
     with an ERROR first, then with a WARN, then the rest, each group by key."""
-    labels = config_labels(layout, keys)
+    labels = _labels(layout, keys)
     rows = []
     for key in keys:
         verdicts = stored_verdicts(layout, key)

@@ -1,7 +1,7 @@
 """The training loop: one SAE, one config, read top to bottom.
 
 Schedules (lr warmup + linear decay, sparsity-coefficient warmup), dead-latent tracking (AuxK for TopK),
-decoder-norm constraint, a metrics row every `log_every` steps (the only host synchronisation: one read per row),
+decoder-norm constraint, a metrics row every `log_every` steps (the only host synchronisation: two reads per row),
 and atomic checkpoints that a killed run resumes from exactly. One optimiser step is `training_step`, which
 `sae_pipeline.bench` times as it is (`sae_pipeline/step.py`; its cost in matmuls is in `sae_pipeline/kernels.py`).
 

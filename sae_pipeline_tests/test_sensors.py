@@ -110,6 +110,7 @@ def test_calibration_sensor_runs_seed_then_proposes_then_stops(tmp_path: Path) -
         (run,) = second.run_requests
         assert run.partition_key == proposed.partition_key() and run.run_key == f"calibration:{run.partition_key}"
         assert (layout.configs_dir / f"{proposed.partition_key()}.json").exists()
+        assert sweep_of(layout, proposed.partition_key()) == "calib"  # tracked with the sweep it calibrates
 
         instance.add_dynamic_partitions("sae_configs", [proposed.partition_key()])
         _finish(layout, proposed.partition_key(), 0.052)  # within 10 %: converged, ask for the report only

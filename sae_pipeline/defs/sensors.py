@@ -98,7 +98,7 @@ def calibration_requests(instance: dg.DagsterInstance, layout: Layout,
         elif not latest.is_finished:
             pending.add(key)
     states = [s for s in calibration_state(layout, pending) if s.enabled]
-    run_requests, new_keys, configs = [], [], []
+    run_requests, new_keys, configs = [], [], {}
     for state in states:
         for plan in state.plans:
             log(f"{state.sweep.path.name} {plan.group}: {plan.status}: {plan.reason}")
@@ -108,7 +108,7 @@ def calibration_requests(instance: dg.DagsterInstance, layout: Layout,
                                                   job_name=sweep_job.name))
             if plan.status == "propose" and plan.config is not None:
                 key = plan.config.partition_key()
-                configs.append(plan.config)
+                configs.setdefault(state.sweep.spec.name, []).append(plan.config)
                 new_keys.append(key)
                 run_requests.append(dg.RunRequest(run_key=f"calibration:{key}", partition_key=key,
                                                   job_name=sweep_job.name,
@@ -119,7 +119,8 @@ def calibration_requests(instance: dg.DagsterInstance, layout: Layout,
     if not states:
         return dg.SkipReason("no sweep spec with an enabled `calibration` section has a registered relu config "
                              "with target_l0")
-    store_configs(layout, configs)
+    for sweep_name, proposed in configs.items():  # a proposal belongs to the sweep it calibrates
+        store_configs(layout, proposed, sweep_name)
     requests = [sae_configs.build_add_request(new_keys)] if new_keys else []
     return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests)
 
@@ -165,7 +166,7 @@ def calibrate_in_process(path: str | Path, instance: dg.DagsterInstance, defs: d
         proposals = [plan for plan in state.plans if plan.status == "propose" and plan.config is not None]
         if not todo:
             for plan in proposals:
-                (key,) = store_configs(layout, [plan.config])  # type: ignore[list-item]
+                (key,) = store_configs(layout, [plan.config], sweep.spec.name)  # type: ignore[list-item]
                 instance.add_dynamic_partitions(sae_configs.name, [key])
                 log(f"propose {plan.group}: l1_alpha={plan.proposal.l1_alpha:.4g} ({plan.reason}) -> {key}")
                 todo.append(key)

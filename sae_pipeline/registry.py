@@ -48,12 +48,19 @@ def record_sweep(layout: Layout, sweep: str, keys: list[str]) -> None:
         layout.write_bytes(path, "".join(f"{key}\n" for key in sorted(members | set(keys))).encode())
 
 
+def sweeps_of_keys(layout: Layout) -> dict[str, str]:
+    """Each registered key -> the first sweep, by name, that registered it (keys no sweep registered are absent);
+    the sweep files are read once."""
+    found: dict[str, str] = {}
+    for name in reversed(layout.names(layout.configs_dir, SWEEP_SUFFIX)):  # earlier names overwrite later ones
+        for key in (layout.read_bytes(layout.configs_dir / name) or b"").decode().split():
+            found[key] = name.removesuffix(SWEEP_SUFFIX)
+    return found
+
+
 def sweep_of(layout: Layout, key: str) -> str | None:
     """The first sweep, by name, that registered `key`; None for a key no sweep registered."""
-    for name in layout.names(layout.configs_dir, SWEEP_SUFFIX):
-        if key in (layout.read_bytes(layout.configs_dir / name) or b"").decode().split():
-            return name.removesuffix(SWEEP_SUFFIX)
-    return None
+    return sweeps_of_keys(layout).get(key)
 
 
 def validate_configs_for_model(configs: Iterable[SAEConfig], d_model: int, where: str = "") -> None:

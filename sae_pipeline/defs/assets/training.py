@@ -29,7 +29,7 @@ from sae_pipeline.defs.staleness import provenance_tags
 from sae_pipeline.defs.stops import stops_without_retry
 from sae_pipeline.plots import png_markdown
 from sae_pipeline.publish import PublishedSAE, publish_sae
-from sae_pipeline.registry import load_config, sweep_of
+from sae_pipeline.registry import load_config, sweeps_of_keys
 from sae_pipeline.storage import (
     Layout,
 )
@@ -60,7 +60,8 @@ def start_tracking(tracking: Tracking, layout: Layout, keys: list[str], cfgs: di
     """Each key's tracking runs, grouped by the sweep that registered it; the config logged with the model and
     hook it reads."""
     where = {"model": store.meta["model"], "hook_name": store.meta.get("hook_name", "")}
-    return {key: tracking.start(RunInfo(key, (sweep_of(layout, key) if tracking.enabled else None) or DEFAULT_GROUP,
+    sweeps = sweeps_of_keys(layout) if tracking.enabled else {}
+    return {key: tracking.start(RunInfo(key, sweeps.get(key, DEFAULT_GROUP),
                                         {**cfgs[key].model_dump(mode="json"), "partition_key": key, **where}))
             for key in keys}
 

@@ -31,7 +31,7 @@ def write_corpus(path: Path, documents: int) -> None:
     """`documents` blank-line-separated documents of at least 200 words each."""
     from sae_pipeline.corpus import stdlib_docstrings
 
-    paragraphs = list(stdlib_docstrings(min_words=8))
+    paragraphs = [document.text for document in stdlib_docstrings(min_words=8)]
     rng = random.Random(0)
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(documents):

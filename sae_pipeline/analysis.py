@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -51,6 +51,7 @@ from sae_pipeline.sweep_stats import (
     trade_offs,
     varying_hyperparameters,
 )
+from sae_pipeline.task_report import PROBING_PLOT_NAME, task_sections, write_probing_plot
 
 SHOWN_METRICS: tuple[str, ...] = ("dead_fraction", "fvu", "l0")
 COMPACT_METRICS: tuple[str, ...] = ("l0", "fvu", "dead_fraction")
@@ -74,6 +75,7 @@ class SweepReport:
     top_markdown: str
     box_plot_path: Path | None = None
     curves_plot_path: Path | None = None
+    probing_plot_path: Path | None = None
     pareto_dead: tuple[str, ...] = ()
     """Keys on the L0 vs dead-fraction Pareto front."""
     failed: tuple[str, ...] = ()
@@ -93,9 +95,12 @@ class ReportView:
     labels: Mapping[str, str] = field(default_factory=dict)
     verdicts: Mapping[str, str] = field(default_factory=dict)
     check_matrix: str = ""
+    imported: frozenset[str] = frozenset()
+    """Keys of imported SAEs (evaluated as they are, not trained here): their names say so."""
 
     def name(self, key: str) -> str:
-        return self.labels[key] if self.compact and key in self.labels else f"`{key}`"
+        shown = self.labels[key] if self.compact and key in self.labels else f"`{key}`"
+        return f"{shown} (imported)" if key in self.imported else shown
 
 
 def build_sweep_report(
@@ -110,7 +115,8 @@ def build_sweep_report(
     overlaid in top_training_curves.png. `check_matrix` (`check_matrix.matrix_markdown`) opens the report,
     under its title. `ui`: the view of `ui_markdown` and `top_markdown` (default: report.md's). PNGs:
     l0_vs_fvu.png (scatter + front), hyperparameters.png (box plots of dead_fraction and fvu per value of each
-    varying hyperparameter), top_training_curves.png. Runs with the
+    varying hyperparameter), top_training_curves.png, probing_vs_k.png (`task_report`, with the real-task
+    sections, from the runs' absorption and probing columns). Runs with the
     `seed_group` and `sae_dir` columns of `results.collect_runs` add a cross-seed consistency section
     (`consistency.seed_consistency_section`).
     """
@@ -137,10 +143,14 @@ def build_sweep_report(
     top_keys = ranked.get_column("key").head(CURVES_TOP_N).to_list()
     curves_path = write_curves(training_logs or {}, top_keys, out_dir / CURVES_PLOT_NAME)
     report_path = out_dir / REPORT_NAME
-    full = ReportView(check_matrix=check_matrix)
+    imported = frozenset(runs.filter(pl.col("imported"))["key"]) if "imported" in runs.columns else frozenset()
+    full = ReportView(check_matrix=check_matrix, imported=imported)
+    ui = replace(ui, imported=imported) if ui else None
     shown = ui or full
+    probing_path = write_probing_plot(runs, out_dir / PROBING_PLOT_NAME)
     texts = [_append_sections(_render_report(table, sweep_name, list(missing), front, plot_path, view), table,
-                              front_dead, box_path, curves_path, view) + seed_consistency_section(runs)
+                              front_dead, box_path, curves_path, view) + task_sections(runs, view.name, probing_path)
+             + seed_consistency_section(runs)
              for view in ([full, ui] if ui else [full])]
     write_bytes_atomic(report_path, texts[0].encode())
 
@@ -155,6 +165,7 @@ def build_sweep_report(
         else "No finished configurations yet.",
         box_plot_path=box_path,
         curves_plot_path=curves_path,
+        probing_plot_path=probing_path,
         pareto_dead=tuple(front_dead),
         failed=tuple(failed_rows(table).get_column("key").to_list()),
         ui_markdown=texts[-1],
@@ -166,7 +177,7 @@ def report_with_inline_plots(report: SweepReport) -> str:
     a data URI, so the report reads whole where it is shown without its folder (Dagster metadata); the file on
     disk keeps plain links to the PNGs beside it."""
     text = report.ui_markdown
-    for plot in (report.plot_path, report.box_plot_path, report.curves_plot_path):
+    for plot in (report.plot_path, report.box_plot_path, report.curves_plot_path, report.probing_plot_path):
         if plot is not None:
             text = text.replace(f"]({plot.name})", f"]({png_data_uri(plot.read_bytes())})")
     return text
@@ -203,7 +214,7 @@ def _config_table(ranked: pl.DataFrame, table: pl.DataFrame, view: ReportView, w
         columns.append("balanced_score")
     timed = table.get_column(WALL_SECONDS).null_count() < table.height
     rows = [
-        [str(i), f"`{row['key']}`", *(format_value(row[c]) for c in columns),
+        [str(i), view.name(row["key"]), *(format_value(row[c]) for c in columns),
          *([_duration(row[WALL_SECONDS])] if timed else [])]
         for i, row in enumerate(ranked.iter_rows(named=True), start=1)
     ]
@@ -214,7 +225,7 @@ def _render_report(
     table: pl.DataFrame, sweep_name: str, missing: list[str], front: list[str], plot_path: Path | None,
     view: ReportView,
 ) -> str:
-    sections = [_header(table, sweep_name, missing, view.check_matrix)]
+    sections = [_header(table, sweep_name, missing, view)]
     if failed_rows(table).height:
         sections.append(_failed_section(table))
     if table.height:
@@ -229,17 +240,19 @@ def _render_report(
     return "\n\n".join(sections) + "\n"
 
 
-def _header(table: pl.DataFrame, sweep_name: str, missing: list[str], check_matrix: str = "") -> str:
+def _header(table: pl.DataFrame, sweep_name: str, missing: list[str], view: ReportView) -> str:
     lines = [
         f"# Sweep report: {sweep_name}",
         "",
-        *([check_matrix, ""] if check_matrix else []),
+        *([view.check_matrix, ""] if view.check_matrix else []),
         f"- Registered configurations: {table.height + len(missing)}",
         f"- Completed: {table.height}",
         f"- Missing (registered, not yet materialised): {len(missing)}"
         + (": " + ", ".join(f"`{key}`" for key in sorted(missing)) if missing else ""),
         f"- Failed blocking checks (listed with the reasons; left out of every statistic, correlation and "
         f"ranking): {failed_rows(table).height}",
+        *(["- Imported SAEs (evaluated as they are, not trained here; marked `(imported)`): "
+           + ", ".join(f"`{key}`" for key in sorted(view.imported))] if view.imported else []),
     ]
     wall = table.get_column(WALL_SECONDS).drop_nulls()
     if wall.len():

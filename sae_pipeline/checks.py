@@ -42,6 +42,8 @@ class SAEEvidence:
     """[d_sae] share of held-out tokens each latent fires on."""
     target_l0: float | None
     architecture: str
+    trained: bool = True
+    """False for an imported SAE: the training-trajectory checks do not apply."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ CHECKS: tuple[Check, ...] = (
           lambda e, t: quality.finite_weights(e.state), shown="n_nonfinite"),
     Check("sae_not_collapsed", "sae",
           "Live latents / L0 do not fall and stay far below their running peak; names the step (ERROR)",
-          lambda e, t: quality.not_collapsed(e.training_log, e.d_sae, t), shown="final_live_latents"),
+          lambda e, t: quality.not_collapsed(e.training_log, e.d_sae, t) if e.trained
+          else quality.not_trained_here("ERROR"), shown="final_live_latents"),
     Check("sae_dead_fraction", "sae", "Latents never firing on held-out tokens: WARN > 10 %, ERROR > 90 %",
           lambda e, t: quality.dead_fraction(e.metrics.dead_fraction, t), shown="dead_fraction"),
     Check("sae_dense_fraction", "sae", "Latents firing on > 10 % of held-out tokens: WARN > 5 %, ERROR > 50 %",
@@ -84,7 +87,8 @@ CHECKS: tuple[Check, ...] = (
     Check("sae_fvu", "sae", "Held-out fraction of variance unexplained: WARN > 0.5, ERROR > 1",
           lambda e, t: quality.fvu_bound(e.metrics.fvu, t), shown="fvu"),
     Check("sae_l0_trend", "sae", "L1-steered SAEs: last-window mean L0 must not rise above the first window's",
-          lambda e, t: quality.l0_trend(e.training_log, e.architecture, t), shown="last_window_l0"),
+          lambda e, t: quality.l0_trend(e.training_log, e.architecture, t) if e.trained
+          else quality.not_trained_here("WARN"), shown="last_window_l0"),
     Check("features_not_near_zero", "features",
           "Latents with max activation < 1e-6 are not live; ERROR when most latents are like that",
           lambda frame, t: quality.features_not_near_zero(frame, t), shown="share_not_live"),

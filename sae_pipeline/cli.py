@@ -197,6 +197,36 @@ def calibrate(path: str, stop: StopSignals) -> int:
     return 0 if all(plan.status == "converged" for plan in plans) else 1
 
 
+def import_partition(folder: str, name: str | None, stop: StopSignals) -> int:
+    """Import an SAE as a partition (`sae_import.import_sae`; the folder is read and refused before anything
+    runs), then materialise its `sae` (held-out metrics, checks and real-task evaluations; nothing trained),
+    `features` and `feature_labels` where they are not current; the partition key is the last line printed."""
+    from sae_pipeline.definitions import defs
+    from sae_pipeline.defs.partitions import sae_configs
+    from sae_pipeline.sae_import import import_sae, read_foreign_sae
+
+    read_foreign_sae(Path(folder))  # a folder that holds no SAE is refused before activations are extracted
+    instance = open_instance()
+    layout = Layout.at(default_root())
+    if not ensure_activations(defs, instance, layout, False, stop):
+        return 1
+    record = import_sae(layout, Path(folder), name, layout.pull(layout.activations_dir))
+    print(f"== imported {record.source} ({record.format} {record.architecture}, d_in {record.d_in}, d_sae "
+          f"{record.d_sae}) as {record.key}", flush=True)
+    if not instance.has_dynamic_partition(sae_configs.name, record.key):
+        instance.add_dynamic_partitions(sae_configs.name, [record.key])
+    todo, _ = assets_to_run(defs, instance, [record.key], refresh=False)
+    if not todo[record.key]:
+        print(f"== {record.key}: skipped, current (same weights, code version and activations)", flush=True)
+    failed: set[str] = set()
+    for asset in todo[record.key]:
+        if not failed:
+            failed |= ranged_runs(defs, instance, asset, [record.key], 1, stop)
+    _print_results(layout, [record.key], sorted(failed))
+    print(record.key, flush=True)
+    return 1 if failed else 0
+
+
 def _print_results(layout: Layout, keys: list[str], failed: list[str]) -> None:
     print("\nResults")
     print(f"  sweep report : {layout.location(layout.analysis_dir, 'report.md')}")
@@ -228,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--model-id", help="Neuronpedia model id (default: the model's name as a slug)")
     exp.add_argument("--source-set", help="source set name without the layer (default: sae-pipeline-<key>)")
     exp.add_argument("--creator-id", help="Neuronpedia user id owning the rows (default: its seeded user)")
+    imp = commands.add_parser("import-sae", help="evaluate an SAE trained elsewhere (SAELens layout: cfg.json + "
+                              "sae_weights.safetensors; or a sparsify checkpoint folder) as a partition: sae "
+                              "(metrics, checks, evaluations; nothing trained), features, feature_labels")
+    imp.add_argument("folder")
+    imp.add_argument("--name", help="the partition is imported_<name> (default: the folder's name)")
     args = parser.parse_args(argv)
     try:
         _default_dagster_home()
@@ -263,9 +298,12 @@ def run_with_stop_signals(args: argparse.Namespace) -> int:
         with StopSignals(Layout.at(default_root())).installed() as stop:
             if args.command == "calibrate":
                 return calibrate(args.file, stop)
+            if args.command == "import-sae":
+                return import_partition(args.folder, args.name, stop)
             return run_sweep(args.file, args.refresh_activations, stop, refresh=args.refresh)
     except Stopped as stopped:
-        print(f"\n{stopped.line(f'sae-pipeline {args.command} {args.file}')}", file=sys.stderr, flush=True)
+        given = args.folder if args.command == "import-sae" else args.file
+        print(f"\n{stopped.line(f'sae-pipeline {args.command} {given}')}", file=sys.stderr, flush=True)
         return stopped.exit_code
 
 

@@ -11,7 +11,8 @@ import ast
 import json
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -22,21 +23,40 @@ from sae_pipeline.storage import CORPUS_FILE, Layout
 _STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo")
 
 
-def stdlib_docstrings(min_words: int) -> Iterator[str]:
-    """Docstrings of the installed standard library, in a stable (sorted) order, one paragraph each."""
+@dataclass(frozen=True)
+class Document:
+    """One source document and where it comes from."""
+
+    origin: str
+    """The standard-library package (embedded corpus), the file (local source) or the dataset it was read from."""
+    text: str
+
+
+def stdlib_docstring_sources(public_only: bool = False) -> Iterator[Document]:
+    """Every docstring of the installed standard library, whole, in a stable (sorted) order, its origin the
+    top-level package or module it belongs to (`email`, `json`, `textwrap`); `public_only`: not those of
+    modules whose name starts with `_`."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.rglob("*.py")):
-        if any(part in _STDLIB_SKIP for part in path.relative_to(stdlib).parts):
+        parts = path.relative_to(stdlib).parts
+        if any(part in _STDLIB_SKIP for part in parts) or (public_only and parts[0].startswith("_")):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
+        origin = parts[0].removesuffix(".py")
         for node in ast.walk(tree):
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 doc = ast.get_docstring(node)
                 if doc:
-                    yield from _prose_paragraphs(doc, min_words)
+                    yield Document(origin, doc)
+
+
+def stdlib_docstrings(min_words: int) -> Iterator[Document]:
+    """The prose paragraphs of the standard library's docstrings (`stdlib_docstring_sources`), one each."""
+    for source in stdlib_docstring_sources():
+        yield from (Document(source.origin, text) for text in _prose_paragraphs(source.text, min_words))
 
 
 def _prose_paragraphs(doc: str, min_words: int) -> Iterator[str]:
@@ -96,18 +116,18 @@ def _parquet_texts(file: Path, text_column: str) -> Iterator[str]:
         yield from (text for text in batch.column(0).to_pylist() if text)
 
 
-def _local_texts(path: Path, text_column: str) -> Iterator[str]:
+def _local_texts(path: Path, text_column: str) -> Iterator[Document]:
     """The documents of a local file or of every file in a folder (sorted), each read as a stream: memory does
-    not grow with the corpus, and reading stops once the corpus has its `max_sequences`."""
+    not grow with the corpus, and reading stops once the corpus has its `max_sequences`. A document's origin is
+    its file, relative to the folder."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    readers = {".txt": lambda file: _txt_paragraphs(file), ".jsonl": lambda file: _jsonl_texts(file, text_column),
+               ".parquet": lambda file: _parquet_texts(file, text_column)}
     for file in files:
-        suffix = file.suffix.lower()
-        if suffix == ".txt":
-            yield from _txt_paragraphs(file)
-        elif suffix == ".jsonl":
-            yield from _jsonl_texts(file, text_column)
-        elif suffix == ".parquet":
-            yield from _parquet_texts(file, text_column)
+        reader = readers.get(file.suffix.lower())
+        if reader is not None:
+            origin = str(file.relative_to(path)) if path.is_dir() else file.name
+            yield from (Document(origin, text) for text in reader(file))
 
 
 def _dataset_texts(spec: CorpusSpec) -> Iterator[str]:
@@ -137,8 +157,8 @@ def check_source(source: str) -> None:
         raise ConfigError(f"source: {source!r} is a local path that does not exist")
 
 
-def iter_texts(spec: CorpusSpec) -> Iterator[str]:
-    """Documents of the configured source."""
+def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
+    """Documents of the configured source, each with its origin."""
     check_source(spec.source)
     if spec.source == EMBEDDED_CORPUS:
         paragraphs = list(stdlib_docstrings(spec.min_words))
@@ -146,33 +166,43 @@ def iter_texts(spec: CorpusSpec) -> Iterator[str]:
         return iter(paragraphs)
     local = Path(spec.source).expanduser()
     if local.exists():
-        return (t for t in _local_texts(local, spec.text_column) if len(t.split()) >= spec.min_words)
-    return (t for t in _dataset_texts(spec) if len(t.split()) >= spec.min_words)
+        return (d for d in _local_texts(local, spec.text_column) if len(d.text.split()) >= spec.min_words)
+    return (Document(spec.source, t) for t in _dataset_texts(spec) if len(t.split()) >= spec.min_words)
+
+
+def iter_texts(spec: CorpusSpec) -> Iterator[str]:
+    """The texts of `iter_documents`."""
+    return (document.text for document in iter_documents(spec))
 
 
 CORPUS_COLUMNS: dict[str, str] = {
     "seq_id": "sequence id, 0-based in corpus order (the activation store's locations point here)",
     "text": "the source document the sequence was tokenised from (truncated to context_length tokens)",
     "input_ids": "token ids, special tokens included",
+    "origin": "where the document comes from: its standard-library package (embedded corpus), file or dataset",
 }
 """What each column of corpus.parquet holds."""
 
 
-def tokenize_corpus(texts: Iterator[str], tokenizer, spec: CorpusSpec) -> pl.DataFrame:
+def tokenize_corpus(documents: Iterable[Document | str], tokenizer, spec: CorpusSpec) -> pl.DataFrame:
     """Pack documents into sequences of at most `context_length` tokens (special tokens included).
 
     Each document is truncated to one sequence, so a sequence is one coherent passage: its contexts read
-    naturally in the feature dashboard. Returns one row per sequence: seq_id, text, input_ids.
+    naturally in the feature dashboard. Returns one row per sequence: CORPUS_COLUMNS (a bare text's origin is
+    the source's name).
     """
     rows: list[dict] = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=spec.context_length)["input_ids"]
-        rows.append({"seq_id": len(rows), "text": text, "input_ids": ids})
+    for document in documents:
+        if isinstance(document, str):
+            document = Document(spec.source, document)
+        ids = tokenizer(document.text, truncation=True, max_length=spec.context_length)["input_ids"]
+        rows.append({"seq_id": len(rows), "text": document.text, "input_ids": ids, "origin": document.origin})
         if len(rows) >= spec.max_sequences:
             break
     if not rows:
         raise ConfigError(f"corpus.source: {spec.source!r} yielded no documents with >= {spec.min_words} words")
-    return pl.DataFrame(rows, schema={"seq_id": pl.Int64, "text": pl.String, "input_ids": pl.List(pl.Int32)})
+    return pl.DataFrame(rows, schema={"seq_id": pl.Int64, "text": pl.String, "input_ids": pl.List(pl.Int32),
+                                      "origin": pl.String})
 
 
 def read_corpus(layout: Layout) -> pl.DataFrame:

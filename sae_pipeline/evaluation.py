@@ -61,6 +61,44 @@ REPORTED_METRICS: tuple[str, ...] = tuple(f.name for f in fields(EvalMetrics) if
 """The one list of held-out metrics: every EvalMetrics field but the token count, so a new metric is one field."""
 
 
+@dataclass(frozen=True)
+class TaskMetrics:
+    """An SAE's figures on the real tasks: what the `sae` metadata, summary.json and the sweep report show."""
+
+    absorption_rate: float
+    """Mean over letters of the share of probe-positive words fully absorbed (lower is better)."""
+    absorption_fraction: float
+    """Mean over letters of the mean absorption fraction, partial absorption included (lower is better)."""
+    split_latents: float
+    """Mean over letters of the main latents beyond the first (feature splitting)."""
+    probe_acc_k1: float
+    """Mean test accuracy over the probing tasks of the 1-sparse probe on the SAE's latents."""
+    probe_acc_k2: float
+    probe_acc_k5: float
+    probe_acc_k10: float
+    probe_acc_k20: float
+    probe_acc_dense: float
+    """The ceiling: a probe on the raw activations, same splits."""
+    probe_acc_random_k1: float
+    """The floor: the 1-sparse probe on a randomly initialised SAE of the same architecture and shape."""
+    probe_acc_random_k2: float
+    probe_acc_random_k5: float
+    probe_acc_random_k10: float
+    probe_acc_random_k20: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+TASK_METRICS: tuple[str, ...] = tuple(f.name for f in fields(TaskMetrics))
+"""Every TaskMetrics field, in order: the real-task part of the one metric list (`eval_tasks` computes them)."""
+TASK_BASELINES: tuple[str, ...] = tuple(name for name in TASK_METRICS if name.startswith(("probe_acc_dense",
+                                                                                       "probe_acc_random")))
+"""The probing ceiling and floor: what the SAE's accuracies are read against, not figures of the SAE itself."""
+REPORTED_TASK_METRICS: tuple[str, ...] = tuple(name for name in TASK_METRICS if name not in TASK_BASELINES)
+"""The SAE's own real-task figures: the sweep report's statistics and correlations include them."""
+
+
 @torch.no_grad()
 def decoder_max_cosines(W_dec: torch.Tensor, chunk: int = COSINE_CHUNK) -> torch.Tensor:
     """[d_sae]: each decoder row's largest cosine with any other row, COSINE_CHUNK rows at a time."""

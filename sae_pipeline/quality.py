@@ -253,6 +253,13 @@ def _never_alive(steps: list[int], live: list[float], l0: list[float]) -> tuple[
     return None
 
 
+def not_trained_here(severity: str) -> Finding:
+    """A training-trajectory check on an imported SAE: nothing was trained here, so there is no log to judge
+    (it passes, marked not applicable)."""
+    return Finding(True, severity, "not applicable: an imported SAE, not trained here (no training log)",
+                   {"applicable": False, "n_log_rows": 0})
+
+
 def not_collapsed(metrics: pl.DataFrame, d_sae: int, thresholds: QualityThresholds = DEFAULT_THRESHOLDS
                   ) -> Finding:
     """Collapse: live latents fall below `collapse_live_fraction` x their running peak, or L0 below

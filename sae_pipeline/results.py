@@ -9,6 +9,7 @@ import polars as pl
 
 from sae_pipeline.config import ConfigError
 from sae_pipeline.consistency import SAE_DIR, SEED_GROUP, seed_group
+from sae_pipeline.evaluation import TASK_METRICS
 from sae_pipeline.quality import VERDICT_FILE, blocking_failures
 from sae_pipeline.saes.base import CFG_FILE, WEIGHTS_FILE
 from sae_pipeline.spec_errors import parse_sae_config
@@ -33,12 +34,14 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
                  ) -> tuple[pl.DataFrame, list[str]]:
     """One row per finished partition; missing keys.
 
-    A row holds the hyperparameters, the held-out metrics, `final_loss` (the last-window mean of the training
-    loss, from summary.json), `wall_seconds` (its training wall time), the last-window means of the training L0
-    and dead fraction from the partition's training log (`logs`, read with `training_logs` when not given; null
-    when absent or empty), its failed blocking checks (`failed_checks`, from the verdicts; empty when it
-    passed), its `seed` and SEED_GROUP, and, for configs finished with two or more seeds, SAE_DIR: the local
-    folder of its saved weights (pulled only for those, for the cross-seed consistency section).
+    A row holds the hyperparameters, the held-out metrics, every real-task figure (TASK_METRICS, from
+    summary.json's `tasks`; null for a partition published before they existed), `final_loss` (the last-window
+    mean of the training loss, from summary.json), `wall_seconds` (its training wall time), the last-window
+    means of the training L0 and dead fraction from the partition's training log (`logs`, read with
+    `training_logs` when not given; null when absent or empty), its failed blocking checks (`failed_checks`,
+    from the verdicts; empty when it passed), its `seed` and SEED_GROUP, `imported` (whether its summary says
+    it was imported), and, for configs finished with two or more seeds, SAE_DIR: the local folder of its saved
+    weights (pulled only for those, for the cross-seed consistency section).
     """
     logs = training_logs(layout, keys) if logs is None else logs
     rows, missing = [], []
@@ -51,6 +54,7 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
         metrics = {name: summary["metrics"].get(name) for name in METRICS if name in summary["metrics"]}
         metrics |= {f"downstream_{name}": value for name, value in summary.get("downstream", {}).items()
                     if f"downstream_{name}" in METRICS}
+        metrics |= {name: summary.get("tasks", {}).get(name) for name in TASK_METRICS}
         window: dict[str, float | None] = dict.fromkeys(TRAIN_WINDOW_COLUMNS)
         log = logs.get(key)
         if log is not None and log.height:
@@ -59,6 +63,7 @@ def collect_runs(layout: Layout, keys: list[str], logs: dict[str, pl.DataFrame] 
         rows.append({"key": key, **hyper, **metrics, "final_loss": summary["final_loss"], **window,
                      WALL_SECONDS: summary.get(WALL_SECONDS),
                      FAILED_CHECKS: failed_checks(layout, key), "seed": summary["config"].get("seed"),
+                     "imported": "imported" in summary,
                      SEED_GROUP: _seed_group(summary["config"])})
     groups = Counter(row[SEED_GROUP] for row in rows if row[SEED_GROUP] is not None)
     for row in rows:

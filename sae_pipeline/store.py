@@ -133,10 +133,10 @@ class ShardWriter:
         self.pending = 0
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file under a temporary name, then rename it: a kill leaves no half-written shard."""
     temp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(temp))
+    save_file(tensors, str(temp), metadata=metadata)
     os.replace(temp, path)
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import polars as pl
 
-from sae_pipeline.evaluation import REPORTED_METRICS
+from sae_pipeline.evaluation import REPORTED_METRICS, REPORTED_TASK_METRICS
 from sae_pipeline.markdown import format_value
 from sae_pipeline.saes.registry import sparsity_fields
 
@@ -20,9 +20,11 @@ DOWNSTREAM_METRICS: tuple[str, ...] = ("downstream_recovered", "downstream_kl")
 """From summary.json's `downstream`: the loss (or embedding) recovered with the SAE spliced in, and for a causal LM
 the KL divergence of its next-token distribution from the clean model's."""
 METRICS: tuple[str, ...] = (
-    *REPORTED_METRICS, *DOWNSTREAM_METRICS, "final_loss", "train_l0_last_window", "train_dead_fraction_last_window",
+    *REPORTED_METRICS, *DOWNSTREAM_METRICS, *REPORTED_TASK_METRICS, "final_loss", "train_l0_last_window",
+    "train_dead_fraction_last_window",
 )
-"""Held-out metrics (summary.json), then last-window means of training metrics (second half of metrics.parquet)."""
+"""Held-out metrics (summary.json: reconstruction, downstream, real tasks), then last-window means of training
+metrics (second half of metrics.parquet)."""
 BALANCE_METRICS: tuple[str, ...] = ("dead_fraction", "fvu")
 EFFECT_METRICS: tuple[str, ...] = ("dead_fraction", "fvu", "l0")
 FAILED_CHECKS = "failed_checks"

@@ -117,3 +117,11 @@ def test_key_ranges_are_consecutive_in_partition_order_and_bounded() -> None:
     assert key_ranges(ordered, {"a", "b", "d", "e", "f", "g"}, 3) == [["a", "b"], ["d", "e", "f"], ["g"]]
     assert key_ranges(ordered, set(), 3) == []
     assert key_ranges(ordered, {"g", "x"}, 8) == [["g"]]  # a key not registered is not in any range
+
+
+def test_import_sae_refuses_a_folder_without_an_sae_before_any_work(home: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    (home / "empty").mkdir()
+    assert cli.main(["import-sae", str(home / "empty"), "--name", "x"]) == 2
+    assert "has no cfg.json" in capsys.readouterr().err
+    assert not (home / "data" / "activations").exists()  # refused before activations were extracted

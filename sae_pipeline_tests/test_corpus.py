@@ -25,7 +25,9 @@ def test_a_txt_file_splits_into_the_paragraphs_a_whole_read_gives(tmp_path: Path
     expected = [p for p in (TEXT * 5).split("\n\n") if p.strip()]
     for chunk in (1, 2, 3, 7, 1 << 20):  # separators land across every kind of chunk boundary
         monkeypatch.setattr(corpus_module, "READ_CHUNK", chunk)
-        assert list(corpus_module._local_texts(path, "text")) == expected, chunk
+        documents = list(corpus_module._local_texts(path, "text"))
+        assert [d.text for d in documents] == expected, chunk
+        assert {d.origin for d in documents} == {"doc.txt"}
 
 
 def test_a_jsonl_file_is_read_a_line_at_a_time(tmp_path: Path) -> None:
@@ -63,3 +65,15 @@ def test_a_folder_reads_its_files_in_name_order_and_filters_short_documents(tmp_
     got = list(iter_texts(CorpusSpec(source=str(tmp_path), min_words=4)))
     assert got == ["a text file paragraph of seven words", "a jsonl document of six words",
                    "a parquet row with six words"]
+
+
+def test_documents_keep_their_origin(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("one two three\n\nfour five six", encoding="utf-8")
+    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "seven eight nine"}) + "\n", encoding="utf-8")
+    documents = list(corpus_module.iter_documents(CorpusSpec(source=str(tmp_path), min_words=1)))
+    assert [(d.origin, d.text) for d in documents] == [("a.txt", "one two three"), ("a.txt", "four five six"),
+                                                        ("sub/b.jsonl", "seven eight nine")]
+    embedded = list(itertools.islice(corpus_module.stdlib_docstrings(min_words=8), 200))
+    stdlib = Path(corpus_module.sysconfig.get_paths()["stdlib"])
+    assert all((stdlib / d.origin).exists() or (stdlib / f"{d.origin}.py").exists() for d in embedded)

@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 
 from sae_pipeline.config import SAEConfig
 from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
+from sae_pipeline.eval_tasks import TASKS_FILE, TaskData, TaskEvaluator
+from sae_pipeline.evaluation import TASK_METRICS
 from sae_pipeline.markdown import round_significant
+from sae_pipeline.saes import load_sae
 from sae_pipeline.storage import CORPUS_FILE
 from sae_pipeline_tests.conftest import Pipeline, tiny_topk
 
@@ -21,7 +24,7 @@ SAE_METADATA_KEYS = {"l0", "l0_fraction", "dead_fraction", "dense_fraction", "fr
                      "explained_variance", "mse", "train_tokens", "wall_time", "weights_dir", "training_curves",
                      "cosine", "l2_ratio", "relative_reconstruction_bias", "decoder_max_cosine_mean",
                      "decoder_max_cosine_max", "downstream_kind", "downstream_spliced", "downstream_ablated",
-                     "downstream_recovered", "feature_density", "resumed_from_step"}
+                     "downstream_recovered", "feature_density", "resumed_from_step", *TASK_METRICS}
 
 
 def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
@@ -92,6 +95,16 @@ def test_healthy_partition_end_to_end(pipeline: Pipeline) -> None:
     assert meta["fvu"] < 1.0  # it learned something real
     assert meta["downstream_kind"] == "encoder"  # MiniLM: cosine of pooled sentence embeddings
     assert meta["downstream_ablated"] < meta["downstream_spliced"] <= 1.0 + 1e-6
+    tasks = json.loads((folder / "summary.json").read_text())["tasks"]
+    store = pipeline.layout.activations_dir
+    again = TaskEvaluator(TaskData.load(store / TASKS_FILE)).evaluate(load_sae(folder)).metrics.as_dict()
+    assert tasks == pytest.approx(again)  # the figures on disk are those of the published weights
+    for name in TASK_METRICS:
+        assert meta[name] == round_significant(tasks[name], 4), name
+    assert 0.0 <= tasks["absorption_rate"] <= 1.0 and 0.5 < tasks["probe_acc_dense"] <= 1.0
+    details = json.loads((folder / "evals.json").read_text())
+    assert {letter["letter"] for letter in details["absorption"]["letters"]} <= set("abcdefghijklmnopqrstuvwxyz")
+    assert {"doctest", "first_letter_a"} <= set(details["probing"])
     assert not [e.check_name for e in _check_evaluations(result).values()
                 if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
 

@@ -158,9 +158,13 @@ class SparseAutoencoder(nn.Module):
         latents = self.encode(x)
         return self.decode(latents), latents
 
+    def inputs(self, x: Tensor) -> Tensor:
+        """What the encoder reads for raw activations: per-token normalised if configured, else x itself."""
+        return normalize_per_token(x)[0] if self.normalize == "per_token" else x
+
     def latents(self, x: Tensor) -> Tensor:
         """The latents `reconstruct` gives for raw activations, without decoding (what features read)."""
-        return self.encode(normalize_per_token(x)[0] if self.normalize == "per_token" else x)
+        return self.encode(self.inputs(x))
 
     @staticmethod
     def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:

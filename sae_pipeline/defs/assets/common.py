@@ -17,7 +17,7 @@ from sae_pipeline.spec_errors import parse_spec
 DASHBOARD_DIR = "dashboard"
 
 
-CODE_VERSIONS = {"corpus": "2", "activations": "3", "sae": "2", "features": "3", "feature_labels": "2"}
+CODE_VERSIONS = {"corpus": "3", "activations": "3", "sae": "3", "features": "3", "feature_labels": "2"}
 """Each computing asset's code version (bump only its own when a change alters what it writes): with the data
 versions upstream, it is what makes a partition stale in the UI and what `run-sweep` compares, so a change to
 labelling leaves `sae` and `features` current. "2" is what every asset carried when they shared one version, so

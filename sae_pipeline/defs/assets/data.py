@@ -10,7 +10,7 @@ from sae_pipeline.activation_scan import scan_activations
 from sae_pipeline.activations import extract_activations, link_store
 from sae_pipeline.checks import ActivationEvidence, merge_store_outcomes, run_checks
 from sae_pipeline.config import ActivationSpec, CorpusSpec
-from sae_pipeline.corpus import CORPUS_COLUMNS, iter_texts, read_corpus, tokenize_corpus
+from sae_pipeline.corpus import CORPUS_COLUMNS, iter_documents, read_corpus, tokenize_corpus
 from sae_pipeline.defs.assets.common import (
     CODE_VERSIONS,
     ActivationsConfig,
@@ -44,7 +44,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
         spec = parse_spec(CorpusSpec, config.model_dump(), where="corpus config")
         validate_run_activations_config(context, model)
         tokenizer = load_tokenizer(ActivationSpec(model=model.name, trust_remote_code=model.trust_remote_code))
-        frame = tokenize_corpus(iter_texts(spec), tokenizer, spec)
+        frame = tokenize_corpus(iter_documents(spec), tokenizer, spec)
         layout = storage.layout
         with layout.publish(layout.corpus_dir) as folder:
             write_parquet_atomic(frame, folder / CORPUS_FILE)

@@ -61,7 +61,7 @@ from sae_pipeline.labelling import (
 )
 from sae_pipeline.markdown import rounded
 from sae_pipeline.model import load_tokenizer
-from sae_pipeline.registry import load_config
+from sae_pipeline.sae_import import partition_hook
 from sae_pipeline.saes import load_sae
 from sae_pipeline.scoring import (
     SCORE_COLUMNS,
@@ -128,7 +128,7 @@ def describe_partition(key: str, shared: Shared, device: torch.device, threshold
     weights = layout.pull(layout.sae_dir(key))
     refuse_if_blocked("features", key, quality.blocking_failures(weights, missing_ok=True))
     autoencoder = load_sae(weights)
-    tables = extract_features(autoencoder, shared.store(load_config(layout, key).hook), shared.corpus,
+    tables = extract_features(autoencoder, shared.store(partition_hook(layout, key)), shared.corpus,
                               shared.tokenizer, top_n=spec.top_n, window=spec.window, n_bands=spec.n_bands,
                               per_band=spec.per_band, n_random=spec.n_random, vocab=shared.vocab, device=device,
                               progress=progress)

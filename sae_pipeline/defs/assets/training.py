@@ -28,8 +28,9 @@ from sae_pipeline.defs.resources import (
 from sae_pipeline.defs.staleness import provenance_tags
 from sae_pipeline.defs.stops import stops_without_retry
 from sae_pipeline.plots import png_markdown
-from sae_pipeline.publish import PublishedSAE, publish_sae
+from sae_pipeline.publish import Provenance, PublishedSAE, StoreTasks, imported_result, publish_sae
 from sae_pipeline.registry import load_config, sweeps_of_keys
+from sae_pipeline.sae_import import ImportRecord, check_against_store, imported_record, load_imported
 from sae_pipeline.storage import (
     Layout,
 )
@@ -101,7 +102,8 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
     invalid, fails to start, train or publish, or fails a blocking check fails its own partition: its group
     mates are published, and the step fails at the end naming each failed partition and why (a backfill marks
     only those failed)."""
-    cfgs, store_of, failures = ready_configs(layout, acts, keys, device)
+    imported = {key: record for key in keys if (record := imported_record(layout, key)) is not None}
+    cfgs, store_of, failures = ready_configs(layout, acts, [k for k in keys if k not in imported], device)
     tags = provenance_tags(context.instance, context.run, CODE_VERSIONS["sae"], {activations.key: None})
     for key in cfgs:
         layout.restore(layout.checkpoint_dir(key))
@@ -112,11 +114,16 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
                for group in plan_groups([cfgs[k] for k in ready], store_of[ready[0]].d_model, device.memory_bytes(),
                                         [checkpoint_step(layout.checkpoint_dir(k)) for k in ready])]
     checks = HeldChecks(context)
+    tasks = StoreTasks(layout, trust_remote_code, device.resolve())
     try:
+        for key, record in imported.items():
+            checks.log()
+            yield from _publish_imported(context, layout, acts, key, record, device, thresholds, tasks, tags,
+                                         failures, checks)
         for number, members in enumerate(planned, 1):
             checks.log()  # before the next group trains: the last partition published has its checks in the UI
             yield from _train_and_materialise(context, layout, members, cfgs, store_of[members[0]], device,
-                                              thresholds, trust_remote_code, tags, failures, checks,
+                                              thresholds, tasks, tags, failures, checks,
                                               f"{number}/{len(planned)}", tracking)
     except BaseException:
         checks.log()  # a stop or an error: every partition published keeps its evaluations
@@ -129,7 +136,7 @@ def train_partitions(context: dg.AssetExecutionContext, layout: Layout, acts: Pa
 
 def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, members: list[str],
                            cfgs: dict[str, SAEConfig], store: ActivationStore, device: DeviceResource,
-                           thresholds: quality.QualityThresholds, trust_remote_code: bool, tags: dict[str, str],
+                           thresholds: quality.QualityThresholds, tasks: StoreTasks, tags: dict[str, str],
                            failures: dict[str, str], checks: HeldChecks, number: str, tracking: Tracking
                            ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
     """One group of `train_partitions`: train it in one pass, then publish and materialise each member; a
@@ -147,8 +154,8 @@ def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, me
             tracked[key].end(RunEnd("failed"))
             continue
         try:
-            published = publish_sae(layout, key, cfgs[key], store, result, device.resolve(), thresholds,
-                                    trust_remote_code)
+            published = publish_sae(layout, key, Provenance.trained(cfgs[key]), store, result, device.resolve(),
+                                    thresholds, tasks)
         except Exception as error:  # evaluating or writing one partition must not cost its mates theirs
             failures[key] = f"publishing failed ({type(error).__name__}: {error}); rerun to retrain it"
             tracked[key].end(RunEnd("failed"))
@@ -159,6 +166,28 @@ def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, me
         if published.blocking_failures and not context.has_partition_key:
             failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
         context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
+
+
+def _publish_imported(context: dg.AssetExecutionContext, layout: Layout, acts: Path, key: str,
+                      record: ImportRecord, device: DeviceResource, thresholds: quality.QualityThresholds,
+                      tasks: StoreTasks, tags: dict[str, str], failures: dict[str, str], checks: HeldChecks
+                      ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """One imported partition of `train_partitions`: checked again against its store (which may have been
+    re-extracted since the import), then evaluated, checked and published as it is; nothing is trained."""
+    context.log.info(f"sae {key}: imported from {record.source} ({record.format}); evaluating it as it is")
+    try:
+        store = ActivationStore(store_of_hook(acts, record.store_hook))
+        autoencoder = load_imported(layout, key)
+        check_against_store(autoencoder, {"model_name": record.model, "hook_name": record.hook_name}, store.meta)
+        published = publish_sae(layout, key, Provenance.of_import(record), store, imported_result(autoencoder),
+                                device.resolve(), thresholds, tasks)
+    except Exception as error:  # one partition's failure must not cost the others theirs
+        failures[key] = f"publishing the imported SAE failed ({type(error).__name__}: {error})"
+        return
+    checks.hold((yield from partition_materialisation(context, SAE_KEY, key, sae_metadata(published, key),
+                                                        published.outcomes, tags)))
+    if published.blocking_failures and not context.has_partition_key:
+        failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
 
 
 SAE_KEY = dg.AssetKey("sae")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
-from sae_pipeline.consistency import seed_consistency_section
+from sae_pipeline.consistency import consistency_by_group, seed_consistency, seed_consistency_section
 from sae_pipeline.markdown import format_duration, format_value
 from sae_pipeline.plots import png_data_uri
 from sae_pipeline.storage import write_bytes_atomic
@@ -76,6 +76,9 @@ class SweepReport:
     box_plot_path: Path | None = None
     curves_plot_path: Path | None = None
     probing_plot_path: Path | None = None
+    seed_consistency: dict[str, dict] = field(default_factory=dict)
+    """Group (a config at seed 0) -> its cross-seed figures (`consistency.seed_consistency`); empty without
+    seed siblings."""
     pareto_dead: tuple[str, ...] = ()
     """Keys on the L0 vs dead-fraction Pareto front."""
     failed: tuple[str, ...] = ()
@@ -118,7 +121,7 @@ def build_sweep_report(
     varying hyperparameter), top_training_curves.png, probing_vs_k.png (`task_report`, with the real-task
     sections, from the runs' absorption and probing columns). Runs with the
     `seed_group` and `sae_dir` columns of `results.collect_runs` add a cross-seed consistency section
-    (`consistency.seed_consistency_section`).
+    (`consistency.seed_consistency_section`; its figures also in `seed_consistency`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,9 +151,10 @@ def build_sweep_report(
     ui = replace(ui, imported=imported) if ui else None
     shown = ui or full
     probing_path = write_probing_plot(runs, out_dir / PROBING_PLOT_NAME)
+    consistency = seed_consistency(runs)
     texts = [_append_sections(_render_report(table, sweep_name, list(missing), front, plot_path, view), table,
                               front_dead, box_path, curves_path, view) + task_sections(runs, view.name, probing_path)
-             + seed_consistency_section(runs)
+             + seed_consistency_section(consistency)
              for view in ([full, ui] if ui else [full])]
     write_bytes_atomic(report_path, texts[0].encode())
 
@@ -166,6 +170,7 @@ def build_sweep_report(
         box_plot_path=box_path,
         curves_plot_path=curves_path,
         probing_plot_path=probing_path,
+        seed_consistency=consistency_by_group(consistency),
         pareto_dead=tuple(front_dead),
         failed=tuple(failed_rows(table).get_column("key").to_list()),
         ui_markdown=texts[-1],

@@ -200,9 +200,11 @@ def calibrate(path: str, stop: StopSignals) -> int:
 def import_partition(folder: str, name: str | None, stop: StopSignals) -> int:
     """Import an SAE as a partition (`sae_import.import_sae`; the folder is read and refused before anything
     runs), then materialise its `sae` (held-out metrics, checks and real-task evaluations; nothing trained),
-    `features` and `feature_labels` where they are not current; the partition key is the last line printed."""
+    `features` and `feature_labels` where they are not current, then the sweep report; the partition key is the
+    last line printed."""
     from sae_pipeline.definitions import defs
     from sae_pipeline.defs.partitions import sae_configs
+    from sae_pipeline.defs.runs import failure_message
     from sae_pipeline.sae_import import import_sae, read_foreign_sae
 
     read_foreign_sae(Path(folder))  # a folder that holds no SAE is refused before activations are extracted
@@ -222,9 +224,13 @@ def import_partition(folder: str, name: str | None, stop: StopSignals) -> int:
     for asset in todo[record.key]:
         if not failed:
             failed |= ranged_runs(defs, instance, asset, [record.key], 1, stop)
+    print("== analyze_sweep (the report lists it beside the trained configs)", flush=True)
+    analysis = stop.execute(defs.resolve_job_def("analyze_sweep"), instance, run_config=QUIET)
     _print_results(layout, [record.key], sorted(failed))
+    if not analysis.success:
+        print(f"error: analyze_sweep failed: {failure_message(analysis)}", file=sys.stderr)
     print(record.key, flush=True)
-    return 1 if failed else 0
+    return 1 if failed or not analysis.success else 0
 
 
 def _print_results(layout: Layout, keys: list[str], failed: list[str]) -> None:

@@ -103,9 +103,14 @@ def seed_consistency(runs: pl.DataFrame, threshold: float = MATCH_THRESHOLD) -> 
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
-def seed_consistency_section(runs: pl.DataFrame) -> str:
-    """The sweep report's markdown section on cross-seed consistency ("" when no config has two seeds)."""
-    table = seed_consistency(runs)
+def consistency_by_group(table: pl.DataFrame) -> dict[str, dict]:
+    """`seed_consistency`'s rows keyed by group (the `sweep_analysis` metadata entry)."""
+    return {row.pop("group"): row for row in table.iter_rows(named=True)}
+
+
+def seed_consistency_section(table: pl.DataFrame) -> str:
+    """The sweep report's markdown section on cross-seed consistency, from `seed_consistency`'s table ("" when
+    no config has two seeds)."""
     if table.height == 0:
         return ""
     return "\n".join([

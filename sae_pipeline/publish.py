@@ -110,7 +110,7 @@ def publish_sae(layout: Layout, key: str, origin: Provenance, store: ActivationS
     summary = {"key": key, "config": origin.config, "metrics": metrics.as_dict(),
                "downstream": downstream.as_dict(), "tasks": task_evaluation.metrics.as_dict(),
                "final_loss": last_window_mean(result.metrics, "loss") if trained else None,
-               "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds,
+               "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds if trained else None,
                "resumed_from_step": result.resumed_from_step, **imported}
     with layout.publish(layout.sae_dir(key)) as folder:
         result.sae.save(folder, metadata={"partition_key": key, "model": store.meta["model"],
@@ -130,7 +130,8 @@ def publish_sae(layout: Layout, key: str, origin: Provenance, store: ActivationS
                          "downstream_ablated": downstream.ablated, "downstream_recovered": downstream.recovered,
                          **({"downstream_kl": downstream.kl} if downstream.kl is not None else {}),
                          **task_evaluation.metrics.as_dict()}),
-              "train_tokens": result.train_tokens, "wall_time": format_duration(result.wall_seconds),
+              "train_tokens": result.train_tokens,
+              "wall_time": format_duration(result.wall_seconds) if trained else "not trained here",
               "resumed_from_step": result.resumed_from_step, "downstream_kind": downstream.kind,
               **({"imported_from": origin.imported.source} if imported else {})}
     evaluation = numeric({**metrics.as_dict(),

@@ -116,7 +116,11 @@ def test_sweep_report_gains_the_cross_seed_section(two_seed_sweep, tmp_path):
     assert row[f"share_above_{MATCH_THRESHOLD}"] == pytest.approx(expected.share_above)
     assert 0.0 < expected.mean_cosine < 1.0  # two seeds: close, not identical
 
-    report = build_sweep_report(runs, tmp_path / "report").report_path.read_text()
+    built = build_sweep_report(runs, tmp_path / "report")
+    report = built.report_path.read_text()
+    (group, figures), = built.seed_consistency.items()  # what the sweep_analysis metadata shows
+    assert group == keys[0] and figures["seeds"] == [0, 1]
+    assert figures["mean_matched_cosine"] == pytest.approx(expected.mean_cosine, abs=1e-6)
     assert "## Cross-seed consistency" in report
     section = report.split("## Cross-seed consistency", 1)[1]
     assert f"`{keys[0]}`" in section and f"{expected.mean_cosine:.4g}" in section
@@ -125,5 +129,5 @@ def test_sweep_report_gains_the_cross_seed_section(two_seed_sweep, tmp_path):
 
 def test_sweep_report_without_seed_siblings_has_no_section(tmp_path):
     runs = pl.DataFrame({"key": ["a"], "l0": [1.0], "fvu": [0.5], "dead_fraction": [0.0]})
-    report = build_sweep_report(runs, tmp_path).report_path.read_text()
-    assert "Cross-seed" not in report
+    built = build_sweep_report(runs, tmp_path)
+    assert "Cross-seed" not in built.report_path.read_text() and built.seed_consistency == {}

@@ -50,6 +50,7 @@ def sweep_analysis(context: dg.AssetExecutionContext, storage: StorageResource) 
             "best_balanced": report.best_balanced or "none",
             "top_configs": dg.MetadataValue.md(report.top_markdown),
             "pareto_l0_dead": list(report.pareto_dead),
+            **({"seed_consistency": report.seed_consistency} if report.seed_consistency else {}),
         })
 
 

@@ -21,7 +21,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cache
 from pathlib import Path
 
 import polars as pl
@@ -34,7 +34,7 @@ from sae_pipeline.config import ActivationSpec
 from sae_pipeline.corpus import stdlib_docstring_sources
 from sae_pipeline.evaluation import TaskMetrics
 from sae_pipeline.model import HookPoint, load_model, load_tokenizer, pad_batch
-from sae_pipeline.probing import PROBE_KS, BinaryTask, ProbingResult, dense_probing, sparse_probing
+from sae_pipeline.probing import PROBE_KS, BinaryTask, LogisticProbe, ProbingResult, dense_probing, sparse_probing
 from sae_pipeline.saes import SparseAutoencoder
 from sae_pipeline.store import save_atomic
 
@@ -55,7 +55,7 @@ TASK_SEED = 0
 BATCH = 32
 TASKS_FILE = "eval_tasks.safetensors"
 """The task activations, cached in the store's folder (a re-extraction replaces the folder and so the cache)."""
-TASKS_VERSION = "1"
+TASKS_VERSION = "2"
 """Bumped when what the tasks hold changes: a cache written under another version is rebuilt."""
 
 
@@ -79,6 +79,10 @@ class TaskData:
     """[n_tokens] whether the token is on a `>>>` line."""
     left_out: dict[str, str] = field(default_factory=dict)
     """Task -> why it could not be built."""
+    ceiling: dict[str, float] | None = None
+    """The dense probe's accuracy per probing task at TASK_SEED, stored with the data (None: not computed)."""
+    letter_probes: LetterProbes | None = None
+    """The word split and letter probes of absorption at TASK_SEED, stored with the data (None: not computed)."""
 
     def binary_tasks(self) -> list[BinaryTask]:
         """Every probing task: first_letter_<c> per letter, package_<name> per package, doctest."""
@@ -94,17 +98,31 @@ class TaskData:
         tensors = {"word_x": self.word_x, "word_letter": self.word_letter, "package_x": self.package_x,
                    "package_label": self.package_label, "doctest_x": self.doctest_x,
                    "doctest_y": self.doctest_y.to(torch.uint8)}
+        probes = self.letter_probes
+        if probes is not None:
+            fitted = list(probes.probes.values())
+            tensors |= {"letter_train": probes.train, "letter_test": probes.test,
+                        **{f"probe_{part}": torch.stack([getattr(p, part) for p in fitted])
+                           for part in ("mean", "std", "weight")},
+                        "probe_bias": torch.stack([p.bias for p in fitted])}
+        lists = {"words": self.words, "packages": self.packages, "left_out": self.left_out, "ceiling": self.ceiling,
+                 "probe_letters": list(probes.probes) if probes is not None else None}
         save_atomic({name: t.contiguous() for name, t in tensors.items()}, path,
-                    {"version": TASKS_VERSION, "lists": json.dumps({"words": self.words, "packages": self.packages,
-                                                                     "left_out": self.left_out})})
+                    {"version": TASKS_VERSION, "lists": json.dumps(lists)})
 
     @classmethod
     def load(cls, path: Path) -> TaskData:
         with safe_open(str(path), framework="pt") as handle:
             lists = json.loads(handle.metadata()["lists"])
             t = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-        return cls(lists["words"], t["word_x"], t["word_letter"], lists["packages"], t["package_x"],
-                   t["package_label"], t["doctest_x"], t["doctest_y"].bool(), lists["left_out"])
+        data = cls(lists["words"], t["word_x"], t["word_letter"], lists["packages"], t["package_x"],
+                   t["package_label"], t["doctest_x"], t["doctest_y"].bool(), lists["left_out"], lists["ceiling"])
+        if lists["probe_letters"] is not None:
+            probes = {letter: LogisticProbe(t["probe_mean"][i], t["probe_std"][i], t["probe_weight"][i],
+                                            t["probe_bias"][i]) for i, letter in enumerate(lists["probe_letters"])}
+            data.letter_probes = LetterProbes(data.word_x, data.word_letter, t["letter_train"], t["letter_test"],
+                                              probes, ALPHABET)
+        return data
 
 
 def vocabulary_words(tokenizer, per_letter: int = WORDS_PER_LETTER, seed: int = TASK_SEED
@@ -274,6 +292,8 @@ def store_task_data(folder: Path, meta: dict, corpus: pl.DataFrame, spec: Activa
         return TaskData.load(path)
     model = load_model(spec).to(device)
     data = build_task_data(model, load_tokenizer(spec), HookPoint.of_store(meta), corpus)
+    evaluator = TaskEvaluator(data)  # the SAE-independent baselines, stored with the data: computed once
+    data.ceiling, data.letter_probes = evaluator.ceiling, evaluator.letter_probes
     data.save(path)
     return data
 
@@ -308,14 +328,21 @@ class TaskEvaluator:
         self.data, self.seed = data, seed
         self.tasks = data.binary_tasks()
         self._floors: dict[str, ProbingResult] = {}
+        stored = seed == TASK_SEED  # the data's stored baselines were computed at TASK_SEED
+        self._ceiling = data.ceiling if stored else None
+        self._letter_probes = data.letter_probes if stored else None
 
-    @cached_property
+    @property
     def ceiling(self) -> dict[str, float]:
-        return dense_probing(self.tasks, self.seed)
+        if self._ceiling is None:
+            self._ceiling = dense_probing(self.tasks, self.seed)
+        return self._ceiling
 
-    @cached_property
+    @property
     def letter_probes(self) -> LetterProbes:
-        return fit_letter_probes(self.data.word_x, self.data.word_letter, ALPHABET, self.seed)
+        if self._letter_probes is None:
+            self._letter_probes = fit_letter_probes(self.data.word_x, self.data.word_letter, ALPHABET, self.seed)
+        return self._letter_probes
 
     def floor(self, sae: SparseAutoencoder) -> ProbingResult:
         """k-sparse probing of a random-init SAE like `sae` (one per architecture, shape and settings)."""

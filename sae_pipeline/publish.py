@@ -1,6 +1,6 @@
-"""Publishing one trained SAE: evaluated on held-out tokens, checked, its downstream fidelity and real-task figures
-measured, and its folder (SAELens weights and cfg.json, training log, summary, task details, plots, verdict)
-written atomically."""
+"""Publishing one SAE, trained here or imported: evaluated on held-out tokens, checked, its downstream fidelity and
+real-task figures measured, and its folder (SAELens weights and cfg.json, training log, summary, task details,
+plots, verdict) written atomically."""
 
 from __future__ import annotations
 

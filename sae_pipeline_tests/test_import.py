@@ -153,9 +153,20 @@ def test_the_store_of_the_named_hook_is_chosen(tmp_path: Path) -> None:
     assert record.store_hook == record.hook_name == "blocks.0.hook_mlp_out"
 
 
-def test_an_imported_copy_is_evaluated_featured_and_labelled(pipeline, tmp_path: Path) -> None:
-    import shutil
+def _as_saelens_without_b_dec_on_input(folder: Path, out: Path) -> Path:
+    """A trained TopK partition rewritten as SAELens writes a TopK SAE that encodes x itself
+    (`apply_b_dec_to_input: false`, its b_enc holding what subtracting b_dec did), naming model and hook."""
+    from safetensors.torch import load_file
 
+    cfg = json.loads((folder / "cfg.json").read_text())
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
+    return _saelens(out, {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "architecture": "topk", "k": cfg["k"],
+                          "apply_b_dec_to_input": False, "normalize_activations": "none",
+                          "metadata": {"model_name": cfg["model_name"], "hook_name": cfg["hook_name"]}}, tensors)
+
+
+def test_an_imported_copy_is_evaluated_featured_and_labelled(pipeline, tmp_path: Path) -> None:
     import polars as pl
 
     from sae_pipeline.defs.assets import feature_labels, features, sae, sweep_analysis
@@ -164,9 +175,9 @@ def test_an_imported_copy_is_evaluated_featured_and_labelled(pipeline, tmp_path:
     layout = pipeline.layout
     trained = pipeline.register(tiny_topk(k=6))
     assert pipeline.materialize([sae], partition_key=trained).success
-    copy = shutil.copytree(layout.sae_dir(trained), tmp_path / "copy")
+    copy = _as_saelens_without_b_dec_on_input(layout.sae_dir(trained), tmp_path / "copy")
     record = import_sae(layout, copy, "copy_of_tiny", layout.activations_dir)
-    assert record.format == "sae_pipeline" and record.store_hook == record.hook_name
+    assert record.format == "saelens" and record.store_hook == record.hook_name
     pipeline.instance.add_dynamic_partitions("sae_configs", [record.key])
     result = pipeline.materialize([sae, features, feature_labels], partition_key=record.key)
     assert result.success

@@ -1,5 +1,6 @@
 """`sae`: one SAE per config partition, trained as groups in one pass over the activations for 1 to n
-partitions, each published with its check results as soon as it is done."""
+partitions (an imported partition evaluated as it is), each published with its check results as soon as it is
+done."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -208,7 +209,8 @@ def sae_metadata(published: PublishedSAE, key: str) -> dict[str, Any]:
                         automation_condition=automation_condition(),
                         description="One SAE per config partition, in the SAELens file layout. A run over several "
                                     "partitions (an asset backfill, `run-sweep`) trains them as groups, each in "
-                                    "one pass over the activations.")])
+                                    "one pass over the activations. An `imported_` partition (`sae-pipeline "
+                                    "import-sae`) is evaluated and checked as it is, nothing trained.")])
 def sae(context: dg.AssetExecutionContext, storage: StorageResource, device: DeviceResource,
         quality_thresholds: QualityResource, model: ModelResource,
         tracking: TrackingResource) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:

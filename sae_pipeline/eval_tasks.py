@@ -34,15 +34,27 @@ from sae_pipeline.config import ActivationSpec
 from sae_pipeline.corpus import stdlib_docstring_sources
 from sae_pipeline.evaluation import TaskMetrics
 from sae_pipeline.model import HookPoint, load_model, load_tokenizer, pad_batch
-from sae_pipeline.probing import PROBE_KS, BinaryTask, LogisticProbe, ProbingResult, dense_probing, sparse_probing
+from sae_pipeline.probing import (
+    PROBE_KS,
+    BinaryTask,
+    LogisticProbe,
+    ProbingResult,
+    dense_probing,
+    family_means,
+    sparse_probing,
+)
 from sae_pipeline.saes import SparseAutoencoder
 from sae_pipeline.store import save_atomic
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+TASK_FAMILIES = ("first_letter", "package", "doctest")
+"""The probing task families (SAEBench's datasets): an SAE's score is their mean, each its tasks' mean."""
 WORDS_PER_LETTER = 160
 """Vocabulary words sampled per first letter (fewer where the vocabulary has fewer)."""
-WORD_TEMPLATE = "{word} has the first letter:"
-"""The prompt a word is read in (SAEBench's absorption template), at the word's own token."""
+WORD_TEMPLATE = "Next word:{word} has the first letter:"
+"""The prompt a word is read in, at the word's own token (SAEBench's absorption template after a short prefix, so
+that in a causal LM the word is not the first token, whose activations are atypical); the word is put in with a
+leading space, as a word inside a sentence is tokenised."""
 PACKAGES = 5
 """The most frequent corpus origins probed one-vs-rest."""
 TEXTS_PER_PACKAGE = 40
@@ -55,7 +67,7 @@ TASK_SEED = 0
 BATCH = 32
 TASKS_FILE = "eval_tasks.safetensors"
 """The task activations, cached in the store's folder (a re-extraction replaces the folder and so the cache)."""
-TASKS_VERSION = "2"
+TASKS_VERSION = "3"
 """Bumped when what the tasks hold changes: a cache written under another version is rebuilt."""
 
 
@@ -86,12 +98,12 @@ class TaskData:
 
     def binary_tasks(self) -> list[BinaryTask]:
         """Every probing task: first_letter_<c> per letter, package_<name> per package, doctest."""
-        tasks = [BinaryTask(f"first_letter_{c}", self.word_x, self.word_letter == i) for i, c in enumerate(ALPHABET)
-                 if bool((self.word_letter == i).any())]
-        tasks += [BinaryTask(f"package_{name}", self.package_x, self.package_label == i)
+        tasks = [BinaryTask(f"first_letter_{c}", self.word_x, self.word_letter == i, "first_letter")
+                 for i, c in enumerate(ALPHABET) if bool((self.word_letter == i).any())]
+        tasks += [BinaryTask(f"package_{name}", self.package_x, self.package_label == i, "package")
                   for i, name in enumerate(self.packages)]
         if len(self.doctest_y):
-            tasks.append(BinaryTask("doctest", self.doctest_x, self.doctest_y))
+            tasks.append(BinaryTask("doctest", self.doctest_x, self.doctest_y, "doctest"))
         return tasks
 
     def save(self, path: Path) -> None:
@@ -149,18 +161,26 @@ def _batches(items: list, size: int = BATCH) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def word_prompt(tokenizer, token_id: int, text: str) -> tuple[list[int], int] | None:
+    """(the token ids of WORD_TEMPLATE around the word, the word's position: its first occurrence after the
+    template's prefix), or None when the template's tokenisation does not keep the word's token (a BPE token
+    without its leading-space form, say)."""
+    ids = tokenizer(WORD_TEMPLATE.format(word=" " + text.lstrip()))["input_ids"]
+    prefix = tokenizer(WORD_TEMPLATE.split("{word}")[0])["input_ids"]
+    start = next((i for i, (a, b) in enumerate(zip(ids, prefix, strict=False)) if a != b), len(prefix))
+    return (ids, ids.index(token_id, start)) if token_id in ids[start:] else None
+
+
 def word_activations(model: nn.Module, tokenizer, hook: HookPoint, words: list[tuple[int, str]]
                      ) -> tuple[list[str], Tensor]:
-    """Each word's activation at its token in WORD_TEMPLATE; a word whose token the template's tokenisation
-    does not keep is dropped."""
+    """Each word's activation at its token in WORD_TEMPLATE (`word_prompt`); a word it drops is left out."""
     kept, rows = [], []
-    prompts = [(token_id, text, tokenizer(WORD_TEMPLATE.format(word=text))["input_ids"]) for token_id, text in words]
-    prompts = [(token_id, text, ids) for token_id, text, ids in prompts if token_id in ids]
+    prompts = [(text, prompt) for token_id, text in words if (prompt := word_prompt(tokenizer, token_id, text))]
     for batch in _batches(prompts):
-        input_ids, mask = pad_batch([ids for _, _, ids in batch], tokenizer.pad_token_id or 0)
+        input_ids, mask = pad_batch([ids for _, (ids, _) in batch], tokenizer.pad_token_id or 0)
         acts = hook.capture(model, input_ids, mask)
-        for row, (token_id, text, ids) in enumerate(batch):
-            rows.append(acts[row, ids.index(token_id)])
+        for row, (text, (_, position)) in enumerate(batch):
+            rows.append(acts[row, position])
             kept.append(text.strip())
     return kept, torch.stack(rows) if rows else torch.empty(0)
 
@@ -304,8 +324,8 @@ class TaskEvaluation:
 
     metrics: TaskMetrics
     absorption: AbsorptionResult
-    by_task: dict[str, dict[str, dict[int, float] | float]]
-    """Task -> {"sae": k -> accuracy, "random": k -> accuracy, "dense": accuracy}."""
+    by_task: dict[str, dict[str, dict[int, float] | float | str]]
+    """Task -> {"family": its family, "sae": k -> accuracy, "random": k -> accuracy, "dense": accuracy}."""
     left_out: dict[str, str]
 
     def details(self) -> dict:
@@ -358,12 +378,17 @@ class TaskEvaluator:
         sae = sae.cpu().eval()
         trained, floor, ceiling = sparse_probing(self.tasks, sae.latents, self.seed), self.floor(sae), self.ceiling
         absorption = first_letter_absorption(sae, self.letter_probes)
+        dense = family_means(ceiling, trained.families)
+        at_five = trained.family_means(5)
+        nan = float("nan")
         values = {"absorption_rate": absorption.absorption_rate,
                   "absorption_fraction": absorption.absorption_fraction,
                   "split_latents": absorption.split_latents,
                   **{f"probe_acc_k{k}": trained.mean(k) for k in PROBE_KS},
-                  "probe_acc_dense": sum(ceiling.values()) / len(ceiling) if ceiling else float("nan"),
+                  **{f"probe_acc_k5_{family}": at_five.get(family, nan) for family in TASK_FAMILIES},
+                  "probe_acc_dense": sum(dense.values()) / len(dense) if dense else nan,
+                  **{f"probe_acc_dense_{family}": dense.get(family, nan) for family in TASK_FAMILIES},
                   **{f"probe_acc_random_k{k}": floor.mean(k) for k in PROBE_KS}}
-        by_task = {name: {"sae": trained.by_task[name], "random": floor.by_task[name], "dense": ceiling[name]}
-                   for name in trained.by_task}
+        by_task = {name: {"family": trained.families[name], "sae": trained.by_task[name],
+                          "random": floor.by_task[name], "dense": ceiling[name]} for name in trained.by_task}
         return TaskEvaluation(TaskMetrics(**values), absorption, by_task, self.data.left_out)

@@ -72,13 +72,21 @@ class TaskMetrics:
     split_latents: float
     """Mean over letters of the main latents beyond the first (feature splitting)."""
     probe_acc_k1: float
-    """Mean test accuracy over the probing tasks of the 1-sparse probe on the SAE's latents."""
+    """Test accuracy of the 1-sparse probe on the SAE's latents: the mean over task families (first letter,
+    package, doctest) of each family's mean over its tasks."""
     probe_acc_k2: float
     probe_acc_k5: float
     probe_acc_k10: float
     probe_acc_k20: float
+    probe_acc_k5_first_letter: float
+    """The 5-sparse probe's mean over one family's tasks (NaN when the family could not be built)."""
+    probe_acc_k5_package: float
+    probe_acc_k5_doctest: float
     probe_acc_dense: float
-    """The ceiling: a probe on the raw activations, same splits."""
+    """The ceiling: a probe on the raw activations, same splits, same means."""
+    probe_acc_dense_first_letter: float
+    probe_acc_dense_package: float
+    probe_acc_dense_doctest: float
     probe_acc_random_k1: float
     """The floor: the 1-sparse probe on a randomly initialised SAE of the same architecture and shape."""
     probe_acc_random_k2: float

@@ -6,6 +6,8 @@ into train and held-out test rows; on the train rows the k latents with the larg
 (mean over positives minus mean over negatives: latents that fire *for* the class) are chosen, a logistic
 regression is fitted on those k latents, and its accuracy on the test rows is the score. The same regression on
 the raw activations is the ceiling, and on the latents of a randomly initialised SAE of the same shape the floor.
+An SAE's score at k is the mean over task families (SAEBench's datasets: the one-vs-rest tasks of one labelling)
+of each family's mean over its tasks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class BinaryTask:
     """[n, d_model] activations at the SAE's hook."""
     y: Tensor
     """[n] bool: whether the row is in the positive class."""
+    family: str = ""
+    """The dataset the task comes from (its one-vs-rest siblings share it; default: the task's own name)."""
+
+    @property
+    def group(self) -> str:
+        return self.family or self.name
 
 
 @dataclass(frozen=True)
@@ -161,16 +169,36 @@ class ProbingResult:
 
     by_task: dict[str, dict[int, float]]
     """Task -> k -> test accuracy."""
+    families: dict[str, str]
+    """Task -> its family (`BinaryTask.group`)."""
+
+    def family_means(self, k: int) -> dict[str, float]:
+        """Family -> the mean accuracy of its tasks at k."""
+        return family_means({name: acc[k] for name, acc in self.by_task.items()}, self.families)
 
     def mean(self, k: int) -> float:
-        values = [acc[k] for acc in self.by_task.values()]
-        return sum(values) / len(values) if values else float("nan")
+        """The mean over families of their tasks' mean (SAEBench averages each dataset's classes, then the
+        datasets), so 26 one-vs-rest letters weigh as one dataset."""
+        return _mean(list(self.family_means(k).values()))
+
+
+def family_means(values: dict[str, float], families: dict[str, str]) -> dict[str, float]:
+    """Family -> the mean of its tasks' values, families in first-seen order."""
+    grouped: dict[str, list[float]] = {}
+    for name, value in values.items():
+        grouped.setdefault(families[name], []).append(value)
+    return {family: _mean(members) for family, members in grouped.items()}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def sparse_probing(tasks: list[BinaryTask], encode: Encode, seed: int, ks: tuple[int, ...] = PROBE_KS
                    ) -> ProbingResult:
     """k-sparse probing of one SAE (`encode`) on every task with enough rows in both classes."""
     by_task, encoded = {}, {}
+    families = {task.name: task.group for task in tasks}
     for number, task in enumerate(tasks):
         split = balanced_split(task.y, seed + number)
         if split is not None:
@@ -178,7 +206,7 @@ def sparse_probing(tasks: list[BinaryTask], encode: Encode, seed: int, ks: tuple
                 with torch.no_grad():
                     encoded[id(task.x)] = encode(task.x)
             by_task[task.name] = sparse_accuracies(encoded[id(task.x)], task.y, split, ks)
-    return ProbingResult(by_task)
+    return ProbingResult(by_task, {name: families[name] for name in by_task})
 
 
 def dense_probing(tasks: list[BinaryTask], seed: int) -> dict[str, float]:

@@ -97,6 +97,7 @@ def publish_sae(layout: Layout, key: str, origin: Provenance, store: ActivationS
     publish its folder (weights, metrics, summary, task details, plots, verdict) and remove its checkpoints."""
     trained = origin.imported is None
     metrics, fire_counts = evaluate_sae(result.sae, store, device)
+    result.sae.cpu()  # evaluate_sae moved it to `device`; the task probes and the downstream model run on the CPU
     task_evaluation = tasks.of(store).evaluate(result.sae)
     frequency = fire_counts / max(metrics.n_tokens, 1)
     outcomes = run_checks("sae", SAEEvidence(result.sae.state_dict(), result.metrics, result.sae.d_sae, metrics,

@@ -20,6 +20,8 @@ PROBING_TOP_N = 5
 """Configs drawn in the probing plot: the best by mean k-sparse accuracy over the k."""
 ABSORPTION_COLUMNS = ("absorption_rate", "absorption_fraction", "split_latents", "fvu", "l0")
 ACCURACY_COLUMNS = tuple(f"probe_acc_k{k}" for k in PROBE_KS)
+FAMILIES = {"first_letter": "first letter", "package": "package", "doctest": "doctest"}
+"""The probing task families (`eval_tasks.TASK_FAMILIES`) and how the report names them."""
 Name = Callable[[str], str]
 """How a rendition names a config (`analysis.ReportView.name`)."""
 
@@ -73,9 +75,10 @@ def probing_section(runs: pl.DataFrame, name: Name, plot: Path | None) -> str:
     parts = ["## k-sparse probing", "",
              "SAEBench's `sparse_probing` protocol (`sae_pipeline.probing`) on tasks built offline: the first "
              "letter of vocabulary words, the standard-library package a corpus document comes from, whether a "
-             "token is on a doctest (`>>>`) line. Mean test accuracy over the tasks of a logistic probe on the k "
-             "latents with the largest class mean difference; `random k=5` is the same probe on a randomly "
-             "initialised SAE of the same shape (the floor).", ""]
+             "token is on a doctest (`>>>`) line. Test accuracy of a logistic probe on the k latents with the "
+             "largest class mean difference, the mean over the three task families of each family's mean over its "
+             "one-vs-rest tasks (as SAEBench averages each dataset, then the datasets); `random k=5` is the same "
+             "probe on a randomly initialised SAE of the same shape (the floor).", ""]
     if not rows:
         return "\n".join([*parts, "No finished config has probing figures (published before they existed)."])
     ceilings = [r["probe_acc_dense"] for r in rows if _finite(r.get("probe_acc_dense"))]
@@ -85,9 +88,23 @@ def probing_section(runs: pl.DataFrame, name: Name, plot: Path | None) -> str:
     headers = ["config", *(f"k={k}" for k in PROBE_KS), "random k=5"]
     parts.append(_table(headers, [[name(r["key"]), *(format_value(r[c]) for c in ACCURACY_COLUMNS),
                                    format_value(r.get("probe_acc_random_k5"))] for r in rows]))
+    parts += family_table(rows, name)
     if plot is not None:
         parts += ["", f"![probing accuracy vs k]({plot.name})"]
     return "\n".join(parts)
+
+
+def family_table(rows: list[dict], name: Name) -> list[str]:
+    """The 5-sparse accuracy per task family, each config's row in `rows`' order, and the family ceilings; no
+    lines when the runs carry no family figures (published before they existed)."""
+    columns = [f"probe_acc_k5_{family}" for family in FAMILIES]
+    if not any(_finite(r.get(c)) for r in rows for c in columns):
+        return []
+    ceilings = ", ".join(f"{label} {format_value(rows[0].get(f'probe_acc_dense_{family}'))}"
+                         for family, label in FAMILIES.items())
+    return ["", "At k=5 by task family (ceilings: " + ceilings + "):", "",
+            _table(["config", *FAMILIES.values()], [[name(r["key"]), *(format_value(r.get(c)) for c in columns)]
+                                                    for r in rows])]
 
 
 def write_probing_plot(runs: pl.DataFrame, path: Path) -> Path | None:

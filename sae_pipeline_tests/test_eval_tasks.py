@@ -99,6 +99,14 @@ def test_evaluator_reuses_the_floor_and_reports_every_metric() -> None:
     assert evaluator.floor(sae) is not evaluator.floor(TopKSAE(16, 32, k=8))
     assert set(result.by_task) == {"first_letter_a", "first_letter_b", "first_letter_c", "package_p",
                                    "package_q", "doctest"}
+    by_family: dict[str, list[float]] = {}
+    for task in result.by_task.values():
+        by_family.setdefault(task["family"], []).append(task["sae"][5])
+    means = {family: sum(v) / len(v) for family, v in by_family.items()}
+    metrics = result.metrics
+    assert (metrics.probe_acc_k5_first_letter, metrics.probe_acc_k5_package, metrics.probe_acc_k5_doctest) == \
+        pytest.approx((means["first_letter"], means["package"], means["doctest"]))
+    assert metrics.probe_acc_k5 == pytest.approx(sum(means.values()) / 3)
     fresh = random_like(sae, seed=0)
     assert type(fresh) is TopKSAE and fresh.k == 4 and fresh.W_enc.shape == sae.W_enc.shape
 
@@ -140,3 +148,29 @@ def test_stored_baselines_give_the_same_evaluation(tmp_path) -> None:
     assert stored.ceiling is loaded.ceiling  # read, not refitted
     assert stored.evaluate(sae).metrics == TaskEvaluator(_tiny_data()).evaluate(sae).metrics
     assert TaskEvaluator(loaded, seed=1).ceiling is not loaded.ceiling  # another seed: its own splits
+
+
+def _byte_level_bpe():
+    """A small GPT-2-style (byte-level BPE) tokenizer trained here: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the cat sat on the mat", "a dog ran to the park", "next word has the first letter"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("which", ["wordpiece", "byte-level bpe"])
+def test_a_word_is_read_inside_the_template_never_first(which: str, tokenizer) -> None:
+    tok = tokenizer if which == "wordpiece" else _byte_level_bpe()
+    words = vocabulary_words(tok, per_letter=3)
+    assert {text.strip() for _, text in words} >= ({"cat", "dog"} if which != "wordpiece" else set())
+    prompts = [eval_tasks.word_prompt(tok, token_id, text) for token_id, text in words]
+    kept = [(token_id, p) for (token_id, _), p in zip(words, prompts, strict=True) if p is not None]
+    assert len(kept) >= len(words) // 2
+    for token_id, (ids, position) in kept:
+        assert ids[position] == token_id and position >= 3  # after "Next word:", in a causal LM too

@@ -1,6 +1,7 @@
 """k-sparse probing: the logistic fit, the balanced split, the latent choice and the accuracies, on hand-built
 data whose answers are known."""
 
+import pytest
 import torch
 
 from sae_pipeline.probing import (
@@ -95,3 +96,12 @@ def test_sparse_probing_encodes_shared_inputs_once_and_dense_is_the_ceiling():
     assert result.mean(2) == (result.by_task["a"][2] + result.by_task["b"][2]) / 2
     ceiling = dense_probing(tasks, seed=0)
     assert min(ceiling.values()) > 0.9
+
+
+def test_the_mean_is_over_families_each_over_its_tasks():
+    from sae_pipeline.probing import ProbingResult
+
+    result = ProbingResult({"a1": {1: 0.9}, "a2": {1: 0.7}, "a3": {1: 0.8}, "b": {1: 0.5}},
+                           {"a1": "a", "a2": "a", "a3": "a", "b": "b"})
+    assert result.family_means(1) == pytest.approx({"a": 0.8, "b": 0.5})
+    assert result.mean(1) == pytest.approx(0.65)  # not (0.9 + 0.7 + 0.8 + 0.5) / 4

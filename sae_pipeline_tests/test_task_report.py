@@ -14,13 +14,17 @@ def _runs(n: int) -> pl.DataFrame:
                "absorption_fraction": 0.1, "split_latents": 0.5, "probe_acc_dense": 0.9, "failed_checks": []}
         row |= {f"probe_acc_k{k}": 0.5 + 0.01 * i + 0.001 * k for k in (1, 2, 5, 10, 20)}
         row |= {f"probe_acc_random_k{k}": 0.5 for k in (1, 2, 5, 10, 20)}
+        row |= {f"probe_acc_k5_{family}": 0.6 + 0.01 * i for family in ("first_letter", "package", "doctest")}
+        row |= {f"probe_acc_dense_{family}": 0.9 for family in ("first_letter", "package", "doctest")}
         rows.append(row)
     return pl.DataFrame(rows)
 
 
 def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table under `heading`."""
     section = text.split(heading, 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    table = section.split("\n| ", 1)[1].split("\n\n", 1)[0]
+    lines = [line for line in ("| " + table).splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
 
@@ -35,6 +39,8 @@ def test_sections_rank_configs_by_their_figures(tmp_path) -> None:
     by_mean = sorted(runs.iter_rows(named=True), key=lambda r: -sum(r[f"probe_acc_k{k}"] for k in (1, 2, 5, 10, 20)))
     assert [row[0] for row in probing] == [f"`{r['key']}`" for r in by_mean]
     assert "Ceiling, a probe on every dimension of the raw activations: 0.9." in text
+    families = text.split("At k=5 by task family (ceilings: first letter 0.9, package 0.9, doctest 0.9):", 1)[1]
+    assert families.split("\n|", 2)[1].startswith(" config | first letter | package | doctest |")
     assert (tmp_path / PROBING_PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"]({PROBING_PLOT_NAME})" in text and f"]({PROBING_PLOT_NAME})" in report.ui_markdown
     for line in report.ui_markdown.splitlines():

@@ -87,6 +87,9 @@ def _saelens_sae(folder: Path, cfg: dict[str, Any]) -> SparseAutoencoder:
     if architecture is None:
         raise ConfigError(f"{folder / CFG_FILE}: architecture {name!r} cannot be imported; allowed: "
                           f"{', '.join(SAELENS_ARCHITECTURES)}")
+    for field, plain in (("reshape_activations", "none"), ("rescale_acts_by_decoder_norm", False)):
+        if cfg.get(field, plain) != plain:
+            raise ConfigError(f"{folder / CFG_FILE}: {field} {cfg[field]!r} cannot be imported; allowed: {plain!r}")
     normalisation = cfg.get("normalize_activations")
     if normalisation not in NORMALISATIONS:
         raise ConfigError(f"{folder / CFG_FILE}: normalize_activations {normalisation!r} cannot be imported; "
@@ -111,6 +114,9 @@ def _sparsify_sae(folder: Path, cfg: dict[str, Any]) -> SparseAutoencoder:
         if cfg.get(field):
             raise ConfigError(f"{folder / CFG_FILE}: a sparsify checkpoint with {field}: true cannot be imported "
                               "(an SAE reconstructs its own input)")
+    if cfg.get("activation", "topk") != "topk":
+        raise ConfigError(f"{folder / CFG_FILE}: sparsify activation {cfg['activation']!r} cannot be imported; "
+                          "allowed: 'topk'")
     tensors = load_file(str(folder / SPARSIFY_WEIGHTS))
     d_sae, d_in = tensors["encoder.weight"].shape
     sae = architecture_class("topk")(int(d_in), int(d_sae), k=int(cfg["k"]))

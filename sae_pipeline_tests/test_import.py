@@ -195,3 +195,17 @@ def test_an_imported_copy_is_evaluated_featured_and_labelled(pipeline, tmp_path:
     report = pipeline.materialize([sweep_analysis])
     text = (layout.analysis_dir / "report.md").read_text()
     assert report.success and f"`{record.key}` (imported)" in text and f"`{trained}`" in text
+
+
+@torch.no_grad()
+def test_a_checkpoint_written_by_sparsify_imports_to_what_sparsify_computes(tmp_path: Path) -> None:
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (the `bench` extra)")
+    theirs = sparsify.Sae(D_IN, sparsify.SaeConfig(expansion_factor=3, k=4))
+    generator = torch.Generator().manual_seed(1)
+    for parameter in theirs.parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    theirs.save_to_disk(tmp_path / "layers.1")
+    ours, fmt, _ = read_foreign_sae(tmp_path / "layers.1")
+    encoded = theirs.encode(X)
+    dense = torch.zeros(len(X), theirs.num_latents).scatter(1, encoded.top_indices, encoded.top_acts)
+    assert fmt == "sparsify" and torch.allclose(ours.latents(X), dense, atol=1e-5)

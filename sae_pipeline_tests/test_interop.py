@@ -114,3 +114,26 @@ def test_a_trained_partition_loads_in_saelens(pipeline: Pipeline) -> None:
         torch.testing.assert_close(theirs(x), x_hat, rtol=0, atol=ATOL * max(1.0, x.abs().max().item()))
     cfg = json.loads((folder / CFG_FILE).read_text())
     assert theirs.cfg.metadata.model_name == cfg["metadata"]["model"] and math.isfinite(x_hat.sum().item())
+
+
+@pytest.mark.parametrize("name", ["StandardSAE", "TopKSAE", "JumpReLUSAE", "GatedSAE"])
+@pytest.mark.parametrize("on_input", [True, False])
+@torch.no_grad()
+def test_an_sae_written_by_saelens_imports_to_what_saelens_computes(tmp_path: Path, name: str,
+                                                                    on_input: bool) -> None:
+    from sae_pipeline.sae_import import read_foreign_sae
+
+    config = getattr(sae_lens, f"{name}Config")(d_in=D_IN, d_sae=D_IN * EXPANSION, apply_b_dec_to_input=on_input,
+                                                **({"k": 5} if name == "TopKSAE" else {}))
+    theirs = getattr(sae_lens, name)(config)
+    generator = torch.Generator().manual_seed(0)
+    for parameter_name, parameter in theirs.named_parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        if parameter_name == "threshold":
+            parameter.abs_()
+    theirs.save_model(tmp_path / name)
+    ours, fmt, _ = read_foreign_sae(tmp_path / name)
+    x = torch.randn(64, D_IN, generator=generator)
+    assert fmt == "saelens"
+    assert torch.allclose(ours.latents(x), theirs.encode(x), atol=ATOL)
+    assert torch.allclose(ours.reconstruct(x)[0], theirs.decode(theirs.encode(x)), atol=ATOL)

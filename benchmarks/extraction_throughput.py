@@ -21,7 +21,7 @@ import torch
 from sae_pipeline.activations import extract_activations, split_sequences
 from sae_pipeline.bench import throughput_table
 from sae_pipeline.config import ActivationSpec, CorpusSpec
-from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.corpus import iter_documents, tokenize_corpus
 from sae_pipeline.model import load_model, load_tokenizer, pad_batch, transformer_blocks
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     spec, corpus_spec = ActivationSpec(), CorpusSpec(max_sequences=args.sequences)
     tokenizer, model = load_tokenizer(spec), load_model(spec)
-    corpus = tokenize_corpus(iter_texts(corpus_spec), tokenizer, corpus_spec)
+    corpus = tokenize_corpus(iter_documents(corpus_spec), tokenizer, corpus_spec)
     tokens = int(corpus["input_ids"].list.len().sum())
     times: dict[str, list[float]] = {"bare forward": [], "extract_activations": []}
     load = os.getloadavg()[0]

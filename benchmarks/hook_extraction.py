@@ -18,7 +18,7 @@ import torch
 from sae_pipeline.activations import extract_activations
 from sae_pipeline.bench import throughput_table
 from sae_pipeline.config import ActivationSpec, CorpusSpec
-from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.corpus import iter_documents, tokenize_corpus
 from sae_pipeline.model import load_model, load_tokenizer
 
 FOUR = ["blocks.1.hook_resid_post", "blocks.3.hook_attn_out", "blocks.3.hook_mlp_out", "blocks.5.hook_resid_post"]
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = ActivationSpec()
     tokenizer, model = load_tokenizer(spec), load_model(spec)
-    corpus = tokenize_corpus(iter_texts(CorpusSpec(max_sequences=args.sequences)), tokenizer,
+    corpus = tokenize_corpus(iter_documents(CorpusSpec(max_sequences=args.sequences)), tokenizer,
                              CorpusSpec(max_sequences=args.sequences))
     tokens = int(corpus["input_ids"].list.len().sum())
     runs = {"1 hook (blocks.5.hook_resid_post)": [[FOUR[-1]]], "4 hooks, one pass": [FOUR],

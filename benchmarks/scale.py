@@ -27,7 +27,7 @@ import torch
 from sae_pipeline.activations import extract_activations
 from sae_pipeline.bench import reset_peak_rss, rss_mib
 from sae_pipeline.config import ActivationSpec, CorpusSpec, SAEConfig
-from sae_pipeline.corpus import iter_texts, tokenize_corpus
+from sae_pipeline.corpus import iter_documents, tokenize_corpus
 from sae_pipeline.evaluation import evaluate_sae
 from sae_pipeline.model import load_model, load_tokenizer
 from sae_pipeline.store import ActivationStore
@@ -40,7 +40,7 @@ GROUP = [{"architecture": "topk", "k": 16}, {"architecture": "topk", "k": 32},
 def repeated_corpus(tokens: int) -> tuple[pl.DataFrame, int]:
     """The embedded corpus repeated (new sequence ids) until it holds at least `tokens` tokens; and the repeats."""
     spec, tokenizer = CorpusSpec(max_sequences=100_000), load_tokenizer(ActivationSpec())
-    corpus = tokenize_corpus(iter_texts(spec), tokenizer, spec)
+    corpus = tokenize_corpus(iter_documents(spec), tokenizer, spec)
     special = list(tokenizer.all_special_ids)  # not stored (exclude_special_tokens)
     per_copy = int(corpus["input_ids"].explode().is_in(special).not_().sum())
     copies = -(-tokens // per_copy)

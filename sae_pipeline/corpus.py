@@ -13,6 +13,7 @@ import random
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -121,8 +122,8 @@ def _local_texts(path: Path, text_column: str) -> Iterator[Document]:
     not grow with the corpus, and reading stops once the corpus has its `max_sequences`. A document's origin is
     its file, relative to the folder."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    readers = {".txt": lambda file: _txt_paragraphs(file), ".jsonl": lambda file: _jsonl_texts(file, text_column),
-               ".parquet": lambda file: _parquet_texts(file, text_column)}
+    readers = {".txt": _txt_paragraphs, ".jsonl": partial(_jsonl_texts, text_column=text_column),
+               ".parquet": partial(_parquet_texts, text_column=text_column)}
     for file in files:
         reader = readers.get(file.suffix.lower())
         if reader is not None:
@@ -170,11 +171,6 @@ def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
     return (Document(spec.source, t) for t in _dataset_texts(spec) if len(t.split()) >= spec.min_words)
 
 
-def iter_texts(spec: CorpusSpec) -> Iterator[str]:
-    """The texts of `iter_documents`."""
-    return (document.text for document in iter_documents(spec))
-
-
 CORPUS_COLUMNS: dict[str, str] = {
     "seq_id": "sequence id, 0-based in corpus order (the activation store's locations point here)",
     "text": "the source document the sequence was tokenised from (truncated to context_length tokens)",
@@ -184,17 +180,14 @@ CORPUS_COLUMNS: dict[str, str] = {
 """What each column of corpus.parquet holds."""
 
 
-def tokenize_corpus(documents: Iterable[Document | str], tokenizer, spec: CorpusSpec) -> pl.DataFrame:
+def tokenize_corpus(documents: Iterable[Document], tokenizer, spec: CorpusSpec) -> pl.DataFrame:
     """Pack documents into sequences of at most `context_length` tokens (special tokens included).
 
     Each document is truncated to one sequence, so a sequence is one coherent passage: its contexts read
-    naturally in the feature dashboard. Returns one row per sequence: CORPUS_COLUMNS (a bare text's origin is
-    the source's name).
+    naturally in the feature dashboard. Returns one row per sequence: CORPUS_COLUMNS.
     """
     rows: list[dict] = []
     for document in documents:
-        if isinstance(document, str):
-            document = Document(spec.source, document)
         ids = tokenizer(document.text, truncation=True, max_length=spec.context_length)["input_ids"]
         rows.append({"seq_id": len(rows), "text": document.text, "input_ids": ids, "origin": document.origin})
         if len(rows) >= spec.max_sequences:

@@ -107,19 +107,19 @@ def publish_sae(layout: Layout, key: str, origin: Provenance, store: ActivationS
     downstream = measure_downstream(result.sae, store.meta, read_corpus(layout), model_spec)
     plots = {TRAINING_CURVES: training_curves_png(result.metrics, key)} if trained else {}
     plots[FEATURE_DENSITY] = feature_density_png(frequency, key)
-    imported = {"imported": origin.imported.as_dict()} if origin.imported is not None else {}
     summary = {"key": key, "config": origin.config, "metrics": metrics.as_dict(),
                "downstream": downstream.as_dict(), "tasks": task_evaluation.metrics.as_dict(),
                "final_loss": last_window_mean(result.metrics, "loss") if trained else None,
                "train_tokens": result.train_tokens, "wall_seconds": result.wall_seconds if trained else None,
-               "resumed_from_step": result.resumed_from_step, **imported}
+               "resumed_from_step": result.resumed_from_step,
+               **({"imported": origin.imported.as_dict()} if not trained else {})}
     with layout.publish(layout.sae_dir(key)) as folder:
         result.sae.save(folder, metadata={"partition_key": key, "model": store.meta["model"],
                                           "layer": store.meta["layer"], "hook": store.meta["hook"],
                                           "hook_name": HookPoint.of_store(store.meta).name,
                                           "dataset_scaling_factor_folded": result.scaling_factor,
                                           "sae_pipeline_config": origin.config,
-                                          **({"imported_from": origin.imported.source} if imported else {})})
+                                          **({"imported_from": origin.imported.source} if not trained else {})})
         write_parquet_atomic(result.metrics, folder / METRICS_FILE)
         write_json_atomic(folder / SUMMARY_FILE, summary)
         write_json_atomic(folder / EVALS_FILE, task_evaluation.details())
@@ -134,7 +134,7 @@ def publish_sae(layout: Layout, key: str, origin: Provenance, store: ActivationS
               "train_tokens": result.train_tokens,
               "wall_time": format_duration(result.wall_seconds) if trained else "not trained here",
               "resumed_from_step": result.resumed_from_step, "downstream_kind": downstream.kind,
-              **({"imported_from": origin.imported.source} if imported else {})}
+              **({"imported_from": origin.imported.source} if not trained else {})}
     evaluation = numeric({**metrics.as_dict(),
                           **{f"downstream_{name}": value for name, value in downstream.as_dict().items()},
                           **task_evaluation.metrics.as_dict()})

@@ -14,7 +14,13 @@ import pytest
 
 from sae_pipeline import corpus as corpus_module
 from sae_pipeline.config import ConfigError, CorpusSpec
-from sae_pipeline.corpus import iter_texts
+from sae_pipeline.corpus import iter_documents
+
+
+def iter_texts(spec: CorpusSpec):
+    """The texts of the documents a spec reads, in order."""
+    return (document.text for document in iter_documents(spec))
+
 
 TEXT = "first paragraph here\n\nsecond one\n\n\nthird after three newlines\n\n   \n\nfourth\nwith a line break\n\n"
 

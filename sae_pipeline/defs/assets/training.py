@@ -162,11 +162,19 @@ def _train_and_materialise(context: dg.AssetExecutionContext, layout: Layout, me
             tracked[key].end(RunEnd("failed"))
             continue
         tracked[key].end(tracking_end(published))
-        checks.hold((yield from partition_materialisation(context, SAE_KEY, key, sae_metadata(published, key),
-                                                            published.outcomes, tags)))
-        if published.blocking_failures and not context.has_partition_key:
-            failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
+        yield from _materialise(context, key, published, tags, failures, checks)
         context.log.info(f"sae {key}: published ({len(failures)} failed so far)")
+
+
+def _materialise(context: dg.AssetExecutionContext, key: str, published: PublishedSAE, tags: dict[str, str],
+                 failures: dict[str, str], checks: HeldChecks
+                 ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    """A published partition's materialisation with its check results; in a ranged run, a partition that failed
+    a blocking check goes into `failures`."""
+    checks.hold((yield from partition_materialisation(context, SAE_KEY, key, sae_metadata(published, key),
+                                                        published.outcomes, tags)))
+    if published.blocking_failures and not context.has_partition_key:
+        failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
 
 
 def _publish_imported(context: dg.AssetExecutionContext, layout: Layout, acts: Path, key: str,
@@ -185,10 +193,7 @@ def _publish_imported(context: dg.AssetExecutionContext, layout: Layout, acts: P
     except Exception as error:  # one partition's failure must not cost the others theirs
         failures[key] = f"publishing the imported SAE failed ({type(error).__name__}: {error})"
         return
-    checks.hold((yield from partition_materialisation(context, SAE_KEY, key, sae_metadata(published, key),
-                                                        published.outcomes, tags)))
-    if published.blocking_failures and not context.has_partition_key:
-        failures[key] = "failed blocking checks: " + ", ".join(published.blocking_failures)
+    yield from _materialise(context, key, published, tags, failures, checks)
 
 
 SAE_KEY = dg.AssetKey("sae")
